@@ -1,0 +1,100 @@
+"""Multi-head deformable attention along the slice axis (``f_inter``'s attention, arXiv 2212.01893)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DeformableSliceAttention"]
+
+
+class DeformableSliceAttention(nn.Module):
+    """Deformable attention over the slices of a volume: each query reads a few learned positions, not all slices.
+
+    For query slice ``i`` and head ``m``, ``num_points`` sampling locations ``ref_i + offset_mik`` (in slice units) and
+    their weights (softmax over the points) are predicted from the query. Values are read at these fractional slice
+    positions by linear interpolation between the two neighbouring slices (``torch.nn.functional.grid_sample`` on a
+    height-1 grid); positions outside the volume or on padding slices read zeros. Cost and memory are
+    ``O(N * heads * points * d)``: no ``N x N`` tensor is ever formed, unlike dense attention.
+
+    The authors' public code applies a 1D deformable attention with the 640 features as the sequence axis; here the
+    sequence axis is the slice axis, and any number of slices works.
+
+    Shapes:
+        query ``(B, N, d)``; value ``(B, N, d)`` (defaults to ``query``); ``slice_valid`` ``(B, N)`` bool with
+        False on padding; output ``(B, N, d)`` (zero on padding positions).
+
+    Args:
+        embed_dim: token width ``d``; divisible by ``num_heads``.
+        num_heads: attention heads ``M`` (8 as in Deformable-DETR).
+        num_points: sampling points ``K`` per head (4 as in Deformable-DETR).
+
+    References:
+        arXiv 2212.01893 (f_inter); Zhu et al., "Deformable DETR", arXiv 2010.04159 (deformable attention).
+    """
+
+    def __init__(self, embed_dim: int = 640, num_heads: int = 8, num_points: int = 4) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}).")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.head_dim = embed_dim // num_heads
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_points)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Start every head looking at its own spread of neighbours: head m reads ``+-(k+1) * (1 + m // 2)`` slices."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        heads = torch.arange(self.num_heads, dtype=torch.float32)
+        direction = torch.where(heads % 2 == 0, 1.0, -1.0) * (1 + heads // 2)
+        steps = torch.arange(1, self.num_points + 1, dtype=torch.float32)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_((direction[:, None] * steps[None, :]).flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def sampling_locations(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampling positions in slice units ``(B, N, M, K)`` and their softmax weights ``(B, N, M, K)``."""
+        batch, num_slices, _ = query.shape
+        shape = (batch, num_slices, self.num_heads, self.num_points)
+        offsets = self.sampling_offsets(query).view(shape)
+        weights = self.attention_weights(query).view(shape).softmax(dim=-1)
+        reference = torch.arange(num_slices, device=query.device, dtype=offsets.dtype).view(1, num_slices, 1, 1)
+        return reference + offsets, weights
+
+    def forward(
+        self, query: torch.Tensor, value: torch.Tensor | None = None, slice_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        value = query if value is None else value
+        batch, num_slices, _ = query.shape
+        values = self.value_proj(value)
+        if slice_valid is not None:
+            values = values.masked_fill(~slice_valid[..., None], 0.0)
+        locations, weights = self.sampling_locations(query)
+        # values as (B*M, head_dim, 1, N) images; locations as x coordinates of a (B*M, N, K) grid (align_corners=False)
+        values = values.view(batch, num_slices, self.num_heads, self.head_dim).permute(0, 2, 3, 1)
+        values = values.reshape(batch * self.num_heads, self.head_dim, 1, num_slices)
+        grid_x = (2.0 * locations + 1.0) / num_slices - 1.0
+        grid_x = grid_x.permute(0, 2, 1, 3).reshape(batch * self.num_heads, num_slices, self.num_points)
+        grid = torch.stack((grid_x, torch.zeros_like(grid_x)), dim=-1).to(values.dtype)
+        sampled = F.grid_sample(values, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        weights = weights.permute(0, 2, 1, 3).reshape(batch * self.num_heads, 1, num_slices, self.num_points)
+        attended = (sampled * weights.to(sampled.dtype)).sum(dim=-1)  # (B*M, head_dim, N)
+        attended = attended.view(batch, self.num_heads, self.head_dim, num_slices).permute(0, 3, 1, 2)
+        output = self.output_proj(attended.reshape(batch, num_slices, self.embed_dim))
+        if slice_valid is not None:
+            output = output.masked_fill(~slice_valid[..., None], 0.0)
+        return output
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_points={self.num_points}"

@@ -1,0 +1,185 @@
+"""The pretraining network of arXiv 2212.01893: ``f_intra`` + ``f_inter`` + projection, prototypes, mask decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from custom_nets.nets.slice_encoder import SliceEncoder
+from custom_nets.nets.slice_transformer import SliceTransformer
+
+__all__ = ["JointSSLNet", "sample_slice_mask"]
+
+
+def sample_slice_mask(
+    slice_valid: torch.Tensor, ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Choose ``max(1, round(ratio * n_valid))`` valid slices of each volume to mask; returns ``(B, N)`` bool."""
+    scores = torch.rand(slice_valid.shape, generator=generator, device=slice_valid.device)
+    scores = scores.masked_fill(~slice_valid, 2.0)  # padding sorts last, never chosen
+    num_valid = slice_valid.sum(dim=1)
+    num_masked = torch.clamp(torch.round(num_valid.float() * ratio).long(), min=1)
+    num_masked = torch.minimum(num_masked, num_valid)
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return ranks < num_masked[:, None]
+
+
+def _prototype_heads(dim: int, num_prototypes: Sequence[int]) -> nn.ModuleList:
+    return nn.ModuleList(nn.Linear(dim, k, bias=False) for k in num_prototypes)
+
+
+class JointSSLNet(nn.Module):
+    """Joint image-volume self-supervised network (arXiv 2212.01893, Fig. 2).
+
+    Train mode, ``forward(batch)`` with ``batch`` a mapping of
+        ``image_views``: list of ``(B2, C, H_v, W_v)`` (views 0 and 1 global, others small crops),
+        ``volume_views``: list of two ``(B3, C, N, H, W)`` views with the same slice sampling,
+        ``slice_valid`` ``(B3, N)`` bool and ``slice_position`` ``(B3, N)`` float (mm).
+    It returns a dict:
+        ``intra_projection``: per 2D view ``(M_v, P)``, unit norm. Views 0/1 hold the B2 images then the valid slices of
+        the volumes (volume-major); small-crop views hold the B2 images only.
+        ``intra_scores``: per prototype head, per view ``(M_v, K_h)``.
+        ``inter_projection``: two ``(B3, d)`` unit-norm volume features (volume features of the masked sequences).
+        ``inter_scores``: per 3D head, per view ``(B3, K_h)``.
+        ``mask_prediction``, ``mask_target`` (detached): ``(2, B3, N, d)``;
+        ``slice_mask``, ``slice_valid``: ``(B3, N)``.
+    Keys of the 3D part are absent when there is no volume, and the projections are empty lists without 2D items.
+
+    Eval mode, ``forward(x)`` returns one tensor so that MONAI's export and checking tools work:
+        ``(B, C, H, W)`` -> ``(B, d)`` slice embedding; ``(B, C, N, H, W)`` -> ``(B, d)`` unit-norm volume feature
+        (``slice_valid`` / ``slice_position`` may be passed as keyword arguments).
+
+    Args:
+        encoder_depth, in_channels, embed_dim, slice_chunk, gradient_checkpointing: see :class:`SliceEncoder`.
+        transformer_layers, num_heads, num_points, ffn_dim, dropout: see :class:`SliceTransformer`.
+        projection_hidden_dim, projection_dim: the 2D projection MLP on the stage-4 pool (2048 -> 128 in the paper).
+        intra_prototypes: prototype counts of the 2D heads (SwAV: ``(3000,)``; DeepCluster-v2: ``(3000,) * 3``).
+        inter_prototypes: prototype counts of the 3D heads.
+        mask_ratio: fraction of valid slices replaced by the mask token (at least one per volume); 0 disables masking.
+    """
+
+    def __init__(
+        self,
+        encoder_depth: int = 50,
+        in_channels: int = 1,
+        embed_dim: int = 640,
+        slice_chunk: int | None = None,
+        gradient_checkpointing: bool = False,
+        transformer_layers: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
+        ffn_dim: int = 720,
+        dropout: float = 0.1,
+        projection_hidden_dim: int = 2048,
+        projection_dim: int = 128,
+        intra_prototypes: Sequence[int] = (3000,),
+        inter_prototypes: Sequence[int] = (3000,),
+        mask_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
+        self.slice_encoder = SliceEncoder(encoder_depth, in_channels, embed_dim, slice_chunk, gradient_checkpointing)
+        self.slice_transformer = SliceTransformer(
+            embed_dim, transformer_layers, num_heads, num_points, ffn_dim, dropout
+        )
+        self.projection_head = nn.Sequential(
+            nn.Linear(self.slice_encoder.pooled_dim, projection_hidden_dim),
+            nn.BatchNorm1d(projection_hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(projection_hidden_dim, projection_dim),
+        )
+        self.intra_prototypes = _prototype_heads(projection_dim, intra_prototypes)
+        self.inter_prototypes = _prototype_heads(embed_dim, inter_prototypes)
+        self.mask_decoder = nn.Linear(embed_dim, embed_dim)
+        self.mask_ratio = mask_ratio
+
+    def forward(
+        self,
+        x: torch.Tensor | Mapping[str, object],
+        slice_valid: torch.Tensor | None = None,
+        slice_position: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, object]:
+        if isinstance(x, Mapping):
+            return self.pretraining_outputs(x)
+        if x.ndim == 4:
+            return self.slice_encoder(x, return_features=False).embedding
+        return self.embed_volume(x, slice_valid, slice_position)[1]
+
+    def embed_volume(
+        self,
+        volume: torch.Tensor,
+        slice_valid: torch.Tensor | None = None,
+        slice_position: torch.Tensor | None = None,
+        slice_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode ``(B, C, N, H, W)``: slice embeddings ``(B, N, d)``, volume feature ``(B, d)``, tokens ``(B, N, d)``,
+        stage-4 pools ``(S, C4)`` of the ``S`` valid slices (volume-major). Padding slices are never encoded."""
+        if volume.ndim != 5:
+            raise ValueError(f"expected volumes (B, C, N, H, W), got {tuple(volume.shape)}.")
+        batch, _, num_slices = volume.shape[:3]
+        if slice_valid is None:
+            slice_valid = torch.ones(batch, num_slices, dtype=torch.bool, device=volume.device)
+        slices = volume.permute(0, 2, 1, 3, 4)[slice_valid]  # (S, C, H, W)
+        encoded = self.slice_encoder.encode_images(slices, return_features=False)
+        embeddings = encoded.embedding.new_zeros(batch, num_slices, encoded.embedding.shape[-1])
+        embeddings[slice_valid] = encoded.embedding
+        out = self.slice_transformer(embeddings, slice_valid, slice_position, slice_mask)
+        return embeddings, out.volume_embedding, out.tokens, encoded.pooled
+
+    def pretraining_outputs(self, batch: Mapping[str, object]) -> dict[str, object]:
+        """The per-view projections, scores and masked-prediction tensors that :class:`JointLoss` consumes."""
+        image_views: Sequence[torch.Tensor] = batch.get("image_views") or []
+        volume_views: Sequence[torch.Tensor] = batch.get("volume_views") or []
+        if not image_views and not volume_views:
+            raise ValueError("the batch holds neither 2D images nor volumes.")
+        if volume_views and len(volume_views) != 2:
+            raise ValueError(f"expected exactly 2 volume views, got {len(volume_views)}.")
+        if image_views and len(image_views) < 2:
+            raise ValueError(f"expected at least 2 image views (two global crops), got {len(image_views)}.")
+        num_views = max(len(image_views), 2)
+        pooled_per_view: list[list[torch.Tensor]] = [[] for _ in range(num_views)]
+        for view, images in enumerate(image_views):
+            pooled_per_view[view].append(self.slice_encoder.encode_images(images, return_features=False).pooled)
+        outputs: dict[str, object] = {}
+        if volume_views:
+            self._volume_outputs(batch, volume_views, pooled_per_view, outputs)
+        pooled = [torch.cat(parts, dim=0) for parts in pooled_per_view]
+        projections = F.normalize(self.projection_head(torch.cat(pooled, dim=0)), dim=1)
+        outputs["intra_projection"] = list(projections.split([p.shape[0] for p in pooled]))
+        outputs["intra_scores"] = [[head(z) for z in outputs["intra_projection"]] for head in self.intra_prototypes]
+        return outputs
+
+    def _volume_outputs(
+        self,
+        batch: Mapping[str, object],
+        volume_views: Sequence[torch.Tensor],
+        pooled_per_view: list[list[torch.Tensor]],
+        outputs: dict[str, object],
+    ) -> None:
+        first = volume_views[0]
+        slice_valid = batch.get("slice_valid")
+        if slice_valid is None:
+            slice_valid = torch.ones(first.shape[0], first.shape[2], dtype=torch.bool, device=first.device)
+        slice_position = batch.get("slice_position")
+        slice_mask = torch.zeros_like(slice_valid)
+        if self.mask_ratio > 0:
+            slice_mask = sample_slice_mask(slice_valid, self.mask_ratio)
+        volume_features, predictions, targets = [], [], []
+        for view, volume in enumerate(volume_views):
+            embeddings, volume_feature, tokens, pooled = self.embed_volume(
+                volume, slice_valid, slice_position, slice_mask if self.mask_ratio > 0 else None
+            )
+            pooled_per_view[view].append(pooled)
+            volume_features.append(volume_feature)
+            predictions.append(self.mask_decoder(tokens))
+            targets.append(embeddings.detach())
+        outputs["inter_projection"] = volume_features
+        outputs["inter_scores"] = [[head(z) for z in volume_features] for head in self.inter_prototypes]
+        outputs["mask_prediction"] = torch.stack(predictions)
+        outputs["mask_target"] = torch.stack(targets)
+        outputs["slice_mask"] = slice_mask
+        outputs["slice_valid"] = slice_valid

@@ -1,0 +1,205 @@
+"""Save, load, convert and report the weights of ``f_intra``, ``f_inter`` and the whole pretraining network.
+
+Every file written here is a flat ``state_dict`` (tensors only) so that ``torch.load(..., weights_only=True)``, MONAI's
+bundle loader and MONAI Label read it. Loaders accept a flat state dict, a checkpoint ``{"model": ...}`` /
+``{"network": ...}`` / ``{"state_dict": ...}``, DDP's ``module.`` prefixes, a whole :class:`JointSSLNet` state dict or a
+sub-module's own state dict, and report which keys matched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "WeightLoadReport",
+    "WeightShapeError",
+    "adapt_input_channels",
+    "atomic_torch_save",
+    "load_slice_encoder_weights",
+    "load_slice_transformer_weights",
+    "load_weights",
+    "read_state_dict",
+    "save_weights",
+]
+
+CHECKPOINT_KEYS = ("model", "network", "state_dict", "net")
+INPUT_CONV_SUFFIX = "conv1.weight"
+
+
+class WeightShapeError(RuntimeError):
+    """A checkpoint tensor does not fit the network's parameter of the same name."""
+
+
+@dataclass
+class WeightLoadReport:
+    """Which keys of a network were filled from a checkpoint.
+
+    Attributes:
+        matched: network keys loaded from the checkpoint.
+        missing: network keys the checkpoint did not provide (they keep their initial values).
+        unexpected: checkpoint keys (after prefix selection) that the network does not have.
+        adapted: keys whose tensor was converted, e.g. the first convolution to another number of input channels.
+    """
+
+    matched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"matched {len(self.matched)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+            f"adapted {len(self.adapted)}"
+        ]
+        for name in ("missing", "unexpected", "adapted"):
+            keys = getattr(self, name)
+            if keys:
+                shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+                lines.append(f"  {name}: {shown}")
+        return "\n".join(lines)
+
+
+def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read a flat state dict from a file or mapping, unwrapping checkpoint dicts and DDP ``module.`` prefixes."""
+    if isinstance(source, Mapping):
+        state = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}. Check the path (e.g. the pretrained_ckpt key).")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle, zip and torch errors all mean the same thing to the user
+            raise RuntimeError(f"could not read weights from {path}: {error}. Is it a PyTorch state dict?") from error
+    for key in CHECKPOINT_KEYS:
+        if key in state and isinstance(state[key], Mapping):
+            state = dict(state[key])
+            break
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source!s:.200} does not hold a flat state dict of tensors (keys: {list(state)[:5]}).")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def select_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys under ``prefix`` with it stripped; the state unchanged when no key carries the prefix."""
+    if prefix and any(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
+
+
+def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Convert first-convolution kernels ``(O, C_old, kh, kw)`` to ``C_new`` input channels.
+
+    The kernels are summed over the old channels and spread evenly over the new ones, so a grayscale image repeated
+    over the new channels gives the same response as the pretrained network on the grayscale image.
+    """
+    summed = weight.sum(dim=1, keepdim=True)
+    return summed.repeat(1, in_channels, 1, 1) / in_channels
+
+
+def load_weights(
+    module: nn.Module,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    prefix: str = "",
+    adapt_channels: bool = True,
+) -> WeightLoadReport:
+    """Load the tensors of ``source`` (under ``prefix`` when present) into ``module`` and report what matched.
+
+    Raises:
+        WeightShapeError: a tensor's shape differs from the parameter of the same name (other than an adaptable
+            first convolution).
+    """
+    state = select_prefix(read_state_dict(source), prefix)
+    own = module.state_dict()
+    report = WeightLoadReport()
+    to_load: dict[str, torch.Tensor] = {}
+    mismatches = []
+    for key, tensor in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        target = own[key]
+        if tensor.shape != target.shape:
+            can_adapt = adapt_channels and key.endswith(INPUT_CONV_SUFFIX) and tensor.ndim == 4
+            if can_adapt and tensor.shape[0] == target.shape[0] and tensor.shape[2:] == target.shape[2:]:
+                tensor = adapt_input_channels(tensor, target.shape[1])
+                report.adapted.append(key)
+            else:
+                mismatches.append(f"{key}: checkpoint {tuple(tensor.shape)} vs network {tuple(target.shape)}")
+                continue
+        to_load[key] = tensor.to(target.dtype)
+        report.matched.append(key)
+    if mismatches:
+        raise WeightShapeError(
+            f"{len(mismatches)} tensors do not fit {type(module).__name__}: "
+            + "; ".join(mismatches[:5])
+            + ". Build the network with the same depth / widths as the checkpoint."
+        )
+    report.missing = [k for k in own if k not in to_load]
+    module.load_state_dict(to_load, strict=False)
+    return report
+
+
+def _require_matches(report: WeightLoadReport, what: str, source: object) -> WeightLoadReport:
+    if not report.matched:
+        raise RuntimeError(
+            f"no {what} weights found in {source!s:.200}: {report.summary()}. "
+            "Pass a file exported by pretrain_joint (python -m custom_nets.cli export) or a checkpoint of it."
+        )
+    return report
+
+
+def load_slice_encoder_weights(encoder: nn.Module, source: str | os.PathLike | Mapping) -> WeightLoadReport:
+    """Load ``f_intra`` weights (keys ``slice_encoder.*`` of a pretraining file, or an encoder's own state dict)."""
+    return _require_matches(load_weights(encoder, source, prefix="slice_encoder."), "slice encoder", source)
+
+
+def load_slice_transformer_weights(transformer: nn.Module, source: str | os.PathLike | Mapping) -> WeightLoadReport:
+    """Load ``f_inter`` weights (keys ``slice_transformer.*``, or the transformer's own state dict)."""
+    return _require_matches(load_weights(transformer, source, prefix="slice_transformer."), "slice transformer", source)
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def save_weights(
+    module_or_state: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    prefixes: tuple[str, ...] = (),
+    provenance: Mapping[str, object] | None = None,
+) -> Path:
+    """Write a flat state dict (only keys under ``prefixes`` when given) atomically; provenance goes to ``*.json``."""
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else read_state_dict(module_or_state)
+    if prefixes:
+        state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+        if not state:
+            raise ValueError(f"no weights under the prefixes {prefixes}.")
+    path = atomic_torch_save({k: v.detach().cpu() for k, v in state.items()}, path)
+    if provenance is not None:
+        json_path = path.with_suffix(".json")
+        temporary = json_path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(dict(provenance), indent=2, default=str))
+        os.replace(temporary, json_path)
+    return path

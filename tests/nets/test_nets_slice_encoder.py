@@ -1,0 +1,75 @@
+"""SliceEncoder: shapes for images and volumes, chunking, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from custom_nets.nets import SliceEncoder
+
+
+@pytest.fixture(scope="module")
+def encoder() -> SliceEncoder:
+    torch.manual_seed(0)
+    return SliceEncoder(depth=18, in_channels=1, embed_dim=48).eval()
+
+
+def test_image_shapes(encoder: SliceEncoder) -> None:
+    out = encoder(torch.randn(2, 1, 64, 64))
+    assert out.embedding.shape == (2, 48)
+    assert out.pooled.shape == (2, encoder.pooled_dim) == (2, 512)
+    assert [f.shape[1] for f in out.features] == list(encoder.stage_channels)
+    assert [f.shape[-1] for f in out.features] == [32, 16, 8, 4, 2]
+
+
+@pytest.mark.parametrize("num_slices", [1, 2, 7])
+def test_volume_shapes(encoder: SliceEncoder, num_slices: int) -> None:
+    out = encoder(torch.randn(2, 1, num_slices, 32, 32), return_features=False)
+    assert out.embedding.shape == (2, num_slices, 48)
+    assert out.pooled.shape == (2, num_slices, 512)
+    assert out.features == ()
+
+
+def test_volume_equals_its_slices(encoder: SliceEncoder) -> None:
+    volume = torch.randn(1, 1, 3, 32, 32)
+    out = encoder(volume, return_features=False)
+    single = encoder(volume[:, :, 1], return_features=False)
+    torch.testing.assert_close(out.embedding[:, 1], single.embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_slice_chunk_gives_same_result(encoder: SliceEncoder) -> None:
+    volume = torch.randn(2, 1, 5, 32, 32)
+    chunked = SliceEncoder(depth=18, embed_dim=48, slice_chunk=3).eval()
+    chunked.load_state_dict(encoder.state_dict())
+    torch.testing.assert_close(chunked(volume).embedding, encoder(volume).embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_matches_gradients() -> None:
+    torch.manual_seed(1)
+    plain = SliceEncoder(depth=18, embed_dim=16, slice_chunk=2).train()
+    checkpointed = SliceEncoder(depth=18, embed_dim=16, slice_chunk=2, gradient_checkpointing=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    images = torch.randn(4, 1, 32, 32)
+    for net in (plain, checkpointed):
+        net(images).embedding.sum().backward()
+    torch.testing.assert_close(plain.embedding_proj.weight.grad, checkpointed.embedding_proj.weight.grad)
+
+
+def test_multi_channel_input() -> None:
+    encoder = SliceEncoder(depth=34, in_channels=4, embed_dim=32).eval()
+    assert encoder(torch.randn(1, 4, 32, 32)).embedding.shape == (1, 32)
+    with pytest.raises(ValueError, match="input channels"):
+        encoder(torch.randn(1, 1, 32, 32))
+
+
+def test_bad_dimensions_and_depth() -> None:
+    with pytest.raises(ValueError, match="depth"):
+        SliceEncoder(depth=101)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        SliceEncoder(depth=18)(torch.randn(32, 32))
+
+
+def test_resnet50_widths() -> None:
+    encoder = SliceEncoder(depth=50)
+    assert encoder.stage_channels == (64, 256, 512, 1024, 2048)
+    assert encoder.embedding_proj.in_features == 3840 and encoder.embedding_proj.out_features == 640

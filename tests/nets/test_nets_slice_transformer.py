@@ -1,0 +1,123 @@
+"""SliceTransformer and JointSSLNet: shapes, padding invariance, positions, masking and the pretraining outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from custom_nets.nets import JointSSLNet, SliceTransformer, sample_slice_mask
+
+
+@pytest.fixture(scope="module")
+def transformer() -> SliceTransformer:
+    torch.manual_seed(0)
+    transformer = SliceTransformer(embed_dim=32, num_layers=2, num_heads=4, num_points=2, ffn_dim=40).eval()
+    with torch.no_grad():  # offsets and weights that depend on the query (and so on the position encoding)
+        for layer in transformer.layers:
+            layer.attention.sampling_offsets.weight.normal_(std=0.3)
+            layer.attention.attention_weights.weight.normal_(std=0.3)
+    return transformer
+
+
+@pytest.mark.parametrize("num_slices", [1, 2, 7, 64, 300])
+def test_shapes_and_unit_norm(transformer: SliceTransformer, num_slices: int) -> None:
+    out = transformer(torch.randn(2, num_slices, 32))
+    assert out.tokens.shape == (2, num_slices, 32)
+    torch.testing.assert_close(out.volume_embedding.norm(dim=-1), torch.ones(2))
+
+
+def test_padding_invariance(transformer: SliceTransformer) -> None:
+    short = torch.randn(1, 6, 32)
+    positions = torch.arange(6.0)[None] * 3.0
+    padded = torch.cat([short, torch.randn(1, 5, 32)], dim=1)
+    padded_positions = torch.cat([positions, torch.full((1, 5), 999.0)], dim=1)
+    valid = torch.tensor([[True] * 6 + [False] * 5])
+    expected = transformer(short, slice_position=positions)
+    out = transformer(padded, valid, padded_positions)
+    torch.testing.assert_close(out.tokens[:, :6], expected.tokens, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.volume_embedding, expected.volume_embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_positions_are_relative_and_in_mm(transformer: SliceTransformer) -> None:
+    tokens = torch.randn(1, 5, 32)
+    base = torch.arange(5.0)[None] * 2.5
+    shifted = transformer(tokens, slice_position=base - 400.0).tokens
+    torch.testing.assert_close(shifted, transformer(tokens, slice_position=base).tokens, rtol=1e-4, atol=1e-5)
+    stretched = transformer(tokens, slice_position=base * 2).tokens
+    assert not torch.allclose(stretched, transformer(tokens, slice_position=base).tokens)
+
+
+def test_mask_token_replaces_masked_slices(transformer: SliceTransformer) -> None:
+    tokens = torch.randn(1, 4, 32)
+    mask = torch.tensor([[False, True, False, False]])
+    other = tokens.clone()
+    other[0, 1] = 50.0  # content under the mask must not matter
+    torch.testing.assert_close(transformer(tokens, slice_mask=mask).tokens, transformer(other, slice_mask=mask).tokens)
+
+
+def test_all_padding_volume_is_rejected(transformer: SliceTransformer) -> None:
+    with pytest.raises(ValueError, match="at least one valid slice"):
+        transformer(torch.randn(1, 3, 32), torch.zeros(1, 3, dtype=torch.bool))
+
+
+def test_sample_slice_mask_respects_padding_and_minimum() -> None:
+    valid = torch.tensor([[True] * 10, [True] * 3 + [False] * 7])
+    mask = sample_slice_mask(valid, ratio=0.1)
+    assert mask.sum(dim=1).tolist() == [1, 1]
+    assert not (mask & ~valid).any()
+    assert sample_slice_mask(valid, ratio=0.5).sum(dim=1).tolist() == [5, 2]
+
+
+def tiny_net(**kwargs) -> JointSSLNet:
+    torch.manual_seed(0)
+    options = dict(
+        encoder_depth=18,
+        embed_dim=32,
+        transformer_layers=1,
+        num_heads=4,
+        num_points=2,
+        ffn_dim=40,
+        projection_hidden_dim=64,
+        projection_dim=16,
+        intra_prototypes=(20, 10),
+        inter_prototypes=(6,),
+    )
+    return JointSSLNet(**{**options, **kwargs})
+
+
+def test_pretraining_outputs_mixed_batch() -> None:
+    net = tiny_net().train()
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    batch = {
+        "image_views": [torch.randn(3, 1, 32, 32), torch.randn(3, 1, 32, 32), torch.randn(3, 1, 16, 16)],
+        "volume_views": [torch.randn(2, 1, 6, 32, 32), torch.randn(2, 1, 6, 32, 32)],
+        "slice_valid": valid,
+        "slice_position": torch.arange(6.0).expand(2, 6),
+    }
+    out = net(batch)
+    assert [z.shape for z in out["intra_projection"]] == [(13, 16), (13, 16), (3, 16)]  # 3 images + 10 valid slices
+    assert [[s.shape[1] for s in head] for head in out["intra_scores"]] == [[20] * 3, [10] * 3]
+    assert [z.shape for z in out["inter_projection"]] == [(2, 32), (2, 32)]
+    assert out["inter_scores"][0][1].shape == (2, 6)
+    assert out["mask_prediction"].shape == out["mask_target"].shape == (2, 2, 6, 32)
+    assert not out["mask_target"].requires_grad
+    assert (out["slice_mask"].sum(dim=1) >= 1).all() and not (out["slice_mask"] & ~valid).any()
+    torch.testing.assert_close(out["intra_projection"][0].norm(dim=1), torch.ones(13))
+
+
+def test_pretraining_outputs_single_kind_batches() -> None:
+    net = tiny_net().train()
+    images_only = net({"image_views": [torch.randn(2, 1, 32, 32)] * 2})
+    assert "inter_projection" not in images_only and images_only["intra_projection"][0].shape == (2, 16)
+    volumes_only = net({"volume_views": [torch.randn(2, 1, 3, 32, 32)] * 2})
+    assert volumes_only["intra_projection"][0].shape == (6, 16)
+    with pytest.raises(ValueError, match="neither"):
+        net({"image_views": [], "volume_views": []})
+
+
+def test_eval_mode_returns_one_tensor() -> None:
+    net = tiny_net().eval()
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, 32)
+    volume_feature = net(torch.randn(2, 1, 4, 32, 32))
+    assert volume_feature.shape == (2, 32)
+    torch.testing.assert_close(volume_feature.norm(dim=1), torch.ones(2))

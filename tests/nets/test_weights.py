@@ -1,0 +1,88 @@
+"""Weight I/O: prefixes, checkpoint wrappers, channel adaptation, reports and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from custom_nets.nets import JointSSLNet, SliceEncoder, SliceTransformer
+from custom_nets.weights import (
+    WeightShapeError,
+    load_slice_encoder_weights,
+    load_slice_transformer_weights,
+    read_state_dict,
+    save_weights,
+)
+
+NET_OPTIONS = dict(
+    encoder_depth=18,
+    embed_dim=32,
+    transformer_layers=1,
+    num_heads=4,
+    ffn_dim=40,
+    projection_hidden_dim=32,
+    projection_dim=16,
+    intra_prototypes=(8,),
+    inter_prototypes=(4,),
+)
+
+
+@pytest.fixture
+def exported(tmp_path: Path) -> Path:
+    net = JointSSLNet(**NET_OPTIONS)
+    return save_weights(
+        net, tmp_path / "model.pt", prefixes=("slice_encoder.", "slice_transformer."), provenance={"preset": "test"}
+    )
+
+
+def test_encoder_loads_with_no_missing_keys(exported: Path) -> None:
+    encoder = SliceEncoder(depth=18, embed_dim=32)
+    report = load_slice_encoder_weights(encoder, exported)
+    assert report.missing == [] and report.unexpected == [] and len(report.matched) == len(encoder.state_dict())
+    expected = read_state_dict(exported)["slice_encoder.trunk.conv1.weight"]
+    torch.testing.assert_close(encoder.trunk.conv1.weight, expected)
+    assert exported.with_suffix(".json").is_file()
+
+
+def test_transformer_loads_from_checkpoint_dict_with_ddp_prefix(tmp_path: Path) -> None:
+    net = JointSSLNet(**NET_OPTIONS)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+    transformer = SliceTransformer(embed_dim=32, num_layers=1, num_heads=4, ffn_dim=40)
+    report = load_slice_transformer_weights(transformer, path)
+    assert report.missing == []
+    torch.testing.assert_close(transformer.mask_token, net.slice_transformer.mask_token)
+
+
+def test_input_channel_adaptation_preserves_grayscale_response(exported: Path) -> None:
+    gray = SliceEncoder(depth=18, embed_dim=32).eval()
+    load_slice_encoder_weights(gray, exported)
+    four = SliceEncoder(depth=18, in_channels=4, embed_dim=32).eval()
+    report = load_slice_encoder_weights(four, exported)
+    assert report.adapted == ["trunk.conv1.weight"] and report.missing == []
+    image = torch.randn(1, 1, 32, 32)
+    torch.testing.assert_close(four(image.repeat(1, 4, 1, 1)).embedding, gray(image).embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_shape_mismatch_is_a_clear_error(exported: Path) -> None:
+    with pytest.raises(WeightShapeError, match="embedding_proj.weight"):
+        load_slice_encoder_weights(SliceEncoder(depth=18, embed_dim=64), exported)
+
+
+def test_wrong_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="pretrained_ckpt"):
+        load_slice_encoder_weights(SliceEncoder(depth=18), tmp_path / "absent.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="corrupt.pt"):
+        load_slice_encoder_weights(SliceEncoder(depth=18), corrupt)
+    with pytest.raises(RuntimeError, match="no slice encoder weights"):
+        load_slice_encoder_weights(SliceEncoder(depth=18), {"other.weight": torch.zeros(1)})
+
+
+def test_save_is_atomic_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = save_weights({"a": torch.ones(2)}, tmp_path / "w.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
+    torch.testing.assert_close(read_state_dict(path)["a"], torch.ones(2))
