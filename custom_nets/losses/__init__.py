@@ -1,0 +1,18 @@
+"""Self-supervised objectives of arXiv 2212.01893: SwAV / DeepCluster-v2 clustering and masked slice prediction."""
+
+from custom_nets.losses.deepcluster import DeepClusterV2Loss, spherical_kmeans
+from custom_nets.losses.joint import JointLoss
+from custom_nets.losses.masked_slices import MaskedSlicePredictionLoss
+from custom_nets.losses.prototypes import prototype_layers
+from custom_nets.losses.sinkhorn import sinkhorn_knopp
+from custom_nets.losses.swav import SwAVLoss
+
+__all__ = [
+    "DeepClusterV2Loss",
+    "JointLoss",
+    "MaskedSlicePredictionLoss",
+    "SwAVLoss",
+    "prototype_layers",
+    "sinkhorn_knopp",
+    "spherical_kmeans",
+]

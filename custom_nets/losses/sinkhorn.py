@@ -1,0 +1,71 @@
+"""Sinkhorn-Knopp equipartitioned soft assignments (SwAV codes), correct under ``torch.distributed``."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["sinkhorn_knopp"]
+
+
+def _distributed_active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, distributed: bool = True
+) -> torch.Tensor:
+    """Soft codes ``Q`` that split the items evenly over the prototypes (SwAV, Caron et al. 2020, arXiv 2006.09882),
+    as used for the clustering losses of arXiv 2212.01893.
+
+    ``Q`` is the transport plan for ``exp(scores / epsilon)`` after ``iterations`` alternating normalisations of the
+    prototype marginal (target ``B / K`` for every prototype) and the item marginal (target 1 for every item); the
+    item normalisation comes last, so every row of the result sums to exactly 1 and the prototype marginal approaches
+    ``B / K`` as ``iterations`` grows.
+
+    The computation is in float32 whatever the input dtype (fp16/bf16 scores from autocast are safe): the global
+    maximum is subtracted before ``exp`` (it cancels in the first normalisation), and marginals are clamped away from
+    zero so an underflowed row or column gives zero codes, never NaN. When ``distributed`` is True and
+    ``torch.distributed`` is initialised, the maximum, the total mass, the item count ``B`` (the global batch, so
+    ranks may hold different numbers of items) and the prototype marginals are all-reduced, so the codes equal those
+    of one process holding every rank's items; every rank must then call this function the same number of times.
+
+    Args:
+        scores: ``(B, K)`` similarities of ``B`` items to ``K`` prototypes (this rank's items).
+        epsilon: entropic regularisation; smaller gives sharper codes (0.05 in SwAV).
+        iterations: number of Sinkhorn-Knopp iterations (3 in SwAV).
+        distributed: all-reduce the sums across processes when ``torch.distributed`` is initialised.
+
+    Returns:
+        ``(B, K)`` float32 codes; each row sums to 1.
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (items, prototypes), got shape {tuple(scores.shape)}.")
+    if epsilon <= 0 or iterations < 1:
+        raise ValueError(f"epsilon must be > 0 and iterations >= 1, got epsilon={epsilon}, iterations={iterations}.")
+    reduce = distributed and _distributed_active()
+    logits = scores.detach().float() / epsilon
+    num_prototypes = logits.shape[1]
+    tiny = torch.finfo(torch.float32).tiny
+
+    global_max = logits.max() if logits.numel() > 0 else logits.new_tensor(float("-inf"))
+    if reduce:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
+    codes = torch.exp(logits.t() - global_max)  # (K, B)
+    mass_and_count = torch.stack([codes.sum(), codes.new_tensor(float(codes.shape[1]))])
+    if reduce:
+        dist.all_reduce(mass_and_count)
+    total_mass, global_batch = mass_and_count[0], mass_and_count[1]
+    codes /= total_mass.clamp_min(tiny)
+
+    for _ in range(iterations):
+        prototype_mass = codes.sum(dim=1, keepdim=True)
+        if reduce:
+            dist.all_reduce(prototype_mass)
+        codes /= prototype_mass.clamp_min(tiny)
+        codes /= num_prototypes
+        codes /= codes.sum(dim=0, keepdim=True).clamp_min(tiny)
+        codes /= global_batch
+    codes *= global_batch
+    return codes.t()

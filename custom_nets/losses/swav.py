@@ -1,0 +1,189 @@
+"""SwAV swapped-prediction loss with multi-crop, several prototype heads and an optional feature queue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from custom_nets.losses.prototypes import prototype_layers
+from custom_nets.losses.sinkhorn import sinkhorn_knopp
+
+__all__ = ["SwAVLoss", "check_clustering_inputs", "soft_cross_entropy"]
+
+
+def check_clustering_inputs(
+    projections: Sequence[torch.Tensor], scores: Sequence[Sequence[torch.Tensor]], min_views: int = 2
+) -> int:
+    """Validate the shapes of a clustering head's outputs and return the number of items of views 0 and 1.
+
+    Args:
+        projections: per view ``v``, ``(M_v, P)``.
+        scores: per head ``h``, per view ``v``, ``(M_v, K_h)``.
+        min_views: the least number of views required.
+
+    Raises:
+        ValueError: on a missing head or view, different view counts, or item counts that do not match (views 0 and 1
+            must hold the same items; the other views hold a prefix of them).
+    """
+    if len(scores) == 0:
+        raise ValueError("scores must hold at least one prototype head.")
+    num_views = len(projections)
+    if num_views < min_views:
+        raise ValueError(f"at least {min_views} views are required, got {num_views} projections.")
+    num_items = projections[0].shape[0]
+    if projections[1].shape[0] != num_items:
+        raise ValueError(f"views 0 and 1 must hold the same items, got {num_items} and {projections[1].shape[0]}.")
+    for head, head_scores in enumerate(scores):
+        if len(head_scores) != num_views:
+            raise ValueError(f"head {head} has scores for {len(head_scores)} views but there are {num_views} views.")
+        for view, (view_scores, view_projection) in enumerate(zip(head_scores, projections, strict=True)):
+            if view_scores.ndim != 2 or view_scores.shape[0] != view_projection.shape[0]:
+                raise ValueError(
+                    f"head {head}, view {view}: scores of shape {tuple(view_scores.shape)} do not match the "
+                    f"{view_projection.shape[0]} projections of that view."
+                )
+            if view_scores.shape[0] > num_items or view_scores.shape[1] != head_scores[0].shape[1]:
+                raise ValueError(
+                    f"head {head}, view {view}: shape {tuple(view_scores.shape)}; a view holds at most the {num_items} "
+                    f"items of views 0/1 and every view of a head has the same number of prototypes."
+                )
+    return num_items
+
+
+def soft_cross_entropy(log_probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over items of ``-sum_k targets[i, k] * log_probabilities[i, k]``; both ``(M, K)``, ``M > 0``."""
+    return -(targets * log_probabilities).sum(dim=1).mean()
+
+
+class SwAVLoss(nn.Module):
+    """Swapped prediction of Sinkhorn codes (SwAV, Caron et al. 2020, arXiv 2006.09882), the clustering objective
+    of ``L_intra`` / ``L_inter`` in arXiv 2212.01893.
+
+    For every head ``h`` and every assignment view ``a`` (views 0 and 1), codes ``q_a = sinkhorn(scores[h][a])`` are
+    predicted from every other view ``v`` by ``softmax(scores[h][v] / temperature)``:
+    ``loss_h = mean_a [ mean_{v != a, M_v > 0} CE(q_a[:M_v], scores[h][v] / temperature) ]``, and the loss is the
+    mean over heads. Views ``v >= 2`` (small multi-crops) hold a prefix of the items of views 0/1, so they are
+    compared with the first ``M_v`` codes. With equal view sizes this is exactly the SwAV multi-crop loss.
+
+    Feature queue (optional, as in SwAV): the projections of the assignment views of the last ``queue_length`` items
+    are kept per assignment view and, once the queue is full, scored with the CURRENT prototype weights and appended
+    to the Sinkhorn input (only the batch's codes are used). The queue starts after ``queue_start_iteration``
+    training-mode calls (e.g. ``epoch_queue_starts * iterations_per_epoch`` in a bundle config). It lives on this
+    process only (not in ``state_dict``) and refills after a restart.
+
+    Shapes (``forward(projections, scores, index=None)``):
+        projections: per view ``v``, ``(M_v, P)`` L2-normalised projections (used for the queue only).
+        scores: per head ``h``, per view ``v``, ``(M_v, K_h)`` = ``projections[v] @ C_h^T``.
+        index: ignored; accepted so that every clustering loss has the same signature.
+        returns: scalar float32 loss.
+
+    After each call, for the collapse monitor: ``last_assignments`` (per head, ``(M_0,)`` nearest prototype of
+    view 0), ``num_prototypes`` (per head) and ``last_loss`` (detached scalar).
+
+    Args:
+        temperature: softmax temperature of the predictions (0.1).
+        epsilon: Sinkhorn regularisation (0.05).
+        sinkhorn_iterations: Sinkhorn iterations (3).
+        assignment_views: views whose codes are predicted (SwAV ``crops_for_assign``).
+        queue_length: number of past items kept per assignment view; 0 disables the queue.
+        queue_start_iteration: training-mode calls before the queue starts filling.
+        prototypes: the prototype layers (e.g. ``"$@network_def.intra_prototypes"``); required with a queue. They
+            are held by reference, not registered as sub-modules, so the loss does not own the network's weights.
+        distributed: all-reduce the Sinkhorn sums across processes when ``torch.distributed`` is initialised.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        assignment_views: Sequence[int] = (0, 1),
+        queue_length: int = 0,
+        queue_start_iteration: int = 0,
+        prototypes: nn.Module | Sequence[nn.Module] | None = None,
+        distributed: bool = True,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if not assignment_views or any(view not in (0, 1) for view in assignment_views):
+            raise ValueError(f"assignment_views must be a non-empty subset of (0, 1), got {assignment_views}.")
+        if queue_length < 0 or queue_start_iteration < 0:
+            raise ValueError("queue_length and queue_start_iteration must be >= 0.")
+        if queue_length > 0 and prototypes is None:
+            raise ValueError("a feature queue needs the prototype layers: pass prototypes=<the network's prototypes>.")
+        self.temperature = temperature
+        self.epsilon = epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.assignment_views = tuple(assignment_views)
+        self.queue_length = queue_length
+        self.queue_start_iteration = queue_start_iteration
+        self.distributed = distributed
+        self._prototype_layers = prototype_layers(prototypes) if prototypes is not None else []
+        self.training_iterations = 0
+        self._queue: torch.Tensor | None = None  # (assignment views, queue_length, P), newest first
+        self._queue_items = 0
+        self.last_assignments: list[torch.Tensor] = []
+        self.num_prototypes: list[int] = []
+        self.last_loss: torch.Tensor | None = None
+
+    def _queue_scores(self, head: int, slot: int) -> torch.Tensor | None:
+        if self._queue is None or self._queue_items < self.queue_length:
+            return None
+        weight = self._prototype_layers[head].weight.detach().float()
+        return self._queue[slot] @ weight.t()
+
+    def _codes(self, head: int, slot: int, assignment_scores: torch.Tensor) -> torch.Tensor:
+        num_items = assignment_scores.shape[0]
+        queue_scores = self._queue_scores(head, slot)
+        if queue_scores is not None:
+            assignment_scores = torch.cat([assignment_scores.detach().float(), queue_scores])
+        return sinkhorn_knopp(assignment_scores, self.epsilon, self.sinkhorn_iterations, self.distributed)[:num_items]
+
+    @torch.no_grad()
+    def _enqueue(self, projections: Sequence[torch.Tensor]) -> None:
+        new = torch.stack([projections[view].detach().float() for view in self.assignment_views])
+        if self._queue is None or self._queue.shape[-1] != new.shape[-1] or self._queue.device != new.device:
+            self._queue = new.new_zeros(len(self.assignment_views), self.queue_length, new.shape[-1])
+            self._queue_items = 0
+        self._queue = torch.cat([new, self._queue], dim=1)[:, : self.queue_length]
+        self._queue_items = min(self.queue_length, self._queue_items + new.shape[1])
+
+    def forward(
+        self,
+        projections: Sequence[torch.Tensor],
+        scores: Sequence[Sequence[torch.Tensor]],
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_clustering_inputs(projections, scores)
+        if self.queue_length > 0 and len(self._prototype_layers) != len(scores):
+            raise ValueError(f"{len(scores)} heads of scores but {len(self._prototype_layers)} prototype layers.")
+        head_losses = []
+        for head, head_scores in enumerate(scores):
+            log_probabilities = [F.log_softmax(s.float() / self.temperature, dim=1) for s in head_scores]
+            view_losses = []
+            for slot, assigned in enumerate(self.assignment_views):
+                codes = self._codes(head, slot, head_scores[assigned])
+                predictions = [
+                    soft_cross_entropy(log_p, codes[: log_p.shape[0]])
+                    for view, log_p in enumerate(log_probabilities)
+                    if view != assigned and log_p.shape[0] > 0
+                ]
+                if predictions:
+                    view_losses.append(torch.stack(predictions).mean())
+            head_losses.append(
+                torch.stack(view_losses).mean() if view_losses else sum(s.float().sum() for s in head_scores) * 0.0
+            )
+        loss = torch.stack(head_losses).mean()
+
+        if self.training and self.queue_length > 0 and self.training_iterations >= self.queue_start_iteration:
+            self._enqueue(projections)
+        if self.training:
+            self.training_iterations += 1
+        self.last_assignments = [head_scores[0].detach().argmax(dim=1) for head_scores in scores]
+        self.num_prototypes = [head_scores[0].shape[1] for head_scores in scores]
+        self.last_loss = loss.detach()
+        return loss
