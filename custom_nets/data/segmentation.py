@@ -1,0 +1,333 @@
+"""Data pipeline pieces for slice-wise 3D segmentation (downstream protocol of arXiv 2212.01893, METHOD.md section 4).
+
+* :class:`CheckSegmentationPaird` - image / label geometry, finiteness and label-range checks with errors that name
+  both files;
+* :class:`StackNeighbourSlicesd` - 2.5D input: the neighbouring slices of every slice as extra channels;
+* :class:`RandForegroundSliced` - draws 2D training slices from a volume with a balanced mix of slices that contain
+  foreground and slices that do not;
+* datalist helpers: seeded splits, label fractions for label-efficiency tables, loading with checks, and a fire CLI
+  that pairs any image / label folders into a decathlon-style datalist::
+
+      python -m custom_nets.data.segmentation make_datalist --images_dir imgs --labels_dir labs --out datalist.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor, load_decathlon_datalist
+from monai.transforms import MapTransform, Randomizable
+from monai.utils import ImageMetaKey
+
+__all__ = [
+    "CheckSegmentationPaird",
+    "RandForegroundSliced",
+    "StackNeighbourSlicesd",
+    "check_header_geometry",
+    "load_segmentation_datalist",
+    "make_datalist",
+    "select_label_fraction",
+    "split_cases",
+    "write_datalist",
+]
+
+SPLITS = ("training", "validation", "testing")
+
+
+def _filename(x: Any, fallback: str) -> str:
+    meta = getattr(x, "meta", None)
+    if meta is not None and ImageMetaKey.FILENAME_OR_OBJ in meta:
+        return str(meta[ImageMetaKey.FILENAME_OR_OBJ])
+    return fallback
+
+
+class CheckSegmentationPaird(MapTransform):
+    """Reject an image / label pair that cannot be segmented slice by slice, naming both files.
+
+    Checks, on channel-first ``(C, H, W, D)`` MetaTensors:
+
+    * same spatial shape and (within ``affine_atol`` mm) the same affine;
+    * finite image intensities (no NaN / inf);
+    * when ``num_label_values`` is given, integer label values in ``[0, num_label_values)``.
+
+    Args:
+        image_key: key of the image.
+        label_key: key of the label.
+        num_label_values: number of allowed label values (classes including background); ``None`` skips the check.
+        affine_atol: absolute tolerance on the affine entries (mm).
+    """
+
+    def __init__(
+        self, image_key: str = "image", label_key: str = "label", num_label_values: int | None = None,
+        affine_atol: float = 1e-3,
+    ) -> None:  # fmt: skip
+        super().__init__(keys=[image_key, label_key])
+        self.image_key, self.label_key = image_key, label_key
+        self.num_label_values = num_label_values
+        self.affine_atol = affine_atol
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image, label = d[self.image_key], d[self.label_key]
+        image_file = _filename(image, self.image_key)
+        label_file = _filename(label, self.label_key)
+        pair = f"image {image_file} and label {label_file}"
+        if tuple(image.shape[1:]) != tuple(label.shape[1:]):
+            raise ValueError(
+                f"{pair} have different voxel grids: {tuple(image.shape[1:])} vs {tuple(label.shape[1:])}. "
+                "Resample the label onto the image grid (nearest neighbour) or fix the datalist pairing."
+            )
+        if isinstance(image, MetaTensor) and isinstance(label, MetaTensor):
+            if not torch.allclose(image.affine.double(), label.affine.double(), atol=self.affine_atol):
+                raise ValueError(
+                    f"{pair} have different affines (origin/spacing/orientation):\n{image.affine}\nvs\n{label.affine}. "
+                    "Resample the label onto the image grid or fix the header."
+                )
+        if not torch.isfinite(torch.as_tensor(image)).all():
+            raise ValueError(f"image {image_file} contains NaN or infinite values; fix or exclude this case.")
+        if self.num_label_values is not None:
+            values = torch.unique(torch.as_tensor(label))
+            bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < self.num_label_values]
+            if bad:
+                raise ValueError(
+                    f"label {label_file} has values {bad[:10]} outside 0..{self.num_label_values - 1} "
+                    f"(image {image_file}). Map the raw labels first (see custom_nets.data.mmwhs / brats)."
+                )
+        return d
+
+
+def _stack_neighbours(x: torch.Tensor, num_slices: int) -> torch.Tensor:
+    half = num_slices // 2
+    depth = x.shape[-1]
+    offsets = torch.arange(-half, half + 1)
+    index = (torch.arange(depth)[None, :] + offsets[:, None]).clamp(0, depth - 1)  # (num_slices, D), edge replicate
+    stacked = x[..., index]  # (C, H, W, num_slices, D)
+    return stacked.permute(0, 3, 1, 2, 4).reshape(x.shape[0] * num_slices, *x.shape[1:])
+
+
+class StackNeighbourSlicesd(MapTransform):
+    """2.5D input: each slice along the last axis gets its ``num_slices // 2`` neighbours on both sides as channels.
+
+    ``(C, H, W, D) -> (C * num_slices, H, W, D)``; channel ``c * num_slices + j`` of slice ``z`` holds channel ``c`` of
+    slice ``z + j - num_slices // 2`` (clamped at the volume ends, i.e. edge replication). ``num_slices = 1`` is the
+    identity. Applied to the volume before slices are drawn (training) or inferred (SliceInferer along the last axis),
+    so the 2D network sees the same context in both.
+
+    Args:
+        keys: image keys.
+        num_slices: odd number of slices per input (1 = plain 2D).
+    """
+
+    def __init__(self, keys: KeysCollection, num_slices: int = 1, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if num_slices < 1 or num_slices % 2 == 0:
+            raise ValueError(
+                f"num_slices must be a positive odd number (centre slice +- neighbours), got {num_slices}."
+            )
+        self.num_slices = num_slices
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.num_slices == 1:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = _stack_neighbours(d[key], self.num_slices)
+        return d
+
+
+class RandForegroundSliced(Randomizable, MapTransform):
+    """Draw ``num_samples`` 2D slices (last axis) from a volume, balancing slices with and without foreground.
+
+    Each sample is a slice containing foreground with probability ``pos / (pos + neg)`` and a slice without foreground
+    otherwise (falling back to the other kind when a volume has none of the requested kind). Foreground means any
+    label value > 0 in any channel, so it works for label maps and multi-label region masks alike.
+
+    ``(C, H, W, D)`` volumes -> list of ``num_samples`` dicts whose ``keys`` hold ``(C, H, W)`` tensors; other entries
+    are copied; ``slice_index`` records the slice drawn.
+
+    Args:
+        keys: keys to slice (image and label).
+        label_key: key of the label used to find foreground slices.
+        num_samples: slices per volume.
+        pos: relative weight of foreground slices.
+        neg: relative weight of background slices.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, label_key: str = "label", num_samples: int = 4, pos: float = 1.0,
+        neg: float = 1.0, allow_missing_keys: bool = False,
+    ) -> None:  # fmt: skip
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        if pos < 0 or neg < 0 or pos + neg == 0:
+            raise ValueError(f"pos and neg must be non-negative and not both zero, got pos={pos}, neg={neg}.")
+        self.label_key = label_key
+        self.num_samples = num_samples
+        self.pos_ratio = pos / (pos + neg)
+        self._indices: list[int] = []
+
+    def randomize(self, foreground: np.ndarray) -> None:
+        fg = np.flatnonzero(foreground)
+        bg = np.flatnonzero(~foreground)
+        indices = []
+        for _ in range(self.num_samples):
+            want_fg = self.R.rand() < self.pos_ratio
+            pool = fg if (want_fg and len(fg)) or not len(bg) else bg
+            indices.append(int(pool[self.R.randint(len(pool))]))
+        self._indices = indices
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        d = dict(data)
+        label = torch.as_tensor(d[self.label_key])
+        foreground = (label > 0).reshape(-1, label.shape[-1]).any(dim=0).cpu().numpy()
+        self.randomize(foreground)
+        samples = []
+        for index in self._indices:
+            sample = dict(d)
+            for key in self.key_iterator(d):
+                sample[key] = torch.as_tensor(d[key])[..., index].clone()
+            sample["slice_index"] = index
+            samples.append(sample)
+        return samples
+
+
+def split_cases(
+    case_ids: Sequence[str], val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> dict[str, list[str]]:
+    """Seeded random split of case ids into training / validation / testing (each non-empty fraction >= 1 case)."""
+    if not case_ids:
+        raise ValueError("no cases to split.")
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"need 0 <= val_fraction, test_fraction and a sum < 1; got {val_fraction}, {test_fraction}.")
+    ids = sorted(case_ids)
+    random.Random(seed).shuffle(ids)
+    n_val = math.ceil(val_fraction * len(ids)) if val_fraction > 0 else 0
+    n_test = math.ceil(test_fraction * len(ids)) if test_fraction > 0 else 0
+    if n_val + n_test >= len(ids):
+        raise ValueError(
+            f"{len(ids)} cases are too few for val_fraction={val_fraction}, test_fraction={test_fraction}."
+        )
+    return {
+        "training": sorted(ids[n_val + n_test :]),
+        "validation": sorted(ids[:n_val]),
+        "testing": sorted(ids[n_val : n_val + n_test]),
+    }
+
+
+def select_label_fraction(items: Sequence[Any], fraction: float = 1.0, seed: int = 0) -> list[Any]:
+    """The labelled subset for label-efficiency runs: ``ceil(fraction * n)`` items (at least 1), seeded.
+
+    The subsets are nested across fractions for one seed (10 % is inside 25 %, itself inside 50 %), so a
+    label-efficiency curve only adds cases.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}.")
+    if not items:
+        raise ValueError("the training list is empty; check the datalist's 'training' section.")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    keep = sorted(order[: max(1, math.ceil(fraction * len(items)))])
+    return [items[i] for i in keep]
+
+
+def load_segmentation_datalist(
+    datalist: str | os.PathLike, split: str = "training", base_dir: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
+    """Read one section of a decathlon-style datalist, checking that it exists, is not empty and its files exist."""
+    path = Path(datalist)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"datalist not found: {path}. Prepare one with python -m custom_nets.data.brats / mmwhs / segmentation."
+        )
+    with open(path) as f:
+        sections = json.load(f)
+    if not sections.get(split):
+        raise ValueError(f"datalist {path} has no '{split}' cases (sections: {sorted(sections)}).")
+    items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=base_dir)
+    for item in items:
+        for key in ("image", "label"):
+            files = item.get(key, [])
+            for file in [files] if isinstance(files, str) else files:
+                if not os.path.exists(file):
+                    raise FileNotFoundError(f"datalist {path} ('{split}', key '{key}') names a missing file: {file}.")
+    return items
+
+
+def check_header_geometry(image_path: str | os.PathLike, label_path: str | os.PathLike, atol: float = 1e-3) -> None:
+    """Compare the NIfTI headers (shape and affine) of an image and its label without reading the voxels."""
+    import nibabel as nib
+
+    image, label = nib.load(str(image_path)), nib.load(str(label_path))
+    if tuple(image.shape[:3]) != tuple(label.shape[:3]):
+        raise ValueError(
+            f"image {image_path} and label {label_path} have different shapes {image.shape[:3]} vs {label.shape[:3]}."
+        )
+    if not np.allclose(image.affine, label.affine, atol=atol):
+        raise ValueError(
+            f"image {image_path} and label {label_path} have different affines:\n{image.affine}\nvs\n{label.affine}."
+        )
+
+
+def write_datalist(out: str | os.PathLike, splits: Mapping[str, Sequence[Mapping[str, Any]]], **extra: Any) -> Path:
+    """Write a decathlon-style datalist (``training`` / ``validation`` / ``testing`` + extra keys), atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    content = {**extra, **{name: list(splits.get(name, [])) for name in SPLITS}}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2))
+    os.replace(tmp, out)
+    return out
+
+
+def _relative(path: Path, base: Path) -> str:
+    return os.path.relpath(path.resolve(), base.resolve())
+
+
+def make_datalist(
+    images_dir: str,
+    labels_dir: str,
+    out: str,
+    image_suffix: str = ".nii.gz",
+    label_suffix: str = ".nii.gz",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> str:
+    """Pair ``<case><image_suffix>`` in ``images_dir`` with ``<case><label_suffix>`` in ``labels_dir`` into a datalist.
+
+    Paths are written relative to the datalist's folder (use it as the bundle's ``dataset_dir``). Every pair's header
+    geometry is checked; an image without a label is an error naming it.
+    """
+    images_root, labels_root, out_path = Path(images_dir), Path(labels_dir), Path(out)
+    images = sorted(p for p in images_root.iterdir() if p.name.endswith(image_suffix))
+    if not images:
+        raise FileNotFoundError(f"no '*{image_suffix}' images in {images_root}.")
+    pairs = {}
+    for image in images:
+        case = image.name[: -len(image_suffix)]
+        label = labels_root / f"{case}{label_suffix}"
+        if label == image:
+            continue
+        if not label.is_file():
+            raise FileNotFoundError(f"image {image} has no label {label}; add it or remove the image.")
+        check_header_geometry(image, label)
+        pairs[case] = {"image": _relative(image, out_path.parent), "label": _relative(label, out_path.parent)}
+    split = split_cases(list(pairs), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    write_datalist(out_path, {name: [pairs[c] for c in ids] for name, ids in split.items()})
+    return str(out_path)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"make_datalist": make_datalist})
