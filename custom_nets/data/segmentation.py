@@ -33,6 +33,7 @@ __all__ = [
     "RandForegroundSliced",
     "StackNeighbourSlicesd",
     "check_header_geometry",
+    "inference_datalist",
     "load_segmentation_datalist",
     "make_datalist",
     "select_label_fraction",
@@ -260,6 +261,25 @@ def load_segmentation_datalist(
             for file in [files] if isinstance(files, str) else files:
                 if not os.path.exists(file):
                     raise FileNotFoundError(f"datalist {path} ('{split}', key '{key}') names a missing file: {file}.")
+    return items
+
+
+def inference_datalist(
+    dataset_dir: str | os.PathLike,
+    datalist: str | os.PathLike | None = None,
+    split: str = "testing",
+    pattern: str = "*.nii*",
+) -> list[dict[str, Any]]:
+    """Inputs for whole-volume inference: the ``split`` section of ``datalist`` when given, else the images matching
+    ``pattern`` in ``dataset_dir`` (items ``{"image": path}``). An empty result is an error naming where it looked."""
+    if datalist is not None:
+        items = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=split, base_dir=dataset_dir)
+        items = [{"image": item["image"]} for item in items]
+    else:
+        items = [{"image": str(p)} for p in sorted(Path(dataset_dir).glob(pattern)) if p.is_file()]
+    if not items:
+        where = f"section '{split}' of {datalist}" if datalist is not None else f"{dataset_dir}/{pattern}"
+        raise FileNotFoundError(f"no images to segment in {where}.")
     return items
 
 

@@ -1,5 +1,5 @@
 """Evaluation metrics of the downstream tasks of arXiv 2212.01893 (thin wrappers where MONAI already has one)."""
 
-from custom_nets.metrics.segmentation import VolumeIoUMetric, mean_std, summarise, volume_iou
+from custom_nets.metrics.segmentation import HD95Metric, VolumeIoUMetric, mean_std, summarise, volume_iou, voxel_spacing
 
-__all__ = ["VolumeIoUMetric", "mean_std", "summarise", "volume_iou"]
+__all__ = ["HD95Metric", "VolumeIoUMetric", "mean_std", "summarise", "volume_iou", "voxel_spacing"]

@@ -19,9 +19,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-from monai.metrics import MeanIoU, compute_iou
+from monai.data import MetaTensor
+from monai.metrics import HausdorffDistanceMetric, MeanIoU, compute_iou
 
-__all__ = ["VolumeIoUMetric", "volume_iou", "mean_std", "summarise"]
+__all__ = ["HD95Metric", "VolumeIoUMetric", "volume_iou", "voxel_spacing", "mean_std", "summarise"]
 
 
 class VolumeIoUMetric(MeanIoU):
@@ -46,6 +47,34 @@ class VolumeIoUMetric(MeanIoU):
         super().__init__(
             include_background=include_background, reduction=reduction, get_not_nans=get_not_nans, ignore_empty=False
         )
+
+
+def voxel_spacing(affine: torch.Tensor, spatial_dims: int = 3) -> list[float]:
+    """Voxel sizes (mm) from a ``(spatial_dims + 1)``-square affine: the norms of its first ``spatial_dims`` columns."""
+    matrix = torch.as_tensor(affine, dtype=torch.float64)[:spatial_dims, :spatial_dims]
+    return torch.linalg.vector_norm(matrix, dim=0).tolist()
+
+
+class HD95Metric(HausdorffDistanceMetric):
+    """95th-percentile symmetric Hausdorff distance in millimetres.
+
+    MONAI's :class:`~monai.metrics.HausdorffDistanceMetric` with ``percentile=95`` whose voxel spacing is read from the
+    label's affine (a MetaTensor, as produced by MONAI's loaders), so that ignite metric handlers, which pass no
+    ``spacing``, still report millimetres; plain tensors are measured in voxels. The value is NaN when the label or
+    the prediction of a class is empty (undefined distance).
+
+    Inputs: binarised one-hot ``(B, C, H, W, D)``; ``get_buffer()`` holds ``(N, C')`` values.
+    """
+
+    def __init__(self, include_background: bool = False, reduction: str = "mean", get_not_nans: bool = False) -> None:
+        super().__init__(
+            include_background=include_background, percentile=95, reduction=reduction, get_not_nans=get_not_nans
+        )
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        if "spacing" not in kwargs and isinstance(y, MetaTensor) and y.affine.ndim == 2:
+            kwargs["spacing"] = voxel_spacing(y.affine, y.ndim - 2)
+        return super()._compute_tensor(y_pred, y, **kwargs)
 
 
 def volume_iou(y_pred: torch.Tensor, y: torch.Tensor, include_background: bool = False) -> torch.Tensor:
