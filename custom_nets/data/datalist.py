@@ -1,0 +1,277 @@
+"""Decathlon-style datalists that mix 2D images and 3D volumes (arXiv 2212.01893, joint image-volume pretraining).
+
+A datalist is a JSON file in the Medical Segmentation Decathlon layout::
+
+    {
+        "name": "...",
+        "training": [
+            {"image": "images/cxr_000.png", "modality": "XR", "kind": "image", "class_label": 2},
+            {"image": "volumes/ct_000.nii.gz", "modality": "CT", "kind": "volume"},
+            {"image": "volumes/mr_001_dicom", "modality": "MR"}
+        ],
+        "validation": [...]
+    }
+
+Every item needs ``image`` (a file, or a folder holding one DICOM series), relative to ``base_dir`` (by default the
+datalist's folder). ``modality`` (CT, MR, XR and their DICOM aliases) selects the intensity normalisation, ``kind`` is
+``"image"`` (2D) or ``"volume"`` (3D) and is inferred from the path when absent, ``class_label`` (int) is an optional
+hidden class used only by reports. :func:`load_datalist` checks the structure and the paths without opening any image;
+:func:`validate_datalist` opens every file with the same readers as training and reports all problems at once.
+
+Paths are joined here instead of with ``monai.data.load_decathlon_datalist`` because the latter also rewrites any
+other string value that happens to name an existing path under ``base_dir`` (a folder called ``CT`` would turn the
+modality into a path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from custom_nets.data.intensity import canonical_modality
+
+__all__ = [
+    "DatalistError",
+    "IMAGE_EXTENSIONS",
+    "VOLUME_EXTENSIONS",
+    "DICOM_EXTENSIONS",
+    "KINDS",
+    "file_suffix",
+    "infer_kind",
+    "is_dicom_file",
+    "load_datalist",
+    "prepare_items",
+    "validate_datalist",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""Suffixes of 2D raster images (read with MONAI's ``PILReader``)."""
+
+VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd")
+"""Suffixes of volume files (NIfTI with ``NibabelReader``, MetaImage/NRRD with ``ITKReader``)."""
+
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+"""Suffixes of single DICOM files (2D images, read with ``ITKReader``)."""
+
+KINDS = ("image", "volume")
+
+
+class DatalistError(ValueError):
+    """A datalist or one of its files is unusable; the message names every offending file and the fix."""
+
+
+def file_suffix(path: str | os.PathLike) -> str:
+    """Lower-case suffix of ``path``, keeping the double suffix ``.nii.gz``."""
+    name = Path(path).name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a file with the DICOM Part 10 preamble (``DICM`` at byte 128), whatever its name."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def infer_kind(path: str | os.PathLike) -> str:
+    """``"image"`` (2D) or ``"volume"`` (3D) from the path alone.
+
+    Folders are DICOM series (volumes); single DICOM files, PNG/JPG and friends are 2D images; NIfTI, MetaImage and
+    NRRD files are volumes (give ``kind`` explicitly in the datalist for a 2D NIfTI).
+
+    Raises:
+        DatalistError: for a suffix that none of the readers handles.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "volume"
+    suffix = file_suffix(path)
+    if suffix in IMAGE_EXTENSIONS or suffix in DICOM_EXTENSIONS:
+        return "image"
+    if suffix in VOLUME_EXTENSIONS:
+        return "volume"
+    if suffix == "" and is_dicom_file(path):
+        return "image"
+    known = ", ".join(IMAGE_EXTENSIONS + DICOM_EXTENSIONS + VOLUME_EXTENSIONS)
+    raise DatalistError(
+        f"{path}: unknown file type {suffix!r}. Supported: {known}, or a folder holding one DICOM series. "
+        "Convert the file or remove it from the datalist."
+    )
+
+
+def _item_problems(item: Any, position: int, base_dir: Path) -> tuple[dict | None, list[str]]:
+    """Normalise one datalist entry; return it (or None) with the list of problems found."""
+    if isinstance(item, str):
+        item = {"image": item}
+    if not isinstance(item, dict) or "image" not in item:
+        return None, [f"item {position}: {item!r} is not a dict with an 'image' key; write {{'image': 'path'}}"]
+    if not isinstance(item["image"], (str, os.PathLike)):
+        return None, [
+            f"item {position}: 'image' must be one path (a file or a DICOM series folder), got {item['image']!r}"
+        ]
+    out = dict(item)
+    path = Path(os.path.expanduser(os.fspath(item["image"])))
+    path = path if path.is_absolute() else base_dir / path
+    out["image"] = os.fspath(path)
+    if not path.exists():
+        return None, [f"{path}: file not found (item {position}); fix the path or the base_dir ({base_dir})"]
+    problems = []
+    if path.is_dir() and not any(is_dicom_file(p) for p in path.iterdir() if p.is_file()):
+        problems.append(f"{path}: folder holds no DICOM file; a folder entry must be one DICOM series")
+    try:
+        kind = infer_kind(path)
+    except DatalistError as error:
+        return None, [str(error)]
+    given_kind = out.get("kind", kind)
+    if given_kind not in KINDS:
+        problems.append(f"{path}: kind {given_kind!r} is not one of {KINDS}")
+    out["kind"] = given_kind
+    if out.get("modality") is not None:
+        try:
+            out["modality"] = canonical_modality(out["modality"])
+        except ValueError as error:
+            problems.append(f"{path}: {error}")
+    label = out.get("class_label")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
+        problems.append(f"{path}: class_label must be an integer, got {label!r}")
+    return out, problems
+
+
+def prepare_items(items: Sequence[Any], base_dir: str | os.PathLike, source: str = "datalist") -> list[dict]:
+    """Check datalist entries and return them ready for the MONAI transforms.
+
+    Each returned dict holds ``image`` (absolute path), ``kind``, ``modality`` (canonical name or None),
+    ``class_label`` (int, -1 when unknown) and ``global_index`` (the position in ``items``). No image is opened.
+
+    Args:
+        items: entries as in a decathlon datalist (dicts with ``image``; bare path strings are accepted).
+        base_dir: folder that relative paths are joined to.
+        source: name used in error messages (the datalist file).
+
+    Raises:
+        DatalistError: naming every missing file, unknown suffix, bad kind/modality/class_label, or an empty list.
+    """
+    if len(items) == 0:
+        raise DatalistError(
+            f"{source}: the datalist is empty; add items or run `python -m custom_nets.data.make_datalist`"
+        )
+    base = Path(os.path.expanduser(os.fspath(base_dir)))
+    prepared, problems = [], []
+    for position, item in enumerate(items):
+        out, item_problems = _item_problems(item, position, base)
+        problems.extend(item_problems)
+        if out is not None:
+            out["modality"] = out.get("modality")
+            out["class_label"] = int(out["class_label"]) if out.get("class_label") is not None else -1
+            out["global_index"] = position
+            prepared.append(out)
+    if problems:
+        raise DatalistError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return prepared
+
+
+def load_datalist(
+    path: str | os.PathLike, base_dir: str | os.PathLike | None = None, key: str = "training"
+) -> list[dict]:
+    """Read the ``key`` list of a decathlon-style datalist JSON and check it with :func:`prepare_items`.
+
+    Args:
+        path: the datalist JSON file.
+        base_dir: folder that relative image paths are joined to; default: the datalist's folder.
+        key: the list to read (``training``, ``validation``, ``testing``...).
+
+    Returns:
+        list of dicts with ``image``, ``kind``, ``modality``, ``class_label`` and ``global_index``.
+
+    Raises:
+        DatalistError: missing or unreadable JSON, missing key, empty list, or any problem of
+            :func:`prepare_items`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatalistError(
+            f"{path}: datalist file not found; create one with `python -m custom_nets.data.make_datalist`"
+        )
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatalistError(f"{path}: not a readable JSON datalist ({error}); fix or regenerate it") from error
+    if not isinstance(content, dict) or key not in content:
+        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise DatalistError(f"{path}: no {key!r} list (found {keys}); pass the right key or regenerate the datalist")
+    if not isinstance(content[key], list):
+        raise DatalistError(f"{path}: {key!r} must be a list of items, got {type(content[key]).__name__}")
+    return prepare_items(content[key], path.parent if base_dir is None else base_dir, source=f"{path} [{key}]")
+
+
+def validate_datalist(
+    path: str | os.PathLike,
+    base_dir: str | os.PathLike | None = None,
+    keys: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Open every file of a datalist with the training readers and report all problems in one error.
+
+    Checks, per item: the file exists and has a known type, the reader can open it (corrupt files), it has the
+    dimensionality of its ``kind`` (2D image or 3D volume), it is not empty, and it holds no NaN/inf value.
+
+    Args:
+        path: the datalist JSON file.
+        base_dir: folder that relative image paths are joined to; default: the datalist's folder.
+        keys: lists to check; default: every list-valued key among ``training``, ``validation``, ``testing``, ``test``.
+
+    Returns:
+        a summary ``{"items": n, "kinds": {...}, "modalities": {...}, "keys": [...]}`` when everything is usable.
+
+    Raises:
+        DatalistError: listing every problem (one line per file) with its fix.
+    """
+    from custom_nets.data.loading import load_item_array
+
+    path = Path(path)
+    if keys is None:
+        if not path.is_file():
+            raise DatalistError(f"{path}: datalist file not found")
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DatalistError(f"{path}: not a readable JSON datalist ({error}); fix or regenerate it") from error
+        keys = [k for k in ("training", "validation", "testing", "test") if isinstance(content.get(k), list)]
+        if not keys:
+            raise DatalistError(f"{path}: no 'training', 'validation' or 'testing' list; regenerate the datalist")
+    problems: list[str] = []
+    kinds: Counter = Counter()
+    modalities: Counter = Counter()
+    count = 0
+    for key in keys:
+        try:
+            items = load_datalist(path, base_dir, key)
+        except DatalistError as error:
+            problems.append(str(error))
+            continue
+        for item in items:
+            count += 1
+            kinds[item["kind"]] += 1
+            modalities[item["modality"] or "unspecified"] += 1
+            try:
+                load_item_array(item)
+            except Exception as error:  # every reader failure becomes one line of the report
+                message = str(error) if item["image"] in str(error) else f"{item['image']}: {error}"
+                problems.append(f"[{key}] {message}")
+    if problems:
+        raise DatalistError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return {"items": count, "kinds": dict(kinds), "modalities": dict(modalities), "keys": list(keys)}
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(validate_datalist)

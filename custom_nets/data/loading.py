@@ -1,0 +1,133 @@
+"""Reading 2D images and 3D volumes with MONAI's readers, one reader per file type.
+
+- DICOM (a series folder or a single file) and MetaImage/NRRD: ``ITKReader`` (applies RescaleSlope/Intercept).
+- NIfTI: ``NibabelReader``.
+- PNG/JPG/BMP/TIFF: ``PILReader``.
+
+Arrays come out channel-first in MONAI's index order: 2D images (C, X, Y), volumes (C, X, Y, Z), with the affine in a
+``MetaTensor``. Used by the joint image-volume pipeline of arXiv 2212.01893.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import torch
+from monai.config import KeysCollection
+from monai.data import ITKReader, MetaTensor, NibabelReader, PILReader
+from monai.transforms import LoadImage, MapTransform
+
+from custom_nets.data.datalist import IMAGE_EXTENSIONS, file_suffix
+from custom_nets.data.intensity import assert_finite
+
+__all__ = ["reader_name", "LoadMedicalImaged", "EnsureKindShaped", "load_item_array"]
+
+
+def reader_name(path: str) -> str:
+    """``"nibabel"`` for NIfTI, ``"pil"`` for raster images, ``"itk"`` for everything else (DICOM, MetaImage)."""
+    suffix = "" if Path(path).is_dir() else file_suffix(path)
+    if suffix in (".nii", ".nii.gz"):
+        return "nibabel"
+    if suffix in IMAGE_EXTENSIONS:
+        return "pil"
+    return "itk"
+
+
+class LoadMedicalImaged(MapTransform):
+    """Load each key's path with the MONAI reader for its file type, channel first.
+
+    Output: ``MetaTensor`` (C, X, Y) for 2D files, (C, X, Y, Z) for volumes (a 2D DICOM comes as (C, X, Y, 1); see
+    :class:`EnsureKindShaped`), float32. The original path is kept under ``"source_<key>"``.
+
+    Raises:
+        ValueError: naming the file when the reader cannot open it (corrupt or mislabelled file).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        options = {"image_only": True, "ensure_channel_first": True, "dtype": "float32"}
+        self.loaders = {
+            "itk": LoadImage(reader=ITKReader(), **options),
+            "nibabel": LoadImage(reader=NibabelReader(), **options),
+            "pil": LoadImage(reader=PILReader(), **options),
+        }
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            reader = reader_name(path)
+            try:
+                d[key] = self.loaders[reader](path)
+            except Exception as error:  # MONAI/ITK/nibabel/PIL raise many types for unreadable files
+                raise ValueError(
+                    f"{path}: the {reader} reader cannot read it ({type(error).__name__}: {error}); the file is "
+                    "corrupt or not of the type its name says: re-export it or remove it from the datalist"
+                ) from error
+            d[f"source_{key}"] = path
+        return d
+
+
+class EnsureKindShaped(MapTransform):
+    """Check that each image has the dimensionality of the item's ``kind`` and the wanted channel count.
+
+    - ``kind == "image"``: output a plain tensor (channels, X, Y) (2D pipelines use no affine); a trailing singleton
+      slice axis (2D DICOM) is squeezed.
+    - ``kind == "volume"``: output (channels, X, Y, Z) with Z >= 2.
+    Channels: a multi-channel image (RGB PNG) is averaged when ``channels == 1``; a single channel is repeated when
+    ``channels > 1``.
+
+    Raises:
+        ValueError: naming the file for wrong dimensions, empty images or an unusable channel count.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, kind_key: str = "kind", channels: int = 1, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.kind_key = kind_key
+        self.channels = channels
+
+    def _shape(self, image: torch.Tensor, kind: str, source: str) -> torch.Tensor:
+        if image.numel() == 0:
+            raise ValueError(f"{source}: the image is empty (shape {tuple(image.shape)}); remove it from the datalist")
+        if kind == "image":
+            image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            if image.ndim == 4 and image.shape[-1] == 1:
+                image = image[..., 0]
+        expected = {"image": 3, "volume": 4}[kind]
+        if image.ndim != expected:
+            other = "volume" if kind == "image" else "image"
+            raise ValueError(
+                f"{source}: expected a {'2D' if kind == 'image' else '3D'} {kind} but the spatial shape is "
+                f'{tuple(image.shape[1:])}; set "kind": "{other}" in the datalist or remove the item'
+            )
+        if kind == "volume" and image.shape[-1] < 2:
+            raise ValueError(f'{source}: volume with a single slice; set "kind": "image" in the datalist')
+        if image.shape[0] != self.channels:
+            if self.channels == 1:
+                image = image.mean(dim=0, keepdim=True)
+            elif image.shape[0] == 1:
+                image = image.repeat(self.channels, *([1] * (image.ndim - 1)))
+            else:
+                raise ValueError(f"{source}: {image.shape[0]} channels cannot be mapped to {self.channels}")
+        return image
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        kind = d[self.kind_key]
+        for key in self.key_iterator(d):
+            d[key] = self._shape(d[key], kind, str(d.get(f"source_{key}", "<in-memory image>")))
+        return d
+
+
+def load_item_array(item: Mapping, key: Hashable = "image", channels: int = 1) -> MetaTensor:
+    """Read one datalist item and check it (readable, dimensionality of its kind, not empty, finite).
+
+    Returns the channel-first image; raises ValueError naming the file otherwise.
+    """
+    d = LoadMedicalImaged(key)(item)
+    d = EnsureKindShaped(key, channels=channels)(d)
+    assert_finite(d[key], d[f"source_{key}"])
+    return d[key]
