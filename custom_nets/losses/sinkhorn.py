@@ -22,14 +22,15 @@ def sinkhorn_knopp(
     ``Q`` is the transport plan for ``exp(scores / epsilon)`` after ``iterations`` alternating normalisations of the
     prototype marginal (target ``B / K`` for every prototype) and the item marginal (target 1 for every item); the
     item normalisation comes last, so every row of the result sums to exactly 1 and the prototype marginal approaches
-    ``B / K`` as ``iterations`` grows.
+    ``B / K`` as ``iterations`` grows. Constant factors of the classic formulation (total mass, ``1/K``, ``1/B``) are
+    left out: each normalisation step cancels them, so the codes are the same with fewer passes over ``(B, K)``.
 
     The computation is in float32 whatever the input dtype (fp16/bf16 scores from autocast are safe): the global
     maximum is subtracted before ``exp`` (it cancels in the first normalisation), and marginals are clamped away from
-    zero so an underflowed row or column gives zero codes, never NaN. When ``distributed`` is True and
-    ``torch.distributed`` is initialised, the maximum, the total mass, the item count ``B`` (the global batch, so
-    ranks may hold different numbers of items) and the prototype marginals are all-reduced, so the codes equal those
-    of one process holding every rank's items; every rank must then call this function the same number of times.
+    zero so an underflowed prototype or item gives zero codes, never NaN. When ``distributed`` is True and
+    ``torch.distributed`` is initialised, the maximum and the prototype marginals are all-reduced, so the codes equal
+    those of one process holding every rank's items (ranks may hold different numbers of items, even none); every
+    rank must then call this function the same number of times.
 
     Args:
         scores: ``(B, K)`` similarities of ``B`` items to ``K`` prototypes (this rank's items).
@@ -45,27 +46,17 @@ def sinkhorn_knopp(
     if epsilon <= 0 or iterations < 1:
         raise ValueError(f"epsilon must be > 0 and iterations >= 1, got epsilon={epsilon}, iterations={iterations}.")
     reduce = distributed and _distributed_active()
-    logits = scores.detach().float() / epsilon
-    num_prototypes = logits.shape[1]
+    scores = scores.detach().float()
     tiny = torch.finfo(torch.float32).tiny
 
-    global_max = logits.max() if logits.numel() > 0 else logits.new_tensor(float("-inf"))
+    global_max = scores.max() if scores.numel() > 0 else scores.new_tensor(float("-inf"))
     if reduce:
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
-    codes = torch.exp(logits.t() - global_max)  # (K, B)
-    mass_and_count = torch.stack([codes.sum(), codes.new_tensor(float(codes.shape[1]))])
-    if reduce:
-        dist.all_reduce(mass_and_count)
-    total_mass, global_batch = mass_and_count[0], mass_and_count[1]
-    codes /= total_mass.clamp_min(tiny)
-
+    codes = torch.sub(scores, global_max).div_(epsilon).exp_()
     for _ in range(iterations):
-        prototype_mass = codes.sum(dim=1, keepdim=True)
+        prototype_mass = codes.sum(dim=0)
         if reduce:
             dist.all_reduce(prototype_mass)
-        codes /= prototype_mass.clamp_min(tiny)
-        codes /= num_prototypes
-        codes /= codes.sum(dim=0, keepdim=True).clamp_min(tiny)
-        codes /= global_batch
-    codes *= global_batch
-    return codes.t()
+        codes /= prototype_mass.clamp_min_(tiny)
+        codes /= codes.sum(dim=1, keepdim=True).clamp_min_(tiny)
+    return codes

@@ -55,7 +55,7 @@ def check_clustering_inputs(
 
 def soft_cross_entropy(log_probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over items of ``-sum_k targets[i, k] * log_probabilities[i, k]``; both ``(M, K)``, ``M > 0``."""
-    return -(targets * log_probabilities).sum(dim=1).mean()
+    return -(targets * log_probabilities).sum() / log_probabilities.shape[0]
 
 
 class SwAVLoss(nn.Module):
