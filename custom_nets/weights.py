@@ -9,6 +9,7 @@ sub-module's own state dict, and report which keys matched.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
@@ -23,12 +24,15 @@ __all__ = [
     "WeightShapeError",
     "adapt_input_channels",
     "atomic_torch_save",
+    "initialize_from",
     "load_slice_encoder_weights",
     "load_slice_transformer_weights",
     "load_weights",
     "read_state_dict",
     "save_weights",
 ]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_KEYS = ("model", "network", "state_dict", "net")
 INPUT_CONV_SUFFIX = "conv1.weight"
@@ -167,6 +171,16 @@ def load_slice_encoder_weights(encoder: nn.Module, source: str | os.PathLike | M
 def load_slice_transformer_weights(transformer: nn.Module, source: str | os.PathLike | Mapping) -> WeightLoadReport:
     """Load ``f_inter`` weights (keys ``slice_transformer.*``, or the transformer's own state dict)."""
     return _require_matches(load_weights(transformer, source, prefix="slice_transformer."), "slice transformer", source)
+
+
+def initialize_from(network: nn.Module, source: str | os.PathLike | Mapping) -> WeightLoadReport:
+    """Initialise a whole network (e.g. the next stage of the staged schedule) from a checkpoint or exported file.
+
+    Keys absent from the file keep their initial values and are logged; a file matching no key is an error.
+    """
+    report = _require_matches(load_weights(network, source), type(network).__name__, source)
+    logger.info("initialised %s from %s: %s", type(network).__name__, source, report.summary())
+    return report
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:

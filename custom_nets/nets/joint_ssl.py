@@ -59,6 +59,8 @@ class JointSSLNet(nn.Module):
         intra_prototypes: prototype counts of the 2D heads (SwAV: ``(3000,)``; DeepCluster-v2: ``(3000,) * 3``).
         inter_prototypes: prototype counts of the 3D heads.
         mask_ratio: fraction of valid slices replaced by the mask token (at least one per volume); 0 disables masking.
+        freeze_slice_encoder: keep ``f_intra`` fixed (no gradients, batch-norm statistics frozen), as in stage B of the
+            staged schedule (masked prediction with ``f_intra`` frozen).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class JointSSLNet(nn.Module):
         intra_prototypes: Sequence[int] = (3000,),
         inter_prototypes: Sequence[int] = (3000,),
         mask_ratio: float = 0.1,
+        freeze_slice_encoder: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -96,6 +99,14 @@ class JointSSLNet(nn.Module):
         self.inter_prototypes = _prototype_heads(embed_dim, inter_prototypes)
         self.mask_decoder = nn.Linear(embed_dim, embed_dim)
         self.mask_ratio = mask_ratio
+        self.freeze_slice_encoder = freeze_slice_encoder
+        self.slice_encoder.requires_grad_(not freeze_slice_encoder)
+
+    def train(self, mode: bool = True) -> JointSSLNet:
+        super().train(mode)
+        if self.freeze_slice_encoder:
+            self.slice_encoder.eval()
+        return self
 
     def forward(
         self,

@@ -1,7 +1,23 @@
-"""Ignite / MONAI handlers of the self-supervised objectives: prototype upkeep, k-means, collapse monitoring."""
+"""Ignite / MONAI handlers: prototype upkeep, k-means, collapse monitoring, gradients, loss terms, embeddings."""
 
 from custom_nets.engines.handlers.collapse import ClusterCollapseMonitor, assignment_statistics
+from custom_nets.engines.handlers.embedding_writer import EmbeddingWriter
+from custom_nets.engines.handlers.engine_state import CheckpointEngineState
+from custom_nets.engines.handlers.gradients import GradientControl, trust_ratio
 from custom_nets.engines.handlers.kmeans import DeepClusterKMeansHandler
+from custom_nets.engines.handlers.loss_terms import LossTermsHandler
 from custom_nets.engines.handlers.prototypes import PrototypeHandler
+from custom_nets.engines.handlers.sampler_epoch import SamplerEpochHandler
 
-__all__ = ["ClusterCollapseMonitor", "DeepClusterKMeansHandler", "PrototypeHandler", "assignment_statistics"]
+__all__ = [
+    "CheckpointEngineState",
+    "ClusterCollapseMonitor",
+    "DeepClusterKMeansHandler",
+    "EmbeddingWriter",
+    "GradientControl",
+    "LossTermsHandler",
+    "PrototypeHandler",
+    "SamplerEpochHandler",
+    "assignment_statistics",
+    "trust_ratio",
+]

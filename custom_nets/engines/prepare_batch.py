@@ -1,0 +1,96 @@
+"""Turn a collated joint 2D + 3D batch into the network's inputs and the losses' targets for MONAI engines."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from monai.engines.utils import PrepareBatch
+
+__all__ = ["JointItemIds", "JointPrepareBatch"]
+
+
+class JointItemIds:
+    """Global ids of every clustering item: one per 2D image, one per slice position of every volume.
+
+    DeepCluster-v2 keeps a memory bank row per item. Ids derive from each sample's GLOBAL index in the datalist (the
+    concatenated dataset), never from a per-dataset local index: 2D image ``g`` gets id ``g``; slice ``j`` of the
+    ``r``-th volume of the datalist gets ``num_items + r * num_slices + j``.
+
+    Args:
+        kinds: ``"image"`` or ``"volume"`` for every datalist item, in datalist order.
+        num_slices: slices per volume after cropping / padding.
+    """
+
+    def __init__(self, kinds: Sequence[str], num_slices: int) -> None:
+        unknown = sorted(set(kinds) - {"image", "volume"})
+        if unknown:
+            raise ValueError(f"datalist kinds must be 'image' or 'volume', found {unknown}.")
+        self.num_items = len(kinds)
+        self.num_slices = num_slices
+        volume_rank = torch.full((self.num_items,), -1, dtype=torch.long)
+        is_volume = torch.tensor([kind == "volume" for kind in kinds], dtype=torch.bool)
+        volume_rank[is_volume] = torch.arange(int(is_volume.sum()))
+        self.volume_rank = volume_rank
+        self.num_volumes = int(is_volume.sum())
+
+    @property
+    def num_intra_items(self) -> int:
+        """Size of the 2D (intra) memory bank: images plus every slice position of every volume."""
+        return self.num_items + self.num_volumes * self.num_slices
+
+    def intra_ids(
+        self, image_index: torch.Tensor, volume_index: torch.Tensor, slice_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Ids ``(B2 + S,)`` of views 0/1 items: the images, then the valid slices in volume-major order."""
+        ranks = self.volume_rank[volume_index.cpu()].to(volume_index.device)
+        if bool((ranks < 0).any()):
+            raise ValueError("a batch volume is listed as a 2D image in the datalist; check its 'kind'.")
+        slice_ids = self.num_items + ranks[:, None] * self.num_slices + torch.arange(slice_valid.shape[1]).to(ranks)
+        return torch.cat([image_index.long(), slice_ids[slice_valid]])
+
+    def inter_ids(self, volume_index: torch.Tensor) -> torch.Tensor:
+        """Ids ``(B3,)`` of volumes for the 3D (inter) memory bank, in ``[0, num_volumes)``."""
+        return self.volume_rank[volume_index.cpu()].to(volume_index.device)
+
+
+def _to(value: object, device: torch.device | str | None, non_blocking: bool) -> object:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, non_blocking=non_blocking)
+    if isinstance(value, (list, tuple)):
+        return [_to(v, device, non_blocking) for v in value]
+    return value
+
+
+class JointPrepareBatch(PrepareBatch):
+    """``prepare_batch`` for :class:`monai.engines.SupervisedTrainer` on joint 2D + 3D batches.
+
+    Returns ``(inputs, targets)`` where ``inputs`` holds ``image_views``, ``volume_views``, ``slice_valid`` and
+    ``slice_position`` on the device (what :class:`custom_nets.nets.JointSSLNet` takes in train mode) and ``targets``
+    holds ``intra_index`` ``(B2 + S,)`` and ``inter_index`` ``(B3,)`` (what the clustering losses key their memory
+    banks with).
+    """
+
+    INPUT_KEYS = ("image_views", "volume_views", "slice_valid", "slice_position")
+
+    def __init__(self, item_ids: JointItemIds) -> None:
+        self.item_ids = item_ids
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, object],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: object,
+    ) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
+        inputs = {key: _to(batchdata.get(key), device, non_blocking) for key in self.INPUT_KEYS}
+        image_index = batchdata.get("image_index", torch.zeros(0, dtype=torch.long))
+        volume_index = batchdata.get("volume_index", torch.zeros(0, dtype=torch.long))
+        slice_valid = batchdata.get("slice_valid")
+        if slice_valid is None:
+            slice_valid = torch.zeros(0, self.item_ids.num_slices, dtype=torch.bool)
+        targets = {
+            "intra_index": self.item_ids.intra_ids(image_index, volume_index, slice_valid).to(device),
+            "inter_index": self.item_ids.inter_ids(volume_index).to(device),
+        }
+        return inputs, targets
