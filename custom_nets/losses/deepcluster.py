@@ -10,8 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from custom_nets.losses.prototypes import prototype_layers
-from custom_nets.losses.swav import check_clustering_inputs
+from custom_nets.losses.clustering import ClusteringLoss, check_clustering_inputs, prototype_layers
 
 __all__ = ["DeepClusterV2Loss", "spherical_kmeans"]
 
@@ -22,6 +21,13 @@ KMEANS_INITS = ("k-means++", "random")
 
 def _distributed_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device(default: torch.device) -> torch.device:
+    """NCCL reduces CUDA tensors only: use this rank's GPU there, else keep ``default``."""
+    if _distributed_active() and dist.get_backend() == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return default
 
 
 def _nearest_centroid(embeddings: torch.Tensor, centroids: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -101,7 +107,7 @@ def spherical_kmeans(
     return centroids, _nearest_centroid(embeddings, centroids, chunk_size)
 
 
-class DeepClusterV2Loss(nn.Module):
+class DeepClusterV2Loss(ClusteringLoss):
     """DeepCluster-v2 loss (Caron et al. 2020, arXiv 2006.09882), the clustering objective of the DeepCluster variant
     of arXiv 2212.01893 (``L_intra`` over 2D images and slices, ``L_inter`` over volume features).
 
@@ -167,9 +173,6 @@ class DeepClusterV2Loss(nn.Module):
         self.register_buffer("bank_valid", torch.zeros(num_items, dtype=torch.bool))  # holds an embedding
         self.register_buffer("bank_fresh", torch.zeros(num_items, dtype=torch.bool))  # written since last k-means
         self.register_buffer("assignments", torch.full((num_heads, num_items), -1, dtype=torch.long))
-        self.last_assignments: list[torch.Tensor] = []
-        self.num_prototypes: list[int] = []
-        self.last_loss: torch.Tensor | None = None
         self._warned_unclustered = False
 
     def _check_index(self, index: torch.Tensor | None, num_items: int) -> torch.Tensor:
@@ -219,13 +222,11 @@ class DeepClusterV2Loss(nn.Module):
             else:
                 head_losses.append(logits.sum() * 0.0)
         loss = torch.stack(head_losses).mean()
-        if not bool((self.assignments[:, index] >= 0).any()) and not self._warned_unclustered:
+        if not self._warned_unclustered and not bool((self.assignments[:, index] >= 0).any()):
             logger.info("DeepCluster-v2: no item of this batch has a k-means cluster yet (empty bank); loss is 0.")
             self._warned_unclustered = True
 
-        self.last_assignments = [head_scores[0].detach().argmax(dim=1) for head_scores in scores]
-        self.num_prototypes = [head_scores[0].shape[1] for head_scores in scores]
-        self.last_loss = loss.detach()
+        self._record(scores, loss)
         return loss
 
     @torch.no_grad()
@@ -260,6 +261,7 @@ class DeepClusterV2Loss(nn.Module):
         layers = prototype_layers(prototypes)
         if len(layers) != self.num_heads:
             raise ValueError(f"got {len(layers)} prototype layers but num_heads={self.num_heads}.")
+        self.to(_collective_device(self.bank.device))
         self._merge_banks()
         valid_ids = self.bank_valid.nonzero().squeeze(1)
         if valid_ids.numel() == 0:

@@ -27,9 +27,8 @@ def _check_same_terms_on_all_ranks(present: dict[str, bool]) -> None:
     """Sinkhorn all-reduces inside a term, so a term present on one rank only would hang: fail clearly instead."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    flags = torch.tensor([float(present[name]) for name in TERMS])
-    if dist.get_backend() == dist.Backend.NCCL:
-        flags = flags.cuda()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == dist.Backend.NCCL else None
+    flags = torch.tensor([float(present[name]) for name in TERMS], device=device)
     low, high = flags.clone(), flags.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)

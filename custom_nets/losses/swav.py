@@ -8,57 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom_nets.losses.prototypes import prototype_layers
+from custom_nets.losses.clustering import ClusteringLoss, check_clustering_inputs, prototype_layers
 from custom_nets.losses.sinkhorn import sinkhorn_knopp
 
-__all__ = ["SwAVLoss", "check_clustering_inputs", "soft_cross_entropy"]
-
-
-def check_clustering_inputs(
-    projections: Sequence[torch.Tensor], scores: Sequence[Sequence[torch.Tensor]], min_views: int = 2
-) -> int:
-    """Validate the shapes of a clustering head's outputs and return the number of items of views 0 and 1.
-
-    Args:
-        projections: per view ``v``, ``(M_v, P)``.
-        scores: per head ``h``, per view ``v``, ``(M_v, K_h)``.
-        min_views: the least number of views required.
-
-    Raises:
-        ValueError: on a missing head or view, different view counts, or item counts that do not match (views 0 and 1
-            must hold the same items; the other views hold a prefix of them).
-    """
-    if len(scores) == 0:
-        raise ValueError("scores must hold at least one prototype head.")
-    num_views = len(projections)
-    if num_views < min_views:
-        raise ValueError(f"at least {min_views} views are required, got {num_views} projections.")
-    num_items = projections[0].shape[0]
-    if projections[1].shape[0] != num_items:
-        raise ValueError(f"views 0 and 1 must hold the same items, got {num_items} and {projections[1].shape[0]}.")
-    for head, head_scores in enumerate(scores):
-        if len(head_scores) != num_views:
-            raise ValueError(f"head {head} has scores for {len(head_scores)} views but there are {num_views} views.")
-        for view, (view_scores, view_projection) in enumerate(zip(head_scores, projections, strict=True)):
-            if view_scores.ndim != 2 or view_scores.shape[0] != view_projection.shape[0]:
-                raise ValueError(
-                    f"head {head}, view {view}: scores of shape {tuple(view_scores.shape)} do not match the "
-                    f"{view_projection.shape[0]} projections of that view."
-                )
-            if view_scores.shape[0] > num_items or view_scores.shape[1] != head_scores[0].shape[1]:
-                raise ValueError(
-                    f"head {head}, view {view}: shape {tuple(view_scores.shape)}; a view holds at most the {num_items} "
-                    f"items of views 0/1 and every view of a head has the same number of prototypes."
-                )
-    return num_items
+__all__ = ["SwAVLoss", "soft_cross_entropy"]
 
 
 def soft_cross_entropy(log_probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over items of ``-sum_k targets[i, k] * log_probabilities[i, k]``; both ``(M, K)``, ``M > 0``."""
-    return -(targets * log_probabilities).sum() / log_probabilities.shape[0]
+    per_item = torch.einsum("ik,ik->i", targets, log_probabilities)  # row-wise dot: no (M, K) temporary
+    return -per_item.sum() / log_probabilities.shape[0]
 
 
-class SwAVLoss(nn.Module):
+class SwAVLoss(ClusteringLoss):
     """Swapped prediction of Sinkhorn codes (SwAV, Caron et al. 2020, arXiv 2006.09882), the clustering objective
     of ``L_intra`` / ``L_inter`` in arXiv 2212.01893.
 
@@ -71,7 +33,8 @@ class SwAVLoss(nn.Module):
     Feature queue (optional, as in SwAV): the projections of the assignment views of the last ``queue_length`` items
     are kept per assignment view and, once the queue is full, scored with the CURRENT prototype weights and appended
     to the Sinkhorn input (only the batch's codes are used). The queue starts after ``queue_start_iteration``
-    training-mode calls (e.g. ``epoch_queue_starts * iterations_per_epoch`` in a bundle config). It lives on this
+    training-mode calls (e.g. ``epoch_queue_starts * iterations_per_epoch`` in a bundle config; the call count is a
+    buffer, so it survives a resume when the loss's ``state_dict`` is checkpointed). The queue itself lives on this
     process only (not in ``state_dict``) and refills after a restart.
 
     Shapes (``forward(projections, scores, index=None)``):
@@ -123,12 +86,9 @@ class SwAVLoss(nn.Module):
         self.queue_start_iteration = queue_start_iteration
         self.distributed = distributed
         self._prototype_layers = prototype_layers(prototypes) if prototypes is not None else []
-        self.training_iterations = 0
+        self.register_buffer("training_iterations", torch.zeros((), dtype=torch.long))  # kept by checkpoints
         self._queue: torch.Tensor | None = None  # (assignment views, queue_length, P), newest first
         self._queue_items = 0
-        self.last_assignments: list[torch.Tensor] = []
-        self.num_prototypes: list[int] = []
-        self.last_loss: torch.Tensor | None = None
 
     def _queue_scores(self, head: int, slot: int) -> torch.Tensor | None:
         if self._queue is None or self._queue_items < self.queue_length:
@@ -179,11 +139,9 @@ class SwAVLoss(nn.Module):
             )
         loss = torch.stack(head_losses).mean()
 
-        if self.training and self.queue_length > 0 and self.training_iterations >= self.queue_start_iteration:
+        if self.training and self.queue_length > 0 and int(self.training_iterations) >= self.queue_start_iteration:
             self._enqueue(projections)
         if self.training:
             self.training_iterations += 1
-        self.last_assignments = [head_scores[0].detach().argmax(dim=1) for head_scores in scores]
-        self.num_prototypes = [head_scores[0].shape[1] for head_scores in scores]
-        self.last_loss = loss.detach()
+        self._record(scores, loss)
         return loss

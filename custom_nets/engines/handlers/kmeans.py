@@ -9,8 +9,8 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from custom_nets.losses.clustering import prototype_layers
 from custom_nets.losses.deepcluster import DeepClusterV2Loss
-from custom_nets.losses.prototypes import prototype_layers
 
 __all__ = ["DeepClusterKMeansHandler"]
 

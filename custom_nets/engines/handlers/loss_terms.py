@@ -14,7 +14,7 @@ class LossTermsHandler:
 
     At every iteration the current terms are copied into ``engine.state.output["loss_terms"]`` (floats); at epoch end
     their means go to ``engine.state.metrics`` as ``loss_<term>``, where MONAI's StatsHandler and
-    TensorBoardStatsHandler pick them up.
+    TensorBoardStatsHandler pick them up, and to ``history`` (one dict per epoch).
 
     Args:
         loss: any module with a ``terms`` attribute, e.g. :class:`custom_nets.losses.JointLoss`.
@@ -26,6 +26,7 @@ class LossTermsHandler:
         self.prefix = prefix
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
+        self.history: list[dict[str, float]] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
@@ -45,5 +46,7 @@ class LossTermsHandler:
         self._count += 1
 
     def publish(self, engine: Engine) -> None:
-        for name, total in self._sums.items():
-            engine.state.metrics[f"{self.prefix}{name}"] = total / max(self._count, 1)
+        means = {name: total / max(self._count, 1) for name, total in self._sums.items()}
+        for name, value in means.items():
+            engine.state.metrics[f"{self.prefix}{name}"] = value
+        self.history.append({"epoch": engine.state.epoch, **means})

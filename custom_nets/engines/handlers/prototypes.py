@@ -10,7 +10,7 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from custom_nets.losses.prototypes import prototype_layers
+from custom_nets.losses.clustering import prototype_layers
 
 __all__ = ["PrototypeHandler"]
 
