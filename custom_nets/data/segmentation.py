@@ -68,9 +68,12 @@ class CheckSegmentationPaird(MapTransform):
     """
 
     def __init__(
-        self, image_key: str = "image", label_key: str = "label", num_label_values: int | None = None,
+        self,
+        image_key: str = "image",
+        label_key: str = "label",
+        num_label_values: int | None = None,
         affine_atol: float = 1e-3,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(keys=[image_key, label_key])
         self.image_key, self.label_key = image_key, label_key
         self.num_label_values = num_label_values
@@ -164,9 +167,14 @@ class RandForegroundSliced(Randomizable, MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection, label_key: str = "label", num_samples: int = 4, pos: float = 1.0,
-        neg: float = 1.0, allow_missing_keys: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        num_samples: int = 4,
+        pos: float = 1.0,
+        neg: float = 1.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")

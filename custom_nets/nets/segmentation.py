@@ -29,11 +29,13 @@ _STAGE_CHANNELS = {18: (64, 64, 128, 256, 512), 34: (64, 64, 128, 256, 512), 50:
 
 
 class SliceEncoderBackbone(nn.Module, BaseEncoder):
-    """:class:`SliceEncoder` exposed as a FlexibleUNet encoder.
+    """The ResNet trunk of :class:`SliceEncoder` exposed as a FlexibleUNet encoder.
 
-    Shapes: ``(B, C, H, W)`` -> list of five maps ``(B, 64, H/2, W/2)``, then stages 1-4 at ``H/4 ... H/32`` with
-    ``stage_channels`` channels. The slice embedding head (``embedding_proj``) is kept so that pretrained state dicts
-    load one-to-one, but it does not take part in segmentation and is excluded from optimisation.
+    Shapes: ``(B, C, H, W)`` -> list of five maps: the stem ``(B, 64, H/2, W/2)`` (conv1, bn1, relu) then stages 1-4
+    at ``H/4 ... H/32`` with ``(64, 64, 128, 256, 512)`` (depth 18/34) or ``(64, 256, 512, 1024, 2048)`` (depth 50)
+    channels - the same maps as ``SliceEncoder(...).features``. Only the trunk is kept (state-dict keys ``trunk.*``,
+    as in :class:`SliceEncoder`): the slice-embedding head plays no part in segmentation, so a pretrained file's
+    ``embedding_proj.*`` keys are reported as unexpected and any ``embed_dim`` loads.
 
     Args:
         spatial_dims: must be 2 (the encoder is 2D; volumes are segmented slice by slice).
@@ -48,11 +50,19 @@ class SliceEncoderBackbone(nn.Module, BaseEncoder):
             raise ValueError(f"the slice encoder is 2D; got spatial_dims={spatial_dims}.")
         if pretrained:
             raise ValueError("pretrained=True is not supported: pass pretrained_ckpt to SliceEncoderUNet instead.")
-        self.slice_encoder = SliceEncoder(depth=depth, in_channels=in_channels)
-        self.slice_encoder.embedding_proj.requires_grad_(False)
+        encoder = SliceEncoder(depth=depth, in_channels=in_channels)
+        self.trunk = encoder.trunk
+        self.stage_channels = encoder.stage_channels
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.slice_encoder(x, return_features=True).features)
+        trunk = self.trunk
+        stem = trunk.relu(trunk.bn1(trunk.conv1(x)))
+        maps = [stem]
+        current = trunk.maxpool(stem)
+        for stage in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4):
+            current = stage(current)
+            maps.append(current)
+        return maps
 
     @classmethod
     def get_encoder_parameters(cls) -> list[dict]:
@@ -88,8 +98,9 @@ class SliceEncoderUNet(FlexibleUNet):
         out_channels: output classes (background included for softmax outputs).
         depth: ResNet depth of the encoder, 18, 34 or 50 (must match ``pretrained_ckpt``).
         pretrained_ckpt: ``None`` for random initialisation, or a file / state dict holding ``slice_encoder.*`` keys
-            (pretrain_joint export or checkpoint) or an encoder-only state dict. Every ResNet trunk key must load;
-            otherwise a ``RuntimeError`` names the missing keys. The report is kept in ``self.weight_report``.
+            (pretrain_joint export or checkpoint) or an encoder-only state dict. Every ResNet trunk tensor must load
+            (first convolution adapted to ``in_channels``); otherwise a ``RuntimeError`` names the missing keys. The
+            report (matched / missing / unexpected / adapted keys) is kept in ``self.weight_report`` and logged.
         freeze_encoder: keep the encoder fixed (no gradients, batch-norm statistics frozen); only the decoder trains.
         decoder_channels: widths of the five decoder blocks.
         norm: normalisation of the decoder blocks.
@@ -131,24 +142,16 @@ class SliceEncoderUNet(FlexibleUNet):
         if freeze_encoder:
             self.encoder.requires_grad_(False)
 
-    @property
-    def slice_encoder(self) -> SliceEncoder:
-        return self.encoder.slice_encoder
-
     def load_pretrained_encoder(self, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> WeightLoadReport:
         """Load ``f_intra`` weights into the encoder; raise unless every ResNet trunk tensor was loaded."""
-        report = load_slice_encoder_weights(self.slice_encoder, source)
-        missing_trunk = [k for k in report.missing if k.startswith("trunk.")]
-        if missing_trunk:
+        origin = "the given state dict" if isinstance(source, Mapping) else str(source)
+        report = load_slice_encoder_weights(self.encoder, source)
+        if report.missing:
             raise RuntimeError(
-                f"the pretrained encoder did not load completely from {source!s:.200}: {report.summary()}. "
+                f"the pretrained encoder did not load completely from {origin}: {report.summary()}\n"
                 "Check that `depth` matches the checkpoint's ResNet depth."
             )
-        logger.info(
-            "slice encoder weights loaded from %s: %s",
-            source if isinstance(source, str) else "state dict",
-            report.summary(),
-        )
+        logger.info("slice encoder weights loaded from %s: %s", origin, report.summary())
         return report
 
     def train(self, mode: bool = True) -> SliceEncoderUNet:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -69,3 +70,17 @@ def heart_raw(tmp_path: Path) -> Path:
 @pytest.fixture
 def brats_raw(tmp_path: Path) -> Path:
     return make_brats_folder(tmp_path / "brats_raw")
+
+
+@pytest.fixture
+def seg_data() -> SimpleNamespace:
+    """The generators above, for tests that build their own variants (conftest is not importable as a module)."""
+    return SimpleNamespace(
+        AFFINE=AFFINE,
+        SHAPE=SHAPE,
+        heart_label=heart_label,
+        brats_label=brats_label,
+        write_nifti=write_nifti,
+        make_heart_folder=make_heart_folder,
+        make_brats_folder=make_brats_folder,
+    )
