@@ -143,6 +143,8 @@ def _item_problems(item: Any, position: int, base_dir: Path) -> tuple[dict | Non
     label = out.get("class_label")
     if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
         problems.append(f"{path}: class_label must be an integer, got {label!r}")
+    out["class_label"] = label if isinstance(label, int) and not isinstance(label, bool) else -1
+    out["modality"] = out.get("modality")
     return out, problems
 
 
@@ -170,8 +172,6 @@ def prepare_items(items: Sequence[Any], base_dir: str | os.PathLike, source: str
         out, item_problems = _item_problems(item, position, base)
         problems.extend(item_problems)
         if out is not None:
-            out["modality"] = out.get("modality")
-            out["class_label"] = int(out["class_label"]) if out.get("class_label") is not None else -1
             out["global_index"] = position
             prepared.append(out)
     if problems:

@@ -37,7 +37,7 @@ from scipy.ndimage import gaussian_filter
 __all__ = ["DEMO_CLASSES", "DEMO_VERSION", "make_demo_corpus", "demo_label_map"]
 
 DEMO_CLASSES = ("head", "thorax", "abdomen", "limb")
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 _DATALIST_NAME = "datalist.json"
 
 # tissue labels of the phantoms
@@ -239,9 +239,10 @@ def make_demo_corpus(
 ) -> Path:
     """Write the demo corpus under ``root`` (or reuse a complete one) and return its datalist path.
 
-    Per class: ``num_per_class`` volumes (``in_plane`` x ``in_plane`` x 24-40 slices; modality alternating CT/MR,
-    format alternating DICOM series/NIfTI) and ``num_per_class`` PNG radiographs of ``image_size`` x ``image_size``
-    (modality XR). Layout: ``root/volumes/<class>_<i>.nii.gz``, ``root/volumes/<class>_<i>_dicom/IM0001.dcm...``,
+    Per class: ``num_per_class`` volumes (``in_plane`` x ``in_plane`` x 24-40 slices; modality alternating CT/MR and
+    format alternating DICOM series/NIfTI, shifted per class so that even one item per class covers all four) and
+    ``num_per_class`` PNG radiographs of ``image_size`` x ``image_size`` (modality XR).
+    Layout: ``root/volumes/<class>_<i>.nii.gz``, ``root/volumes/<class>_<i>_dicom/IM0001.dcm...``,
     ``root/images/<class>_<i>.png``, ``root/datalist.json`` (paths relative to ``root``; items carry ``class_label``,
     the index in ``DEMO_CLASSES``, and DICOM items ``num_files``). The datalist is written last, atomically, so an
     interrupted run is detected and redone; files of the same name are overwritten.
@@ -271,10 +272,11 @@ def make_demo_corpus(
     for label, name in enumerate(DEMO_CLASSES):
         for i in range(num_per_class):
             rng = np.random.default_rng([seed, label, i, 0])
-            modality = "CT" if i % 2 == 0 else "MR"
+            turn = i + label  # modality and format alternate, shifted per class: CT-DICOM, MR-NIfTI, CT-NIfTI, MR-DICOM
+            modality = "CT" if turn % 2 == 0 else "MR"
             volume, spacing = _volume(name, modality, rng, in_plane)
             stem = f"{name}_{i:02d}"
-            if (i // 2) % 2 == 0:
+            if (turn + turn // 2) % 2 == 0:
                 relative = f"volumes/{stem}_dicom"
                 _write_dicom_series(root / relative, volume, spacing, modality, f"{seed}.{stem}")
                 extra = {"num_files": int(volume.shape[2])}

@@ -1,0 +1,160 @@
+"""The joint loader end to end on real files, the inference dataset, and reading pydicom's real CT data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+
+from custom_nets.data.joint_dataset import build_inference_dataset, build_joint_dataloader
+from custom_nets.data.loading import load_item_array
+
+SPACING = (1.0, 1.0, 2.5)
+
+
+def loader_for(datalist, **overrides):
+    options = dict(
+        num_slices=24,
+        image_size=32,
+        volume_size=32,
+        small_crop_size=16,
+        num_small_crops=2,
+        images_per_batch=3,
+        volumes_per_batch=2,
+        spacing=SPACING,
+        seed=4,
+    )
+    options.update(overrides)
+    return build_joint_dataloader(datalist, **options)
+
+
+def test_mixed_batches_follow_the_batch_format(demo_datalist):
+    items = json.loads(demo_datalist.read_text())["training"]
+    loader = loader_for(demo_datalist)
+    assert len(loader) == 4  # max(ceil(8 / 3), ceil(8 / 2))
+    seen_images, seen_volumes = set(), set()
+    for batch in loader:
+        assert [tuple(v.shape) for v in batch["image_views"]] == [(3, 1, 32, 32)] * 2 + [(3, 1, 16, 16)] * 2
+        assert [tuple(v.shape) for v in batch["volume_views"]] == [(2, 1, 24, 32, 32)] * 2
+        assert all(torch.isfinite(v).all() for v in batch["image_views"] + batch["volume_views"])
+        assert batch["slice_valid"].shape == (2, 24) and batch["slice_position"].shape == (2, 24)
+        for name, kind, seen in (("image", "image", seen_images), ("volume", "volume", seen_volumes)):
+            for index, label in zip(batch[f"{name}_index"].tolist(), batch[f"{name}_class"].tolist(), strict=True):
+                assert items[index]["kind"] == kind and items[index]["class_label"] == label
+                seen.add(index)
+        steps = batch["slice_position"].diff(dim=1)
+        torch.testing.assert_close(steps, torch.full_like(steps, 2.5))
+    assert len(seen_images) == 8 and len(seen_volumes) == 8
+
+
+def test_short_volumes_are_padded_and_masked(demo_datalist):
+    loader = loader_for(demo_datalist, num_slices=60, images_per_batch=0, volumes_per_batch=4, volume_size=16)
+    padded = 0
+    for batch in loader:
+        assert batch["image_views"] == [] and batch["image_index"].shape == (0,)
+        valid = batch["slice_valid"]
+        counts = valid.sum(dim=1)
+        assert bool((counts >= 14).all()) and bool((counts < 60).all())  # 36-120 mm at 2.5 mm per slice
+        assert torch.equal(valid, torch.arange(60).expand(len(counts), 60) < counts[:, None])
+        for view in batch["volume_views"]:
+            assert torch.count_nonzero(view.transpose(1, 2)[~valid]) == 0
+        padded += int((~valid).sum())
+    assert padded > 0
+
+
+def test_images_only_datalist(demo_datalist):
+    items = [item for item in json.loads(demo_datalist.read_text())["training"] if item["kind"] == "image"]
+    loader = loader_for(items, base_dir=demo_datalist.parent, num_small_crops=0, volumes_per_batch=2)
+    batch = next(iter(loader))
+    assert len(batch["image_views"]) == 2 and batch["volume_views"] == []
+    assert batch["slice_valid"].dtype == torch.bool and batch["volume_index"].shape == (0,)
+
+
+def test_same_seed_same_batches(demo_datalist):
+    first = next(iter(loader_for(demo_datalist, num_small_crops=0)))
+    second = next(iter(loader_for(demo_datalist, num_small_crops=0)))
+    assert torch.equal(first["volume_index"], second["volume_index"])
+    for a, b in zip(
+        first["image_views"] + first["volume_views"], second["image_views"] + second["volume_views"], strict=True
+    ):
+        torch.testing.assert_close(a, b)
+
+
+def test_ranks_share_the_epoch_length(demo_datalist):
+    loaders = [loader_for(demo_datalist, rank=r, world_size=2, images_per_batch=2) for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) == 2
+    assert [loader.batch_sampler.rank for loader in loaders] == [0, 1]
+
+
+@pytest.mark.slow
+def test_worker_processes_and_memory_cache(demo_datalist):
+    loader = loader_for(demo_datalist, num_workers=1, cache="memory")
+    batches = list(loader)
+    assert len(batches) == len(loader) and batches[0]["volume_views"][0].shape == (2, 1, 24, 32, 32)
+
+
+def test_inference_dataset_is_deterministic_without_augmentation(demo_datalist, tmp_path):
+    dataset = build_inference_dataset(demo_datalist, image_size=32, volume_size=(32, 28), spacing=SPACING)
+    items = json.loads(demo_datalist.read_text())["training"]
+    assert len(dataset) == len(items)
+    for position, item in enumerate(items):
+        sample = dataset[position]
+        assert sample["global_index"] == position and sample["kind"] == item["kind"]
+        assert sample["class_label"] == item["class_label"] and sample["modality"] == item["modality"]
+        if item["kind"] == "image":
+            assert tuple(sample["image"].shape) == (1, 32, 32)
+        else:
+            n = sample["image"].shape[1]
+            assert tuple(sample["image"].shape) == (1, n, 32, 28) and 14 <= n <= 48
+            assert sample["slice_valid"].all() and sample["slice_position"].shape == (n,)
+    cached = build_inference_dataset(
+        demo_datalist,
+        image_size=32,
+        volume_size=(32, 28),
+        num_slices=16,
+        spacing=SPACING,
+        cache="disk",
+        cache_dir=tmp_path / "cache",
+    )
+    for position in (0, 9):
+        repeat = [torch.as_tensor(cached[position]["image"]) for _ in range(2)]
+        torch.testing.assert_close(repeat[0], repeat[1])
+    fixed = cached[0] if items[0]["kind"] == "volume" else cached[1]
+    assert fixed["image"].shape[1] == 16 and fixed["slice_valid"].shape == (16,)
+
+
+def test_inference_batches_of_one(demo_datalist):
+    from monai.data import DataLoader
+
+    dataset = build_inference_dataset(demo_datalist, image_size=32, volume_size=32, num_slices=16, spacing=SPACING)
+    shapes = {batch["kind"][0]: tuple(batch["image"].shape) for batch in DataLoader(dataset, batch_size=1)}
+    assert shapes == {"image": (1, 1, 32, 32), "volume": (1, 1, 16, 32, 32)}
+
+
+def pydicom_ct_series() -> Path:
+    folder = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "77654033" / "CT2"
+    if not folder.is_dir():
+        pytest.skip("pydicom's CT series is not installed")
+    return folder
+
+
+def test_real_ct_dicom_series_from_pydicom():
+    folder = pydicom_ct_series()
+    volume = load_item_array({"image": str(folder), "kind": "volume"})
+    assert tuple(volume.shape) == (1, 16, 16, 4)
+    spacing = np.linalg.norm(np.asarray(volume.affine)[:3, :3], axis=0)
+    np.testing.assert_allclose(spacing[:2], [0.488281, 0.488281], rtol=1e-5)
+    assert float(volume.min()) < -900  # rescaled to Hounsfield units (intercept -1024)
+    sample = build_inference_dataset([{"image": str(folder), "modality": "CT"}], volume_size=16)[0]
+    assert tuple(sample["image"].shape) == (1, 4, 16, 16) and 0.0 <= float(sample["image"].min())
+    assert float(sample["image"].max()) <= 1.0
+
+
+def test_real_2d_ct_dicom_from_pydicom():
+    image = load_item_array({"image": get_testdata_file("CT_small.dcm"), "kind": "image"})
+    assert tuple(image.shape) == (1, 128, 128)
+    assert float(image.min()) == -896.0 and float(image.max()) == 1167.0
