@@ -190,3 +190,53 @@ def test_collapse_monitor_warns_without_stopping_and_checks_its_source(caplog):
     assert trainer.state.epoch == 3 and caplog.text.count("clustering collapse [intra]") == 3
     with pytest.raises(TypeError, match="last_assignments"):
         ClusterCollapseMonitor(JointLoss(intra=SwAVLoss()))
+
+
+def test_handlers_and_losses_build_from_a_bundle_config():
+    from monai.bundle import ConfigParser
+
+    config = {
+        "imports": ["$import torch"],
+        "network_def": {
+            "_target_": "torch.nn.ModuleDict",
+            "modules": {
+                "intra_prototypes": "$torch.nn.ModuleList(torch.nn.Linear(4, 3, bias=False) for _ in range(2))"
+            },
+        },
+        "loss": {
+            "_target_": "custom_nets.losses.JointLoss",
+            "intra": {
+                "_target_": "custom_nets.losses.DeepClusterV2Loss",
+                "num_items": 10,
+                "embedding_dim": 4,
+                "num_heads": 2,
+            },
+            "mask": {"_target_": "custom_nets.losses.MaskedSlicePredictionLoss", "positions": "all"},
+            "w_mask": 0.5,
+        },
+        "handlers": [
+            {
+                "_target_": "custom_nets.engines.handlers.PrototypeHandler",
+                "prototypes": "$@network_def.intra_prototypes",
+                "freeze_iterations": 3,
+            },
+            {
+                "_target_": "custom_nets.engines.handlers.DeepClusterKMeansHandler",
+                "loss": "$@loss.intra",
+                "prototypes": "$@network_def.intra_prototypes",
+                "seed": 7,
+            },
+            {
+                "_target_": "custom_nets.engines.handlers.ClusterCollapseMonitor",
+                "loss": "$@loss.intra",
+                "stop_on_collapse": True,
+            },
+        ],
+    }
+    parser = ConfigParser(config)
+    network, loss = parser.get_parsed_content("network_def"), parser.get_parsed_content("loss")
+    freeze, kmeans, monitor = parser.get_parsed_content("handlers")
+    assert freeze.layers == list(network["intra_prototypes"]) and freeze.freeze_iterations == 3
+    assert kmeans.loss is loss.intra and kmeans.layers == list(network["intra_prototypes"]) and kmeans.seed == 7
+    assert monitor.loss is loss.intra and monitor.stop_on_collapse
+    assert loss.mask.positions == "all" and loss.weights["mask"] == 0.5
