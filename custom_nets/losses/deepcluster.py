@@ -75,8 +75,9 @@ def spherical_kmeans(
         num_clusters: ``K <= N``.
         iterations: update rounds (10 in DeepCluster-v2).
         seed: seed of the initialisation.
-        init: ``"k-means++"`` (default; rarely merges well-separated clusters) or ``"random"`` (``K`` distinct items
-            drawn uniformly, as the public DeepCluster-v2 code does).
+        init: ``"k-means++"`` (default; rarely merges well-separated clusters, at the price of ``K`` passes over the
+            items: about as long as the 10 update rounds on a CPU, negligible on a GPU) or ``"random"`` (``K``
+            distinct items drawn uniformly, as the public DeepCluster-v2 code does).
         chunk_size: rows per similarity block, bounding memory to ``chunk_size x K``.
 
     Returns:
