@@ -15,6 +15,8 @@ Inference (:func:`build_inference_dataset`): the same reading and normalisation,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +27,6 @@ from monai.transforms import (
     Compose,
     Orientationd,
     Resized,
-    ResizeWithPadOrCropd,
     Spacingd,
     Transform,
     Transposed,
@@ -35,7 +36,7 @@ from monai.utils import ensure_tuple_rep
 from custom_nets.data.collate import joint_collate
 from custom_nets.data.datalist import load_datalist, prepare_items
 from custom_nets.data.intensity import ModalityNormalized
-from custom_nets.data.loading import EnsureKindShaped, LoadMedicalImaged
+from custom_nets.data.loading import CropOrPadToBackgroundd, EnsureKindShaped, LoadMedicalImaged
 from custom_nets.data.sampler import JointBatchSampler
 from custom_nets.data.views import ImageMultiCropd, ViewAugmentation, VolumeSliceSampled, VolumeTwoViewsd
 
@@ -44,6 +45,7 @@ __all__ = [
     "resolve_items",
     "image_base_transforms",
     "volume_base_transforms",
+    "cache_folder",
     "build_dataset",
     "build_joint_dataset",
     "build_joint_dataloader",
@@ -102,7 +104,7 @@ def volume_base_transforms(
     Output ``data[key]``: MetaTensor (channels, H, W, Z) with (H, W) = ``volume_size`` and Z the resampled slice
     count; with ``axcodes="RAS"`` the slice axis is the axial (inferior-superior) one. ``spacing`` (mm, e.g.
     ``(1.0, 1.0, 2.5)``; a value <= 0 keeps that axis's spacing) resamples with ``Spacingd``; None keeps the native
-    grid. In-plane padding repeats the edge values (background), so padding is not mistaken for tissue.
+    grid. In-plane padding uses the image's minimum (background), so padding is not mistaken for tissue.
     """
     size = ensure_tuple_rep(volume_size, 2)
     transforms: list[Transform] = [
@@ -114,8 +116,20 @@ def volume_base_transforms(
         transforms.append(Orientationd(key, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if spacing is not None:
         transforms.append(Spacingd(key, pixdim=tuple(float(s) for s in spacing), mode="bilinear"))
-    transforms.append(ResizeWithPadOrCropd(key, spatial_size=(*size, -1), mode="edge"))
+    transforms.append(CropOrPadToBackgroundd(key, spatial_size=(*size, -1)))
     return transforms
+
+
+def cache_folder(cache_dir: str | os.PathLike | None, name: str, settings: Mapping) -> Path | None:
+    """``cache_dir/<name>-<hash of settings>``: a ``PersistentDataset`` folder per preprocessing setting.
+
+    ``PersistentDataset`` keys its files by the data item only, so a changed spacing or size would otherwise reuse
+    stale cached arrays.
+    """
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{name}-{digest}"
 
 
 def build_dataset(
@@ -179,10 +193,12 @@ def build_joint_dataset(
             VolumeTwoViewsd("image", volume_size, augmentation),
         ]
     )
+    settings = {"image_size": image_size, "volume_size": volume_size, "spacing": spacing, "channels": channels}
+    settings.update(axcodes=axcodes, intensity=dict(intensity or {}))
     parts = []
     for name, part, transform in (("images", images, image_transform), ("volumes", volumes, volume_transform)):
         if part:
-            part_dir = None if cache_dir is None else Path(cache_dir) / name
+            part_dir = cache_folder(cache_dir, f"train-{name}", settings)
             parts.append(build_dataset(part, transform, cache, part_dir, num_workers))
     return torch.utils.data.ConcatDataset(parts), len(images), len(volumes)
 
@@ -230,7 +246,8 @@ def build_joint_dataloader(
         images_per_batch: 2D items per batch (per rank).
         volumes_per_batch: volumes per batch (per rank).
         num_workers: DataLoader worker processes.
-        cache: ``"none"``, ``"memory"`` (CacheDataset) or ``"disk"`` (PersistentDataset under ``cache_dir``).
+        cache: ``"none"``, ``"memory"`` (CacheDataset) or ``"disk"`` (PersistentDataset under ``cache_dir``, one
+            sub-folder per preprocessing setting, see :func:`cache_folder`).
         spacing: target voxel spacing in mm for volumes (``Spacingd``), None keeps the native grid.
         seed: seed of the batch order (same on all ranks) and of the augmentations (offset by rank).
         rank, world_size: DDP sharding; default from ``torch.distributed`` when initialised.
@@ -314,12 +331,13 @@ def build_inference_dataset(
     items = resolve_items(datalist, base_dir, key)
     size = ensure_tuple_rep(image_size, 2)
     image_pipeline = Compose(
-        image_base_transforms(image_size, channels, intensity)
-        + [ResizeWithPadOrCropd("image", spatial_size=size, mode="edge")]
+        image_base_transforms(image_size, channels, intensity) + [CropOrPadToBackgroundd("image", spatial_size=size)]
     )
     volume_pipeline = Compose(
         volume_base_transforms(volume_size, spacing, channels, axcodes, intensity)
         + [VolumeSliceSampled("image", num_slices, random_window=False), Transposed("image", indices=(0, 3, 1, 2))]
     )
     transform = Compose([KindDispatchd({"image": image_pipeline, "volume": volume_pipeline})])
-    return build_dataset(items, transform, cache, cache_dir)
+    settings = {"image_size": image_size, "volume_size": volume_size, "spacing": spacing, "channels": channels}
+    settings.update(axcodes=axcodes, intensity=dict(intensity or {}), num_slices=num_slices)
+    return build_dataset(items, transform, cache, cache_folder(cache_dir, "inference", settings))

@@ -10,18 +10,18 @@ Arrays come out channel-first in MONAI's index order: 2D images (C, X, Y), volum
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor, NibabelReader, PILReader
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import LoadImage, MapTransform, ResizeWithPadOrCrop
 
 from custom_nets.data.datalist import IMAGE_EXTENSIONS, file_suffix
 from custom_nets.data.intensity import assert_finite
 
-__all__ = ["reader_name", "LoadMedicalImaged", "EnsureKindShaped", "load_item_array"]
+__all__ = ["reader_name", "LoadMedicalImaged", "EnsureKindShaped", "CropOrPadToBackgroundd", "load_item_array"]
 
 
 def reader_name(path: str) -> str:
@@ -119,6 +119,25 @@ class EnsureKindShaped(MapTransform):
         kind = d[self.kind_key]
         for key in self.key_iterator(d):
             d[key] = self._shape(d[key], kind, str(d.get(f"source_{key}", "<in-memory image>")))
+        return d
+
+
+class CropOrPadToBackgroundd(MapTransform):
+    """Centre crop/pad to ``spatial_size`` (MONAI ``ResizeWithPadOrCrop``), padding with each image's minimum.
+
+    After modality normalisation the minimum is the background (air), so padding never looks like tissue, unlike
+    zero padding of z-scored MR or edge replication of anatomy that touches the border. ``spatial_size`` entries of
+    -1 keep that axis (e.g. ``(64, 64, -1)`` for the in-plane size of a volume).
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.resizer = ResizeWithPadOrCrop(spatial_size, mode="constant")
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resizer(d[key], value=float(d[key].min()))
         return d
 
 

@@ -90,6 +90,17 @@ def test_ranks_share_the_epoch_length(demo_datalist):
     assert [loader.batch_sampler.rank for loader in loaders] == [0, 1]
 
 
+def test_disk_cache_keeps_one_folder_per_preprocessing_setting(demo_datalist, tmp_path):
+    shapes = []
+    for spacing in (SPACING, (1.2, 1.2, 3.0), SPACING):
+        loader = loader_for(demo_datalist, spacing=spacing, cache="disk", cache_dir=tmp_path, num_small_crops=0)
+        shapes.append(next(iter(loader))["volume_views"][0].shape)
+    folders = sorted(path.name.rsplit("-", 1)[0] for path in tmp_path.iterdir())
+    assert folders == ["train-images", "train-images", "train-volumes", "train-volumes"]
+    assert all(any(path.glob("*.pt")) for path in tmp_path.iterdir())
+    assert shapes == [(2, 1, 24, 32, 32)] * 3
+
+
 @pytest.mark.slow
 def test_worker_processes_and_memory_cache(demo_datalist):
     loader = loader_for(demo_datalist, num_workers=1, cache="memory")
