@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from custom_nets.losses import DeepClusterV2Loss, JointLoss, SwAVLoss
+from custom_nets.losses import DeepClusterV2Loss, JointLoss, SwAVLoss, sinkhorn_knopp
 
 NUM_IMAGES, NUM_SLICES, IN_DIM, DIM, PROTOTYPES = 6, 4, 10, 8, (5, 7)
+UNEVEN_SPLIT = (3, 8)  # Sinkhorn items per rank: ranks may hold different numbers of items
 
 
 class ToyClusteringHead(nn.Module):
@@ -67,6 +68,13 @@ def compute(rank: int, world_size: int) -> dict:
     views, ids = _rank_views(rank, world_size)
     distributed = dist.is_initialized()
     results: dict = {}
+
+    scores = F.normalize(torch.randn(sum(UNEVEN_SPLIT), 6, generator=torch.Generator().manual_seed(2)), dim=1)
+    scores = scores @ F.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(3)), dim=1).t()
+    if distributed:
+        start = sum(UNEVEN_SPLIT[:rank])
+        scores = scores[start : start + UNEVEN_SPLIT[rank]]
+    results["sinkhorn_codes"] = sinkhorn_knopp(scores)
 
     head = ToyClusteringHead()
     model = DistributedDataParallel(head) if distributed else head

@@ -25,7 +25,9 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, monkey
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     single = worker.compute(rank=0, world_size=1)
 
-    for rank_result in ranks:
+    codes = torch.split(single["sinkhorn_codes"], worker.UNEVEN_SPLIT)
+    for rank, rank_result in enumerate(ranks):
+        torch.testing.assert_close(rank_result["sinkhorn_codes"], codes[rank], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(rank_result["swav_loss"], single["swav_loss"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(rank_result["deepcluster_loss"], single["deepcluster_loss"], atol=1e-5, rtol=1e-5)
         for key in ("swav_grads", "deepcluster_grads"):
