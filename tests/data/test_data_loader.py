@@ -169,3 +169,34 @@ def test_real_2d_ct_dicom_from_pydicom():
     image = load_item_array({"image": get_testdata_file("CT_small.dcm"), "kind": "image"})
     assert tuple(image.shape) == (1, 128, 128)
     assert float(image.min()) == -896.0 and float(image.max()) == 1167.0
+
+
+def test_metaimage_volume_keeps_its_geometry(tmp_path):
+    import itk
+
+    array = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)  # ITK arrays are (z, y, x)
+    image = itk.image_from_array(array)
+    image.SetSpacing([0.5, 0.75, 2.0])
+    itk.imwrite(image, str(tmp_path / "case.mhd"))
+    volume = load_item_array({"image": str(tmp_path / "case.mhd"), "kind": "volume"})
+    assert tuple(volume.shape) == (1, 4, 5, 6)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(volume.affine)[:3, :3], axis=0), [0.5, 0.75, 2.0])
+    torch.testing.assert_close(volume[0, 1, 2, 3], torch.tensor(float(array[3, 2, 1])))
+    sample = build_inference_dataset([{"image": str(tmp_path / "case.mhd")}], volume_size=4)[0]
+    torch.testing.assert_close(sample["slice_position"], 2.0 * torch.arange(6, dtype=torch.float32))
+
+
+def test_rgb_png_becomes_one_grey_channel(tmp_path):
+    from PIL import Image
+
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 30, 60, 90
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    grey = load_item_array({"image": str(tmp_path / "colour.png"), "kind": "image"})
+    assert tuple(grey.shape) == (1, 8, 6)  # MONAI order: (C, X, Y)
+    torch.testing.assert_close(grey, torch.full((1, 8, 6), 60.0))
+    assert tuple(load_item_array({"image": str(tmp_path / "colour.png"), "kind": "image"}, channels=3).shape) == (
+        3,
+        8,
+        6,
+    )
