@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Protocol
 
 import torch
 from ignite.engine import Engine, Events
@@ -12,6 +13,12 @@ from torch import nn
 __all__ = ["ClusterCollapseMonitor", "assignment_statistics"]
 
 logger = logging.getLogger(__name__)
+
+
+class ScalarWriter(Protocol):
+    """What is needed of a ``torch.utils.tensorboard.SummaryWriter``."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> None: ...
 
 
 def assignment_statistics(counts: torch.Tensor) -> tuple[float, int]:
@@ -64,7 +71,7 @@ class ClusterCollapseMonitor:
         self,
         loss: nn.Module,
         name: str = "intra",
-        summary_writer=None,
+        summary_writer: ScalarWriter | None = None,
         min_entropy: float = 0.1,
         min_prototypes_in_use: int = 2,
         interval: int | None = None,

@@ -54,7 +54,7 @@ class PrototypeHandler:
             engine.add_event_handler(Events.STARTED, self.normalize_rows)
             engine.add_event_handler(Events.ITERATION_STARTED, self.normalize_rows)
         if self.freeze_iterations > 0:
-            if IterationEvents.BACKWARD_COMPLETED not in engine._allowed_events:
+            if not engine.has_registered_events(IterationEvents.BACKWARD_COMPLETED):
                 raise ValueError(
                     "freezing prototypes needs an engine that fires IterationEvents.BACKWARD_COMPLETED between the "
                     "backward pass and the optimiser step (a MONAI SupervisedTrainer); got "
