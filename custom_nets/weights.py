@@ -24,7 +24,10 @@ __all__ = [
     "WeightShapeError",
     "adapt_input_channels",
     "atomic_torch_save",
+    "export_pretrained",
     "initialize_from",
+    "load_file",
+    "load_backbone_weights",
     "load_slice_encoder_weights",
     "load_slice_transformer_weights",
     "load_weights",
@@ -71,18 +74,20 @@ class WeightLoadReport:
         return "\n".join(lines)
 
 
+def load_file(path: str | os.PathLike) -> dict:
+    """``torch.load`` a weights or checkpoint file safely (``weights_only``), with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}. Check the path (e.g. the pretrained_ckpt key).")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors all mean the same thing to the user
+        raise RuntimeError(f"could not read weights from {path}: {error}. Is it a PyTorch state dict?") from error
+
+
 def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Read a flat state dict from a file or mapping, unwrapping checkpoint dicts and DDP ``module.`` prefixes."""
-    if isinstance(source, Mapping):
-        state = dict(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file not found: {path}. Check the path (e.g. the pretrained_ckpt key).")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle, zip and torch errors all mean the same thing to the user
-            raise RuntimeError(f"could not read weights from {path}: {error}. Is it a PyTorch state dict?") from error
+    state = dict(source) if isinstance(source, Mapping) else load_file(source)
     for key in CHECKPOINT_KEYS:
         if key in state and isinstance(state[key], Mapping):
             state = dict(state[key])
@@ -183,6 +188,20 @@ def initialize_from(network: nn.Module, source: str | os.PathLike | Mapping) -> 
     return report
 
 
+def load_backbone_weights(network: nn.Module, source: str | os.PathLike | Mapping) -> list[WeightLoadReport]:
+    """Load ``f_intra`` and ``f_inter`` of a :class:`~custom_nets.nets.JointSSLNet` (e.g. from an exported
+    ``models/model.pt``) for embedding inference; any missing key of either is an error."""
+    reports = [
+        load_slice_encoder_weights(network.slice_encoder, source),
+        load_slice_transformer_weights(network.slice_transformer, source),
+    ]
+    for name, report in zip(("slice_encoder", "slice_transformer"), reports, strict=True):
+        if report.missing:
+            raise RuntimeError(f"{source}: {name} weights incomplete: {report.summary()}")
+        logger.info("loaded %s from %s: %s", name, source, report.summary())
+    return reports
+
+
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a truncated file."""
     path = Path(path)
@@ -217,3 +236,34 @@ def save_weights(
         temporary.write_text(json.dumps(dict(provenance), indent=2, default=str))
         os.replace(temporary, json_path)
     return path
+
+
+BACKBONE_PREFIXES = ("slice_encoder.", "slice_transformer.")
+
+
+def export_pretrained(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    provenance: Mapping[str, object] | None = None,
+    whole: bool = False,
+) -> Path:
+    """Write the weights the fine-tune bundles load from a pretraining checkpoint.
+
+    The output is a flat state dict with keys ``slice_encoder.*`` (``f_intra``) and ``slice_transformer.*``
+    (``f_inter``), or every key of the network with ``whole=True``, plus ``<out>.json`` with provenance: the source
+    checkpoint, its epoch and iteration when recorded, the package version and what the caller adds (preset, data).
+    """
+    from custom_nets import __version__
+
+    raw = load_file(checkpoint)
+    state = read_state_dict(raw)
+    trainer_state = raw.get("trainer", {})
+    record = {
+        "source_checkpoint": str(checkpoint),
+        "epoch": trainer_state.get("epoch"),
+        "iteration": trainer_state.get("iteration"),
+        "custom_nets_version": __version__,
+        "contents": "whole JointSSLNet" if whole else "slice_encoder (f_intra) + slice_transformer (f_inter)",
+        **dict(provenance or {}),
+    }
+    return save_weights(state, out, prefixes=() if whole else BACKBONE_PREFIXES, provenance=record)

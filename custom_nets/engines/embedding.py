@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from monai.engines.utils import PrepareBatch
 from monai.inferers import Inferer
+from monai.utils import convert_to_tensor
 from torch import nn
 
 __all__ = ["EmbeddingInferer", "EmbeddingPrepareBatch"]
@@ -26,12 +27,12 @@ class EmbeddingPrepareBatch(PrepareBatch):
         non_blocking: bool = False,
         **kwargs: object,
     ) -> tuple[torch.Tensor, None, tuple, dict[str, torch.Tensor]]:
-        image = torch.as_tensor(batchdata["image"]).to(device=device, non_blocking=non_blocking)
+        image = convert_to_tensor(batchdata["image"], device=device, track_meta=False)
         extra = {}
         if image.ndim == 5:
             for key in ("slice_valid", "slice_position"):
                 if batchdata.get(key) is not None:
-                    extra[key] = torch.as_tensor(batchdata[key]).to(device=device, non_blocking=non_blocking)
+                    extra[key] = convert_to_tensor(batchdata[key], device=device, track_meta=False)
         return image, None, (), extra
 
 

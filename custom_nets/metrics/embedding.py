@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,44 +51,29 @@ def embedding_separation(embeddings: np.ndarray, labels: np.ndarray, k: int = 5,
 
 
 def plot_embeddings(
-    panels: dict[str, np.ndarray], labels: np.ndarray, kinds: Sequence[str], path: str | Path, title: str = ""
+    panels: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, columns: int = 2, title: str = ""
 ) -> Path:
-    """Save a PNG with one PCA scatter per panel (e.g. "random init", "pretrained"), coloured by class; 2D images
-    drawn as circles and volumes as triangles."""
+    """Save a PNG with one PCA scatter per panel ``name -> (embeddings (M, d), labels (M,))``, coloured by label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = np.asarray(labels)
-    kinds = np.asarray(kinds)
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
-    for axis, (name, embeddings) in zip(axes[0], panels.items(), strict=True):
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 4.2 * rows), squeeze=False)
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
+    for axis, (name, (embeddings, labels)) in zip(axes.flat, panels.items(), strict=False):
         points = PCA(n_components=2, random_state=0).fit_transform(_unit_rows(embeddings))
-        for kind, marker in (("image", "o"), ("volume", "^")):
-            chosen = kinds == kind
-            axis.scatter(
-                points[chosen, 0],
-                points[chosen, 1],
-                c=labels[chosen],
-                cmap="tab10",
-                vmin=0,
-                vmax=9,
-                marker=marker,
-                s=28,
-                edgecolors="k",
-                linewidths=0.3,
-                label=kind,
-            )
-        axis.set_title(name)
+        scatter = axis.scatter(points[:, 0], points[:, 1], c=np.asarray(labels), cmap="tab10", vmin=0, vmax=9, s=30)
+        axis.set_title(name, fontsize=10)
         axis.set_xticks([])
         axis.set_yticks([])
-        axis.legend(loc="best", fontsize=8)
+    figure.colorbar(scatter, ax=axes.ravel().tolist(), label="hidden class", shrink=0.8)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

@@ -1,0 +1,55 @@
+"""One command line for the project: ``python -m custom_nets.cli <command> --help``.
+
+Commands:
+    demo             make the demo corpus, pretrain on it with bundles/pretrain_joint, report embedding quality
+    export           write f_intra (+ f_inter) weights from a pretraining checkpoint for the fine-tune bundles
+    make_datalist    scan folders of PNG/JPG, DICOM, NIfTI and MetaImage files into a pretraining datalist
+    validate_data    open every file of a datalist and report all problems at once
+    prepare_brats    BraTS folders -> segmentation datalist (finetune_brainseg)
+    prepare_mmwhs    MM-WHS folders -> segmentation datalist with labels mapped to 1..7 (finetune_heart)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import fire
+
+from custom_nets.data import brats, mmwhs
+from custom_nets.data.datalist import validate_datalist
+from custom_nets.data.make_datalist import make_datalist
+from custom_nets.pretraining_demo import run_demo
+from custom_nets.weights import export_pretrained
+
+__all__ = ["main"]
+
+
+def export(checkpoint: str, out: str, preset: str = "", datalist: str = "", whole: bool = False) -> str:
+    """Export ``slice_encoder.*`` + ``slice_transformer.*`` (or the whole network) of ``checkpoint`` to ``out``
+    (e.g. ``bundles/finetune_heart/models/pretrained.pt``), with ``<out>.json`` provenance."""
+    provenance = {key: value for key, value in (("preset", preset), ("datalist", datalist)) if value}
+    return str(export_pretrained(checkpoint, out, provenance=provenance, whole=whole))
+
+
+def demo(workdir: str | os.PathLike = "demo_output", epochs: int | None = None, seed: int = 0) -> None:
+    """Joint pretraining on the embedded demo corpus (CPU, a few minutes) and a short report."""
+    run_demo(workdir, epochs=epochs, seed=seed)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    fire.Fire(
+        {
+            "demo": demo,
+            "export": export,
+            "make_datalist": make_datalist,
+            "validate_data": validate_datalist,
+            "prepare_brats": brats.prepare,
+            "prepare_mmwhs": mmwhs.prepare,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
