@@ -1,0 +1,126 @@
+"""Repeated fine-tuning trials: train + evaluate a segmentation bundle over seeds and label fractions.
+
+The paper reports the mean +- standard deviation of 5 trials (arXiv 2212.01893, METHOD.md section 4), and label
+efficiency is studied by training on 10 / 25 / 50 / 100 % of the labelled volumes. For every (label fraction, seed)
+this runs ``configs/train.json`` and then ``configs/train.json + configs/evaluate.json`` of a bundle (each trial in its
+own folder), reads the metric from the evaluation's ``summary.json``, and writes ``trials.json`` and ``trials.md``
+(mean +- sample std over seeds per label fraction). Finished trials are skipped when the runner is started again.
+
+CLI (fire; any further ``--key value`` is a bundle override)::
+
+    python -m custom_nets.trials --bundle_root bundles/finetune_heart --output_dir runs/heart_trials \
+        --seeds "[0,1,2,3,4]" --label_fractions "[0.1,0.25,0.5,1.0]" --dataset_dir /data/mmwhs_ct_prepared
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from custom_nets.metrics.segmentation import mean_std
+
+__all__ = ["aggregate_trials", "format_table", "run_trials"]
+
+
+def aggregate_trials(results: Mapping[float, Mapping[int, float]]) -> list[dict[str, Any]]:
+    """Mean +- sample std over seeds for each label fraction: ``{fraction: {seed: value}}`` -> table rows."""
+    rows = []
+    for fraction in sorted(results):
+        values = [results[fraction][seed] for seed in sorted(results[fraction])]
+        mean, std, count = mean_std(values)
+        rows.append({"label_fraction": fraction, "mean": mean, "std": std, "trials": count, "values": values})
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], metric: str, scale: float = 100.0) -> str:
+    """Markdown table of aggregated rows, values multiplied by ``scale`` (percent by default)."""
+    lines = [f"| labelled volumes | {metric} (mean +- std) | trials |", "|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['label_fraction'] * 100:g} % | {row['mean'] * scale:.2f} +- {row['std'] * scale:.2f} "
+            f"| {row['trials']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _run_bundle(bundle_root: Path, configs: list[str], overrides: Mapping[str, Any], in_process: bool) -> None:
+    config_files = [str(bundle_root / "configs" / c) for c in configs]
+    meta_file = str(bundle_root / "configs" / "metadata.json")
+    logging_file = str(bundle_root / "configs" / "logging.conf")
+    if in_process:
+        from monai.bundle import run
+
+        run(config_file=config_files, meta_file=meta_file, logging_file=logging_file, **overrides)
+        return
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(config_files)]
+    command += ["--meta_file", meta_file, "--logging_file", logging_file]
+    for key, value in overrides.items():
+        command += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    subprocess.run(command, check=True)
+
+
+def run_trials(
+    bundle_root: str,
+    output_dir: str,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    label_fractions: Sequence[float] = (1.0,),
+    metric: str = "iou_mean",
+    in_process: bool = False,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """Train and evaluate ``bundle_root`` for every label fraction and seed; return and save the aggregated rows.
+
+    Args:
+        bundle_root: bundle folder with ``configs/train.json`` and ``configs/evaluate.json``.
+        output_dir: trials go to ``<output_dir>/fraction_<f>/seed_<s>/`` (their ``output_dir`` and ``ckpt_dir``);
+            the tables to ``<output_dir>/trials.json`` and ``trials.md``.
+        seeds: one trial per seed (the bundle's ``seed``: initialisation, sampling and label subset).
+        label_fractions: fractions of the training volumes that keep their labels (the bundle's ``label_fraction``).
+        metric: column of the evaluation summary to aggregate (``iou_mean`` = the paper's 3D IoU per volume).
+        in_process: run the bundles in this process (faster start) instead of one subprocess per run.
+        overrides: further bundle overrides, e.g. ``dataset_dir``, ``depth``, ``pretrained_ckpt``.
+    """
+    root, out = Path(bundle_root).resolve(), Path(output_dir).resolve()
+    if not (root / "configs" / "evaluate.json").is_file():
+        raise FileNotFoundError(f"{root} has no configs/evaluate.json: is it a segmentation bundle folder?")
+    results: dict[float, dict[int, float]] = {}
+    for fraction in label_fractions:
+        for seed in seeds:
+            trial = out / f"fraction_{fraction:g}" / f"seed_{seed}"
+            summary_path = trial / "eval" / "summary.json"
+            if not summary_path.is_file():
+                trial_overrides = {
+                    **overrides,
+                    "bundle_root": str(root),
+                    "seed": int(seed),
+                    "label_fraction": float(fraction),
+                    "output_dir": str(trial),
+                    "ckpt_dir": str(trial / "models"),
+                }
+                _run_bundle(root, ["train.json"], trial_overrides, in_process)
+                _run_bundle(root, ["train.json", "evaluate.json"], trial_overrides, in_process)
+            summary = json.loads(summary_path.read_text())
+            if metric not in summary["metrics"]:
+                raise KeyError(f"{summary_path} has no metric '{metric}' (available: {sorted(summary['metrics'])}).")
+            results.setdefault(float(fraction), {})[int(seed)] = summary["metrics"][metric]["mean"]
+    rows = aggregate_trials(results)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        ("trials.json", json.dumps({"bundle": str(root), "metric": metric, "rows": rows}, indent=2)),
+        ("trials.md", format_table(rows, metric)),
+    ):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return rows
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(run_trials)

@@ -1,0 +1,162 @@
+"""End-to-end: prepare -> train (2 iterations) -> evaluate -> infer for finetune_heart and finetune_brainseg.
+
+Runs ``monai.bundle.run`` in-process on tiny generated volumes whose affine is not RAS, so the predictions must be
+reoriented back (Invertd) to keep the input geometry. Also checks the ConfigWorkflow properties (MONAI Label reads
+inference.json alone) and the metadata fields.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, run
+
+from custom_nets.data import brats, mmwhs
+from custom_nets.nets.slice_encoder import SliceEncoder
+
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+TINY = {
+    "depth": 18,
+    "decoder_channels": [16, 16, 8, 8, 8],
+    "image_size": [32, 32],
+    "num_workers": 0,
+    "sw_batch_size": 8,
+}
+CASES = {
+    "heart": {"bundle": "finetune_heart", "overrides": {}, "out_channels": 8},
+    "brain_multimodal_2p5d": {
+        "bundle": "finetune_brainseg",
+        "overrides": {"modalities": ["flair", "t1ce"], "num_slices": 3},
+        "out_channels": 2,
+    },
+    "brain_regions": {"bundle": "finetune_brainseg", "overrides": {"label_mode": "regions"}, "out_channels": 3},
+}
+
+
+def _copy_bundle(name: str, tmp_path: Path) -> Path:
+    root = tmp_path / name
+    shutil.copytree(BUNDLES / name, root, ignore=shutil.ignore_patterns("models", "outputs"))
+    return root
+
+
+def _prepare(case: str, tmp_path: Path, seg_data) -> tuple[Path, Path]:
+    """Returns (prepared dataset_dir, raw folder holding the test case's image)."""
+    if case == "heart":
+        raw = seg_data.make_heart_folder(tmp_path / "raw")
+        mmwhs.prepare(str(raw), str(tmp_path / "data"), split="random", val_fraction=0.25, test_fraction=0.25)
+    else:
+        raw = seg_data.make_brats_folder(tmp_path / "raw")
+        modalities = CASES[case]["overrides"].get("modalities", ["flair"])
+        brats.prepare(str(raw), str(tmp_path / "data"), modalities=modalities, val_fraction=0.25, test_fraction=0.25)
+    return tmp_path / "data", raw
+
+
+def _run(root: Path, configs: list[str], **overrides) -> None:
+    run(
+        config_file=[str(root / "configs" / c) for c in configs],
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=str(root / "configs" / "logging.conf"),
+        bundle_root=str(root),
+        **overrides,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_evaluate_infer(case, tmp_path, seg_data):
+    spec = CASES[case]
+    root = _copy_bundle(spec["bundle"], tmp_path)
+    dataset_dir, raw = _prepare(case, tmp_path, seg_data)
+    common = {"dataset_dir": str(dataset_dir), **TINY, **spec["overrides"]}
+    extra = {}
+    if case == "heart":  # start from "pretrained" weights exported by pretrain_joint (flat slice_encoder.* keys)
+        encoder = SliceEncoder(depth=18, embed_dim=16)
+        torch.save({f"slice_encoder.{k}": v for k, v in encoder.state_dict().items()}, tmp_path / "export.pt")
+        extra["pretrained_ckpt"] = str(tmp_path / "export.pt")
+
+    _run(root, ["train.json"], epochs=1, batch_size=1, slices_per_volume=2, val_interval=1, **common, **extra)
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert state["segmentation_head.0.weight"].shape[0] == spec["out_channels"]
+    assert (root / "outputs" / "checkpoints" / "checkpoint_final.pt").is_file()
+    if case == "heart":
+        assert not torch.equal(state["encoder.trunk.conv1.weight"], encoder.trunk.conv1.weight)  # it trained
+        checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+        assert checkpoint["trainer"]["iteration"] == 2  # 2 training volumes, batch 1, 1 epoch
+
+    _run(root, ["train.json", "evaluate.json"], **common)
+    eval_dir = root / "outputs" / "eval"
+    with open(eval_dir / "cases.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["iou_mean"]) <= 1.0
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    assert summary["num_cases"] == 1 and "iou_mean" in summary["metrics"] and "hd95_mean" in summary["metrics"]
+    assert len(list((eval_dir / "overlays").glob("*.png"))) == 1
+    test_entry = json.loads((dataset_dir / "datalist.json").read_text())["testing"][0]
+    test_image = dataset_dir / (test_entry["image"] if case == "heart" else test_entry["image"][0])
+    (prediction,) = (eval_dir / "predictions").glob("*.nii.gz")
+    _assert_same_geometry(prediction, test_image, spec["out_channels"], regions=case == "brain_regions")
+
+    infer_dir = tmp_path / "infer_in"
+    infer_dir.mkdir()
+    if case == "brain_multimodal_2p5d":  # one multi-channel file, as MONAI Label sends it
+        channels = [nib.load(str(dataset_dir / p)).get_fdata() for p in test_entry["image"]]
+        nib.save(nib.Nifti1Image(np.stack(channels, -1).astype(np.float32), seg_data.AFFINE), infer_dir / "x.nii.gz")
+    else:
+        shutil.copy(test_image, infer_dir / "x.nii.gz")
+    _run(root, ["inference.json"], dataset_dir=str(infer_dir), image_pattern="*.nii.gz", **TINY, **spec["overrides"])
+    _assert_same_geometry(
+        root / "outputs" / "inference" / "x_seg.nii.gz", test_image, spec["out_channels"], case == "brain_regions"
+    )
+
+
+def _assert_same_geometry(prediction: Path, image: Path, out_channels: int, regions: bool) -> None:
+    pred, reference = nib.load(str(prediction)), nib.load(str(image))
+    assert np.allclose(pred.affine, reference.affine)
+    values = np.unique(np.asarray(pred.dataobj))
+    if regions:
+        assert pred.shape == (*reference.shape, 3) and set(values.tolist()) <= {0, 1}
+    else:
+        assert pred.shape == reference.shape and values.min() >= 0 and values.max() < out_channels
+
+
+@pytest.mark.parametrize("bundle", ["finetune_heart", "finetune_brainseg"])
+def test_workflow_properties_and_metadata(bundle, tmp_path, seg_data):
+    root = _copy_bundle(bundle, tmp_path)  # instantiating handlers creates their output folders
+    dataset_dir, _ = _prepare("heart" if bundle == "finetune_heart" else "brain_regions", tmp_path, seg_data)
+    meta = str(root / "configs" / "metadata.json")
+    for configs, workflow_type in (
+        (["train.json"], "train"),
+        (["train.json", "evaluate.json"], "train"),
+        (["inference.json"], "inference"),  # self-contained: MONAI Label reads this file alone
+    ):
+        workflow = ConfigWorkflow(
+            config_file=[str(root / "configs" / c) for c in configs],
+            meta_file=meta,
+            logging_file=str(root / "configs" / "logging.conf"),
+            workflow_type=workflow_type,
+            bundle_root=str(root),
+            dataset_dir=str(dataset_dir),
+            datalist=str(dataset_dir / "datalist.json"),
+            depth=18,
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], (bundle, configs)
+    metadata = json.loads(Path(meta).read_text())
+    schema = json.loads((BUNDLES / "metadata_schema.json").read_text())
+    assert set(schema.get("required", [])) <= set(metadata)
+    assert metadata["version"] in metadata["changelog"]
+    assert "custom_nets" in metadata["required_packages_version"]
+    config = json.loads((root / "configs" / "train.json").read_text())
+    vocabulary = ["bundle_root", "dataset_dir", "datalist", "output_dir", "device", "epochs", "batch_size",
+                  "num_workers", "amp", "num_slices", "image_size", "pretrained_ckpt", "resume", "seed"]  # fmt: skip
+    assert list(config)[1 : 1 + len(vocabulary)] == vocabulary
+    for name in ("LICENSE", "large_files.yml", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
+        assert (root / name).is_file(), name
+    assert not (BUNDLES / bundle / "models" / "model.pt").exists()  # no faked weights in the repository
