@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, run
+from monai.bundle import ConfigWorkflow, run, verify_net_in_out
 
 from custom_nets.data import brats, mmwhs
 from custom_nets.nets.slice_encoder import SliceEncoder
@@ -148,6 +148,15 @@ def test_workflow_properties_and_metadata(bundle, tmp_path, seg_data):
         )
         workflow.initialize()
         assert workflow.check_properties() == [], (bundle, configs)
+    inference_text = (root / "configs" / "inference.json").read_text()
+    assert '"%' not in inference_text  # no macro pulling content from another file
+    verify_net_in_out(  # metadata's network_data_format matches the network (as MONAI Label and the zoo check it)
+        net_id="network_def",
+        meta_file=meta,
+        config_file=str(root / "configs" / "inference.json"),
+        bundle_root=str(root),
+        depth=18,
+    )
     metadata = json.loads(Path(meta).read_text())
     schema = json.loads((BUNDLES / "metadata_schema.json").read_text())
     assert set(schema.get("required", [])) <= set(metadata)
