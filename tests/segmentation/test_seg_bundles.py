@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -169,3 +171,34 @@ def test_workflow_properties_and_metadata(bundle, tmp_path, seg_data):
     for name in ("LICENSE", "large_files.yml", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
         assert (root / name).is_file(), name
     assert not (BUNDLES / bundle / "models" / "model.pt").exists()  # no faked weights in the repository
+
+
+@pytest.mark.slow
+def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, seg_data):
+    """torchrun with 2 processes on the gloo backend: DistributedSampler, DDP, rank-0 checkpoints."""
+    root = _copy_bundle("finetune_heart", tmp_path)
+    raw = seg_data.make_heart_folder(tmp_path / "raw", case_ids=tuple(range(1001, 1007)))
+    mmwhs.prepare(str(raw), str(tmp_path / "data"), split="random", val_fraction=0.3, test_fraction=0.3)
+    configs = json.dumps([str(root / "configs" / c) for c in ("train.json", "multi_gpu_train.json")])
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+    ]
+    command += ["--config_file", configs, "--meta_file", str(root / "configs" / "metadata.json")]
+    command += ["--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root)]
+    command += ["--dataset_dir", str(tmp_path / "data"), "--epochs", "1", "--batch_size", "1", "--val_interval", "1"]
+    command += ["--slices_per_volume", "2"]
+    for key, value in TINY.items():
+        command += [f"--{key}", json.dumps(value)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert "encoder.trunk.conv1.weight" in state  # DDP's "module." prefix is not saved
+    checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 1  # 2 training volumes shared by 2 processes
