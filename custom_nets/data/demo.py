@@ -8,11 +8,12 @@
 - 2D radiograph-like projections as 8-bit PNG;
 - ``datalist.json`` (decathlon style, list ``training``) with ``image``, ``modality``, ``kind`` and ``class_label``.
 
-Classes (``DEMO_CLASSES``): ``head`` (skull shell, brain, ventricles), ``thorax`` (two lungs, heart, spine, aorta),
-``abdomen`` (liver, kidneys, aorta, spine, gas bubbles) and ``limb`` (muscle, fat ring, one bone splitting into two
-across a joint). Each item draws its own rotation, scale, offset, voxel spacing (in-plane 0.8-1.2 mm, slices
-1.5-3 mm), slice count, tissue texture, noise and (MR) bias field, so that the classes differ by anatomy, not by
-format, modality or geometry: modality (CT/MR) and format (NIfTI/DICOM) alternate within every class.
+Classes (``DEMO_CLASSES``): ``head`` (skull shell, brain, ventricles), ``thorax`` (two lungs, heart, spine, aorta,
+ribs), ``abdomen`` (liver, kidneys, aorta, spine, gas bubbles) and ``limb`` (muscle, fat ring, one bone splitting into
+two across a joint). Each item draws its own rotation, scale, offset, voxel spacing (in-plane 0.8-1.2 mm, slices
+1.5-3 mm), slice count, tissue texture, blur, noise and (MR) bias field; radiographs also vary in exposure, scatter,
+heel effect and gamma. So the classes differ by anatomy, not by format, modality or geometry (modality CT/MR and
+format NIfTI/DICOM alternate within every class), and the nuisances are those the views teach invariance to.
 
 It serves the CPU demo of joint image-volume pretraining (arXiv 2212.01893): the hidden classes measure how well
 learned embeddings separate anatomy. Generation is deterministic from ``seed`` and takes about a second for the
@@ -37,7 +38,7 @@ from scipy.ndimage import gaussian_filter
 __all__ = ["DEMO_CLASSES", "DEMO_VERSION", "make_demo_corpus", "demo_label_map"]
 
 DEMO_CLASSES = ("head", "thorax", "abdomen", "limb")
-DEMO_VERSION = 2
+DEMO_VERSION = 4
 _DATALIST_NAME = "datalist.json"
 
 # tissue labels of the phantoms
@@ -78,6 +79,10 @@ def demo_label_map(name: str, x: np.ndarray, y: np.ndarray, z: np.ndarray, rng: 
     elif name == "thorax":
         labels[np.broadcast_to(_cylinder(x, y, (0, 0), (26.0, 19.0)), shape)] = FAT
         labels[np.broadcast_to(_cylinder(x, y, (0, 0), (23.0, 16.0)), shape)] = SOFT
+        rib_ring = _cylinder(x, y, (0, 0), (22.5, 15.5)) & ~_cylinder(x, y, (0, 0), (20.5, 13.5))
+        pitch = rng.uniform(9.0, 12.0)
+        ribs = np.abs(np.mod(z + rng.uniform(0.0, pitch), pitch) - pitch / 2) < 1.3
+        labels[np.broadcast_to(rib_ring & ribs, shape)] = BONE
         for side in (-1, 1):
             labels[_ellipsoid(x, y, z, (side * 11.0, -1.0, 0.0), (8.5, 11.0, 45.0))] = LUNG
         labels[_ellipsoid(x, y, z, (2.0, -5.0, -6.0), (7.0, 6.0, 12.0))] = ORGAN
@@ -116,22 +121,22 @@ def _posed_grid(shape, spacing, rng: np.random.Generator):
     """Physical coordinates of a grid after a random in-plane rotation, isotropic scale and offset of the anatomy."""
     axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing, strict=True)]
     x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-    angle = math.radians(rng.uniform(-20.0, 20.0))
-    scale = rng.uniform(0.88, 1.12)
-    shift = rng.uniform(-3.0, 3.0, size=3)
+    angle = math.radians(rng.uniform(-30.0, 30.0))
+    scale = rng.uniform(0.8, 1.2)
+    shift = rng.uniform(-5.0, 5.0, size=3) * np.array([1.0, 1.0, 2.0])
     xr = (math.cos(angle) * x - math.sin(angle) * y) / scale - shift[0]
     yr = (math.sin(angle) * x + math.cos(angle) * y) / scale - shift[1]
     return xr, yr, z / scale - shift[2]
 
 
 def _tissue_image(labels, table, name, rng: np.random.Generator) -> np.ndarray:
-    """Tissue values with class-specific texture and partial-volume blur."""
+    """Tissue values with class-specific texture and a random partial-volume blur (resolution / kernel)."""
     values = table[labels]
     sigma, amplitude = _TEXTURE[name]
     texture = gaussian_filter(rng.standard_normal(labels.shape).astype(np.float32), sigma)
     texture /= texture.std() + 1e-6
     spread = amplitude * (np.abs(values) + 50.0)
-    return gaussian_filter(values + spread * texture * (labels != AIR), 0.6)
+    return gaussian_filter(values + spread * texture * (labels != AIR), rng.uniform(0.4, 1.2))
 
 
 def _volume(name: str, modality: str, rng: np.random.Generator, in_plane: int):
@@ -140,13 +145,13 @@ def _volume(name: str, modality: str, rng: np.random.Generator, in_plane: int):
     shape = (in_plane, in_plane, int(rng.integers(24, 41)))
     labels = demo_label_map(name, *_posed_grid(shape, spacing, rng), rng)
     if modality == "CT":
-        image = _tissue_image(labels, _CT_HU, name, rng) + rng.normal(0.0, rng.uniform(8.0, 25.0), labels.shape)
+        image = _tissue_image(labels, _CT_HU, name, rng) + rng.normal(0.0, rng.uniform(5.0, 30.0), labels.shape)
         return np.clip(np.round(image), -1024, 3071).astype(np.int16), spacing
     image = _tissue_image(labels, _MR_T1, name, rng)
     x, y, z = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in shape], indexing="ij", sparse=True)
-    coefficients = rng.uniform(-0.25, 0.25, size=4)
+    coefficients = rng.uniform(-0.35, 0.35, size=4)
     image = image * np.exp(coefficients[0] * x + coefficients[1] * y + coefficients[2] * z + coefficients[3] * x * y)
-    noise = rng.uniform(10.0, 30.0)
+    noise = rng.uniform(10.0, 40.0)
     image = np.hypot(image + rng.normal(0.0, noise, shape), rng.normal(0.0, noise, shape))  # Rician magnitude
     return np.clip(np.round(image), 0, 65535).astype(np.uint16), spacing
 
@@ -155,10 +160,11 @@ def _radiograph(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """A projection radiograph (rows = superior to inferior, columns = right to left) as uint8."""
     labels = demo_label_map(name, *_posed_grid((size, size, size), (1.0, 1.0, 1.0), rng), rng)
     attenuation = (_XR_MU[labels] * (1.0 + 0.05 * rng.standard_normal(labels.shape))).sum(axis=1)
-    image = attenuation.T[::-1] / max(float(attenuation.max()), 1e-6)
-    heel = np.linspace(1.0 - rng.uniform(0.0, 0.2), 1.0, size)[:, None]
-    image = np.clip(image * heel * rng.uniform(0.8, 1.0) + rng.normal(0.0, rng.uniform(0.01, 0.04), image.shape), 0, 1)
-    return np.round(255.0 * image ** rng.uniform(0.8, 1.2)).astype(np.uint8)
+    image = gaussian_filter(attenuation.T[::-1], rng.uniform(0.0, 1.2)) / max(float(attenuation.max()), 1e-6)
+    heel = np.linspace(1.0 - rng.uniform(0.0, 0.3), 1.0, size)[:, None]  # anode heel effect along the rows
+    image = image * heel * rng.uniform(0.6, 1.0) + rng.uniform(0.0, 0.15)  # exposure and scatter
+    image = np.clip(image + rng.normal(0.0, rng.uniform(0.01, 0.06), image.shape), 0, 1)
+    return np.round(255.0 * image ** rng.uniform(0.6, 1.6)).astype(np.uint8)
 
 
 def _write_nifti(path: Path, volume: np.ndarray, spacing) -> None:

@@ -285,7 +285,7 @@ class VolumeTwoViewsd(_MultiViewd):
             volume = torch.as_tensor(d.pop(key))
             channels, num_slices = volume.shape[0], volume.shape[-1]
             stacked = volume.permute(0, 3, 1, 2).reshape(channels * num_slices, *volume.shape[1:3])
-            invalid = ~torch.as_tensor(np.asarray(d[self.valid_key]), dtype=torch.bool)
+            invalid = ~torch.as_tensor(d[self.valid_key], dtype=torch.bool)
             views = []
             for view in self.views:
                 out = torch.as_tensor(view(stacked))
