@@ -61,7 +61,14 @@ KINDS = ("image", "volume")
 
 
 class DatalistError(ValueError):
-    """A datalist or one of its files is unusable; the message names every offending file and the fix."""
+    """A datalist or one of its files is unusable; the message names every offending file and the fix.
+
+    ``problems`` holds one line per problem (file: what is wrong; fix).
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
 
 
 def file_suffix(path: str | os.PathLike) -> str:
@@ -175,7 +182,7 @@ def prepare_items(items: Sequence[Any], base_dir: str | os.PathLike, source: str
             out["global_index"] = position
             prepared.append(out)
     if problems:
-        raise DatalistError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        raise DatalistError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), problems)
     return prepared
 
 
@@ -255,7 +262,7 @@ def validate_datalist(
         try:
             items = load_datalist(path, base_dir, key)
         except DatalistError as error:
-            problems.append(str(error))
+            problems.extend(f"[{key}] {problem}" for problem in error.problems)
             continue
         for item in items:
             count += 1
@@ -267,11 +274,5 @@ def validate_datalist(
                 message = str(error) if item["image"] in str(error) else f"{item['image']}: {error}"
                 problems.append(f"[{key}] {message}")
     if problems:
-        raise DatalistError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        raise DatalistError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), problems)
     return {"items": count, "kinds": dict(kinds), "modalities": dict(modalities), "keys": list(keys)}
-
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire(validate_datalist)

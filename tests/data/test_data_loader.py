@@ -200,3 +200,20 @@ def test_rgb_png_becomes_one_grey_channel(tmp_path):
         8,
         6,
     )
+
+
+def test_nan_volume_stops_the_loader_with_the_file_name(tmp_path, nifti_writer):
+    volume = np.ones((8, 8, 6), np.float32)
+    volume[2, 3, 4] = np.inf
+    nifti_writer(tmp_path / "broken.nii.gz", volume)
+    loader = build_joint_dataloader(
+        [{"image": "broken.nii.gz", "modality": "MR"}], tmp_path, num_slices=4, volume_size=8, volumes_per_batch=1
+    )
+    with pytest.raises(Exception) as error:
+        next(iter(loader))
+    messages = []
+    cause = error.value
+    while cause is not None:
+        messages.append(str(cause))
+        cause = cause.__cause__
+    assert any(str(tmp_path / "broken.nii.gz") in m and "NaN/inf" in m for m in messages), messages
