@@ -142,3 +142,13 @@ def test_collate_volumes_only():
 def test_collate_rejects_mismatched_slice_counts():
     with pytest.raises(ValueError, match="different slice counts"):
         joint_collate([volume_sample(0, num_slices=6), volume_sample(1, num_slices=4, valid=4)])
+
+
+def test_rank_and_world_size_come_from_torch_distributed(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    sampler = JointBatchSampler(16, 8, 2, 1, seed=0)
+    assert (sampler.rank, sampler.world_size, len(sampler)) == (1, 4, 2)
