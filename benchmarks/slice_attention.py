@@ -39,7 +39,7 @@ Method:
 
 Example (the figures in docs/benchmarks.md)::
 
-    .venv/bin/python benchmarks/slice_attention.py --device cpu
+    .venv/bin/python benchmarks/slice_attention.py
 """
 
 from __future__ import annotations
