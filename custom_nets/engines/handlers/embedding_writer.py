@@ -26,7 +26,7 @@ class EmbeddingWriter:
     """Collect ``engine.state.output["pred"]["embedding"]`` ``(B, d)`` and write, at completion:
 
     - ``<output_dir>/embeddings.npy``: ``(M, d)`` float32, one row per item in loader order;
-    - ``<output_dir>/embeddings.csv``: ``row`` plus the batch metadata listed in ``index_keys`` (e.g. ``image``,
+    - ``<output_dir>/embeddings.csv``: ``row`` plus the batch metadata listed in ``index_keys`` (e.g. ``source_image``,
       ``kind``, ``class_label``) for each row;
     - ``<output_dir>/slice_embeddings/<row>.npy``: ``(N_valid, d)`` per volume when the inferer returns per-slice
       embeddings.
@@ -34,7 +34,7 @@ class EmbeddingWriter:
     Files are written to temporary names and renamed, so an interrupted run never leaves half-written outputs.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, index_keys: Sequence[str] = ("image", "kind")) -> None:
+    def __init__(self, output_dir: str | os.PathLike, index_keys: Sequence[str] = ("source_image", "kind")) -> None:
         self.output_dir = Path(output_dir)
         self.index_keys = tuple(index_keys)
         self._rows: list[np.ndarray] = []
