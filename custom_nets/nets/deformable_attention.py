@@ -14,9 +14,9 @@ class DeformableSliceAttention(nn.Module):
 
     For query slice ``i`` and head ``m``, ``num_points`` sampling locations ``ref_i + offset_mik`` (in slice units) and
     their weights (softmax over the points) are predicted from the query. Values are read at these fractional slice
-    positions by linear interpolation between the two neighbouring slices (``torch.nn.functional.grid_sample`` on a
-    height-1 grid); positions outside the volume or on padding slices read zeros. Cost and memory are
-    ``O(N * heads * points * d)``: no ``N x N`` tensor is ever formed, unlike dense attention.
+    positions by linear interpolation between the two neighbouring slices, as one ``F.embedding_bag`` weighted sum of
+    ``2 * num_points`` value rows per query and head; positions outside the volume or on padding slices read zeros.
+    Cost and memory are ``O(N * heads * points * d)``: no ``N x N`` tensor is ever formed, unlike dense attention.
 
     The authors' public code applies a 1D deformable attention with the 640 features as the sequence axis; here the
     sequence axis is the slice axis, and any number of slices works.
@@ -72,6 +72,26 @@ class DeformableSliceAttention(nn.Module):
         reference = torch.arange(num_slices, device=query.device, dtype=offsets.dtype).view(1, num_slices, 1, 1)
         return reference + offsets, weights
 
+    def _interpolation_rows(
+        self, locations: torch.Tensor, weights: torch.Tensor, batch: int, num_slices: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the flattened value table ``(B*N*M, head_dim)`` and their coefficients, both ``(B*N*M, 2K)``.
+
+        Each sampling point reads its two neighbouring slices with linear-interpolation weights times its attention
+        weight; neighbours outside ``[0, N)`` get coefficient 0 (zero padding). Row of (sample b, slice s, head m):
+        ``(b * N + s) * M + m``.
+        """
+        lower = locations.floor()
+        upper_fraction = locations - lower  # carries the gradient to the offsets
+        neighbours = torch.stack((lower, lower + 1), dim=-1).long()  # (B, N, M, K, 2)
+        coefficients = torch.stack((1.0 - upper_fraction, upper_fraction), dim=-1) * weights[..., None]
+        coefficients = coefficients * ((neighbours >= 0) & (neighbours < num_slices))
+        neighbours = neighbours.clamp(0, num_slices - 1)
+        sample = torch.arange(batch, device=locations.device).view(batch, 1, 1, 1, 1)
+        head = torch.arange(self.num_heads, device=locations.device).view(1, 1, self.num_heads, 1, 1)
+        rows = (sample * num_slices + neighbours) * self.num_heads + head
+        return rows.view(-1, 2 * self.num_points), coefficients.view(-1, 2 * self.num_points)
+
     def forward(
         self, query: torch.Tensor, value: torch.Tensor | None = None, slice_valid: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -81,17 +101,11 @@ class DeformableSliceAttention(nn.Module):
         if slice_valid is not None:
             values = values.masked_fill(~slice_valid[..., None], 0.0)
         locations, weights = self.sampling_locations(query)
-        # values as (B*M, head_dim, 1, N) images; locations as x coordinates of a (B*M, N, K) grid (align_corners=False)
-        values = values.view(batch, num_slices, self.num_heads, self.head_dim).permute(0, 2, 3, 1)
-        values = values.reshape(batch * self.num_heads, self.head_dim, 1, num_slices)
-        grid_x = (2.0 * locations + 1.0) / num_slices - 1.0
-        grid_x = grid_x.permute(0, 2, 1, 3).reshape(batch * self.num_heads, num_slices, self.num_points)
-        grid = torch.stack((grid_x, torch.zeros_like(grid_x)), dim=-1).to(values.dtype)
-        sampled = F.grid_sample(values, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        weights = weights.permute(0, 2, 1, 3).reshape(batch * self.num_heads, 1, num_slices, self.num_points)
-        attended = (sampled * weights.to(sampled.dtype)).sum(dim=-1)  # (B*M, head_dim, N)
-        attended = attended.view(batch, self.num_heads, self.head_dim, num_slices).permute(0, 3, 1, 2)
-        output = self.output_proj(attended.reshape(batch, num_slices, self.embed_dim))
+        rows, coefficients = self._interpolation_rows(locations, weights, batch, num_slices)
+        table = values.reshape(batch * num_slices * self.num_heads, self.head_dim)
+        # one weighted sum of 2K value rows per (sample, slice, head): bags come out as (B, N, M, head_dim)
+        attended = F.embedding_bag(rows, table, per_sample_weights=coefficients.to(table.dtype), mode="sum")
+        output = self.output_proj(attended.view(batch, num_slices, self.embed_dim))
         if slice_valid is not None:
             output = output.masked_fill(~slice_valid[..., None], 0.0)
         return output
