@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from monai.engines.utils import PrepareBatch
 
-__all__ = ["JointItemIds", "JointPrepareBatch"]
+__all__ = ["JointItemIds", "JointPrepareBatch", "choose_slices"]
 
 
 class JointItemIds:
@@ -54,6 +54,13 @@ class JointItemIds:
         return self.volume_rank[volume_index.cpu()].to(volume_index.device)
 
 
+def choose_slices(slice_valid: torch.Tensor, count: int) -> torch.Tensor:
+    """``(B, N)`` bool: ``count`` random valid slices per volume (all of them when fewer are valid)."""
+    scores = torch.rand(slice_valid.shape).masked_fill(~slice_valid.cpu(), 2.0)
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return (ranks < count).to(slice_valid.device) & slice_valid
+
+
 def _to(value: object, device: torch.device | str | None, non_blocking: bool) -> object:
     if isinstance(value, torch.Tensor):
         return value.to(device=device, non_blocking=non_blocking)
@@ -65,16 +72,26 @@ def _to(value: object, device: torch.device | str | None, non_blocking: bool) ->
 class JointPrepareBatch(PrepareBatch):
     """``prepare_batch`` for :class:`monai.engines.SupervisedTrainer` on joint 2D + 3D batches.
 
-    Returns ``(inputs, targets)`` where ``inputs`` holds ``image_views``, ``volume_views``, ``slice_valid`` and
-    ``slice_position`` on the device (what :class:`custom_nets.nets.JointSSLNet` takes in train mode) and ``targets``
-    holds ``intra_index`` ``(B2 + S,)`` and ``inter_index`` ``(B3,)`` (what the clustering losses key their memory
-    banks with).
+    Returns ``(inputs, targets)`` where ``inputs`` holds ``image_views``, ``volume_views``, ``slice_valid``,
+    ``slice_position`` and ``intra_slices`` on the device (what :class:`custom_nets.nets.JointSSLNet` takes in train
+    mode) and ``targets`` holds ``intra_index`` ``(B2 + S,)`` and ``inter_index`` ``(B3,)`` (what the clustering losses
+    key their memory banks with).
+
+    Args:
+        item_ids: the global item ids of the datalist.
+        intra_slices_per_volume: how many random valid slices of each volume enter the 2D clustering loss (the same in
+            both views); ``None`` uses every valid slice. Slices of one volume are strongly correlated: with few
+            volumes per batch, all their slices would dominate the 2D batch, and equipartition would then split one
+            volume's slices over many prototypes instead of grouping similar anatomy.
     """
 
     INPUT_KEYS = ("image_views", "volume_views", "slice_valid", "slice_position")
 
-    def __init__(self, item_ids: JointItemIds) -> None:
+    def __init__(self, item_ids: JointItemIds, intra_slices_per_volume: int | None = None) -> None:
+        if intra_slices_per_volume is not None and intra_slices_per_volume < 1:
+            raise ValueError(f"intra_slices_per_volume must be >= 1 or None, got {intra_slices_per_volume}.")
         self.item_ids = item_ids
+        self.intra_slices_per_volume = intra_slices_per_volume
 
     def __call__(
         self,
@@ -89,8 +106,12 @@ class JointPrepareBatch(PrepareBatch):
         slice_valid = batchdata.get("slice_valid")
         if slice_valid is None:
             slice_valid = torch.zeros(0, self.item_ids.num_slices, dtype=torch.bool)
+        intra_slices = slice_valid
+        if self.intra_slices_per_volume is not None and slice_valid.numel():
+            intra_slices = choose_slices(slice_valid, self.intra_slices_per_volume)
+            inputs["intra_slices"] = intra_slices.to(device)
         targets = {
-            "intra_index": self.item_ids.intra_ids(image_index, volume_index, slice_valid).to(device),
+            "intra_index": self.item_ids.intra_ids(image_index, volume_index, intra_slices).to(device),
             "inter_index": self.item_ids.inter_ids(volume_index).to(device),
         }
         return inputs, targets

@@ -37,10 +37,11 @@ class JointSSLNet(nn.Module):
     Train mode, ``forward(batch)`` with ``batch`` a mapping of
         ``image_views``: list of ``(B2, C, H_v, W_v)`` (views 0 and 1 global, others small crops),
         ``volume_views``: list of two ``(B3, C, N, H, W)`` views with the same slice sampling,
-        ``slice_valid`` ``(B3, N)`` bool and ``slice_position`` ``(B3, N)`` float (mm).
+        ``slice_valid`` ``(B3, N)`` bool and ``slice_position`` ``(B3, N)`` float (mm), optionally
+        ``intra_slices`` ``(B3, N)`` bool: the valid slices that enter the 2D clustering (default: all valid slices).
     It returns a dict:
-        ``intra_projection``: per 2D view ``(M_v, P)``, unit norm. Views 0/1 hold the B2 images then the valid slices of
-        the volumes (volume-major); small-crop views hold the B2 images only.
+        ``intra_projection``: per 2D view ``(M_v, P)``, unit norm. Views 0/1 hold the B2 images then the
+        ``intra_slices`` of the volumes (volume-major); small-crop views hold the B2 images only.
         ``intra_scores``: per prototype head, per view ``(M_v, K_h)``.
         ``inter_projection``: two ``(B3, d)`` unit-norm volume features (volume features of the masked sequences).
         ``inter_scores``: per 3D head, per view ``(B3, K_h)``.
@@ -176,6 +177,8 @@ class JointSSLNet(nn.Module):
         if slice_valid is None:
             slice_valid = torch.ones(first.shape[0], first.shape[2], dtype=torch.bool, device=first.device)
         slice_position = batch.get("slice_position")
+        intra_slices = batch.get("intra_slices")
+        intra_rows = None if intra_slices is None else intra_slices[slice_valid]  # among the S valid slices
         slice_mask = torch.zeros_like(slice_valid)
         if self.mask_ratio > 0:
             slice_mask = sample_slice_mask(slice_valid, self.mask_ratio)
@@ -184,7 +187,7 @@ class JointSSLNet(nn.Module):
             embeddings, volume_feature, tokens, pooled = self.embed_volume(
                 volume, slice_valid, slice_position, slice_mask if self.mask_ratio > 0 else None
             )
-            pooled_per_view[view].append(pooled)
+            pooled_per_view[view].append(pooled if intra_rows is None else pooled[intra_rows])
             volume_features.append(volume_feature)
             predictions.append(self.mask_decoder(tokens))
             targets.append(embeddings.detach())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from custom_nets.engines.prepare_batch import choose_slices
 from custom_nets.nets import JointSSLNet, SliceTransformer, sample_slice_mask
 
 
@@ -103,6 +104,17 @@ def test_pretraining_outputs_mixed_batch() -> None:
     assert not out["mask_target"].requires_grad
     assert (out["slice_mask"].sum(dim=1) >= 1).all() and not (out["slice_mask"] & ~valid).any()
     torch.testing.assert_close(out["intra_projection"][0].norm(dim=1), torch.ones(13))
+
+
+def test_intra_slices_select_the_slices_of_the_2d_loss() -> None:
+    net = tiny_net().train()
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    chosen = choose_slices(valid, 2)
+    assert chosen.sum(dim=1).tolist() == [2, 2] and not (chosen & ~valid).any()
+    volumes = [torch.randn(2, 1, 6, 32, 32), torch.randn(2, 1, 6, 32, 32)]
+    out = net({"volume_views": volumes, "slice_valid": valid, "intra_slices": chosen})
+    assert [z.shape[0] for z in out["intra_projection"]] == [4, 4]
+    assert out["mask_prediction"].shape == (2, 2, 6, 32)  # f_inter still sees every valid slice
 
 
 def test_pretraining_outputs_single_kind_batches() -> None:

@@ -1,0 +1,114 @@
+"""Global clustering item ids, batch preparation, checkpoints lookup, gradient control and loss-term logging."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from custom_nets.engines import JointItemIds, JointPrepareBatch, latest_checkpoint
+from custom_nets.engines.handlers import GradientControl, LossTermsHandler, trust_ratio
+
+KINDS = ["image", "volume", "image", "volume", "volume"]  # global datalist order
+
+
+def test_item_ids_are_global_and_distinct() -> None:
+    ids = JointItemIds(KINDS, num_slices=3)
+    assert ids.num_intra_items == 5 + 3 * 3
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    intra = ids.intra_ids(torch.tensor([2, 0]), torch.tensor([4, 1]), valid)
+    # images keep their datalist index; slice j of the r-th volume -> 5 + 3r + j (volume 4 is the 3rd volume, r=2)
+    assert intra.tolist() == [2, 0, 5 + 6, 5 + 7, 5 + 0, 5 + 1, 5 + 2]
+    assert ids.inter_ids(torch.tensor([4, 1, 3])).tolist() == [2, 0, 1]
+
+
+def test_volume_listed_as_image_is_rejected() -> None:
+    ids = JointItemIds(KINDS, num_slices=2)
+    with pytest.raises(ValueError, match="kind"):
+        ids.intra_ids(torch.zeros(0, dtype=torch.long), torch.tensor([0]), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="'image' or 'volume'"):
+        JointItemIds(["image", "video"], num_slices=2)
+
+
+def test_prepare_batch_moves_inputs_and_matches_ids_to_chosen_slices() -> None:
+    batch = {
+        "image_views": [torch.zeros(1, 1, 4, 4)] * 2,
+        "image_index": torch.tensor([0]),
+        "volume_views": [torch.zeros(2, 1, 3, 4, 4)] * 2,
+        "slice_valid": torch.tensor([[True, True, True], [True, False, False]]),
+        "slice_position": torch.zeros(2, 3),
+        "volume_index": torch.tensor([1, 3]),
+    }
+    inputs, targets = JointPrepareBatch(JointItemIds(KINDS, 3), intra_slices_per_volume=2)(batch, "cpu")
+    chosen = inputs["intra_slices"]
+    assert chosen.sum(dim=1).tolist() == [2, 1]
+    expected = [0] + [5 + j for j in range(3) if chosen[0, j]] + [5 + 3]
+    assert targets["intra_index"].tolist() == expected
+    assert targets["inter_index"].tolist() == [0, 1]
+
+
+def test_latest_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        latest_checkpoint(tmp_path)
+    for epoch in (2, 10):
+        torch.save({}, tmp_path / f"checkpoint_epoch={epoch}.pt")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")  # by number, not by name order
+    torch.save({}, tmp_path / "model_final.pt")
+    final_time = (tmp_path / "model_final.pt").stat().st_mtime_ns
+    os.utime(tmp_path / "checkpoint_epoch=10.pt", ns=(final_time - 10**9, final_time - 10**9))
+    assert latest_checkpoint(tmp_path).endswith("model_final.pt")
+    os.utime(tmp_path / "checkpoint_epoch=10.pt", ns=(final_time + 10**9, final_time + 10**9))  # saved after it
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+
+
+def test_trust_ratio_matches_hand_computation() -> None:
+    weight, grad = torch.full((2, 2), 3.0), torch.full((2, 2), 4.0)  # norms 6 and 8
+    expected = 0.001 * 6 / (8 + 0.5 * 6)
+    torch.testing.assert_close(trust_ratio(weight, grad, 1.0, 0.5, 0.001, clip=False), torch.tensor(expected))
+    torch.testing.assert_close(trust_ratio(weight, grad, 1e-6, 0.5, 0.001, clip=True), torch.tensor(1.0))
+
+
+def test_gradient_control_applies_larc_as_one_sgd_step() -> None:
+    layer = torch.nn.Linear(3, 2, bias=False)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, weight_decay=0.01)
+    engine = Engine(lambda e, b: None)
+    engine.network, engine.optimizer = layer, optimizer
+    engine.state.output = {"loss": torch.tensor(1.0)}
+    layer(torch.ones(1, 3)).sum().backward()
+    weight, grad = layer.weight.detach().clone(), layer.weight.grad.clone()
+    ratio = trust_ratio(weight, grad, 0.1, 0.01, 0.001, clip=True)
+    GradientControl(trust_coefficient=0.001)(engine)
+    optimizer.step()
+    torch.testing.assert_close(layer.weight.detach(), weight - 0.1 * ratio * (grad + 0.01 * weight))
+
+
+def test_gradient_control_stops_on_non_finite_loss() -> None:
+    engine = Engine(lambda e, b: None)
+    engine.network, engine.optimizer = torch.nn.Linear(1, 1), None
+    engine.state.output = {"loss": torch.tensor(float("nan"))}
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        GradientControl(max_norm=1.0)(engine)
+
+
+def test_loss_terms_become_epoch_means() -> None:
+    class Loss:
+        terms: dict = {}
+
+    loss = Loss()
+    values = iter([1.0, 3.0, 5.0, 7.0])
+
+    def step(engine, batch):
+        loss.terms = {"intra": torch.tensor(next(values))}
+        return {"loss": torch.tensor(0.0)}
+
+    engine = Engine(step)
+    handler = LossTermsHandler(loss)
+    handler.attach(engine)
+    seen = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(e.state.metrics["loss_intra"]))
+    engine.run([0, 1], max_epochs=2)
+    assert seen == [2.0, 6.0]
+    assert handler.history == [{"epoch": 1, "intra": 2.0}, {"epoch": 2, "intra": 6.0}]
