@@ -7,6 +7,8 @@ a joint batch -> ``JointLoss`` (``SwAVLoss`` intra and inter, ``MaskedSlicePredi
 LARC trust ratio, clipping, logging) are not part of it. Default shapes are the ``cpu_demo`` preset's: 8 images (two
 global 64 x 64 crops and two 32 x 32 crops each) and 2 volumes (two views of 24 slices of 64 x 64) per batch,
 ``embed_dim`` 128, 32 intra and 8 inter prototypes; ResNet-18 on CPU, ResNet-50 on CUDA unless ``--depth`` is given.
+Every valid slice enters the 2D clustering (``train.json``'s default; ``cpu_demo`` uses
+``--intra-slices-per-volume 4``).
 
 Sections (``--sections a,b,c``):
 
@@ -88,6 +90,7 @@ class StepShape:
     volume_size: int = 64
     slice_chunk: int | None = None
     gradient_checkpointing: bool = False
+    intra_slices_per_volume: int | None = None
 
 
 @dataclass
@@ -124,7 +127,8 @@ def build_training(shape: StepShape, item_ids: JointItemIds, device: torch.devic
         mask=MaskedSlicePredictionLoss(positions="masked"),
     ).to(device)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-6)
-    return Training(network, loss, optimizer, JointPrepareBatch(item_ids), device)
+    prepare_batch = JointPrepareBatch(item_ids, shape.intra_slices_per_volume)
+    return Training(network, loss, optimizer, prepare_batch, device)
 
 
 def synthetic_item_ids(shape: StepShape) -> JointItemIds:
@@ -240,9 +244,10 @@ def describe_shape(shape: StepShape) -> str:
         f"{shape.small_crop_size}^2)"
     )
     volumes = f"{shape.volumes_per_batch} volumes x 2 views x {shape.num_slices} x {shape.volume_size}^2"
+    clustered = shape.intra_slices_per_volume
     return (
         f"ResNet-{shape.depth}, d={shape.embed_dim}, prototypes {shape.intra_prototypes}/{shape.inter_prototypes}; "
-        f"batch: {images} + {volumes}"
+        f"batch: {images} + {volumes}; 2D clustering on {'all' if clustered is None else clustered} slices per volume"
     )
 
 
@@ -572,6 +577,7 @@ def shape_for(args: argparse.Namespace, device: torch.device) -> StepShape:
         volumes_per_batch=args.volumes_per_batch,
         num_slices=args.num_slices,
         volume_size=args.image_size,
+        intra_slices_per_volume=args.intra_slices_per_volume,
     )
 
 
@@ -623,6 +629,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embed-dim", type=int, default=128, help="slice embedding width d (default: 128)")
     parser.add_argument("--intra-prototypes", type=int, default=32, help="2D prototypes (default: 32)")
     parser.add_argument("--inter-prototypes", type=int, default=8, help="3D prototypes (default: 8)")
+    parser.add_argument(
+        "--intra-slices-per-volume", type=int, help="slices per volume in the 2D clustering (default: all, train.json)"
+    )
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats in (a) (default: 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes before them (default: 2)")
     parser.add_argument("--loader-workers", type=comma_ints, default=[0, 2], help="num_workers values (default: 0,2)")
