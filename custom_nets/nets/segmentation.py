@@ -18,7 +18,7 @@ from monai.networks.blocks import BaseEncoder
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE, FlexibleUNet
 from torch import nn
 
-from custom_nets.nets.slice_encoder import RESNET_BUILDERS, SliceEncoder
+from custom_nets.nets.slice_encoder import RESNET_BUILDERS, SliceEncoder, resnet_stage_maps
 from custom_nets.weights import WeightLoadReport, load_slice_encoder_weights
 
 __all__ = ["SliceEncoderBackbone", "SliceEncoderUNet"]
@@ -55,14 +55,7 @@ class SliceEncoderBackbone(nn.Module, BaseEncoder):
         self.stage_channels = encoder.stage_channels
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        trunk = self.trunk
-        stem = trunk.relu(trunk.bn1(trunk.conv1(x)))
-        maps = [stem]
-        current = trunk.maxpool(stem)
-        for stage in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4):
-            current = stage(current)
-            maps.append(current)
-        return maps
+        return resnet_stage_maps(self.trunk, x)
 
     @classmethod
     def get_encoder_parameters(cls) -> list[dict]:

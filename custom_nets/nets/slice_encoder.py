@@ -10,9 +10,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models import resnet18, resnet34, resnet50
 
-__all__ = ["SliceEncoder", "SliceEncoderOutput", "RESNET_BUILDERS"]
+__all__ = ["SliceEncoder", "SliceEncoderOutput", "RESNET_BUILDERS", "resnet_stage_maps"]
 
 RESNET_BUILDERS = {18: resnet18, 34: resnet34, 50: resnet50}
+
+
+def resnet_stage_maps(trunk: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The five feature maps of a torchvision ResNet trunk: stem (stride 2) and stages 1-4 (strides 4-32)."""
+    stem = trunk.relu(trunk.bn1(trunk.conv1(images)))
+    maps = [stem]
+    current = trunk.maxpool(stem)
+    for stage in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4):
+        current = stage(current)
+        maps.append(current)
+    return maps
 
 
 class SliceEncoderOutput(NamedTuple):
@@ -82,18 +93,8 @@ class SliceEncoder(nn.Module):
         self.pooled_dim = self.stage_channels[-1]
         self.embedding_proj = nn.Linear(sum(self.stage_channels[1:]), embed_dim)
 
-    def _stage_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        trunk = self.trunk
-        stem = trunk.relu(trunk.bn1(trunk.conv1(images)))
-        maps = [stem]
-        current = trunk.maxpool(stem)
-        for stage in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4):
-            current = stage(current)
-            maps.append(current)
-        return maps
-
     def _encode(self, images: torch.Tensor, return_features: bool) -> tuple[torch.Tensor, ...]:
-        maps = self._stage_maps(images)
+        maps = resnet_stage_maps(self.trunk, images)
         pools = [F.normalize(m.mean(dim=(2, 3)), dim=1) for m in maps[1:]]
         embedding = self.embedding_proj(torch.cat(pools, dim=1))
         pooled = maps[-1].mean(dim=(2, 3))
