@@ -55,16 +55,14 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from memory_tracking import TensorMemoryTracker
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 METHODS = ("ours", "dense", "public")
 DEFAULT_SIZES = (64, 128, 256, 512, 1024, 2048)
@@ -150,36 +148,6 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
-
-
-class TensorMemoryTracker(TorchDispatchMode):
-    """Live and peak bytes of the tensor storages created by the ops run under this mode (forward and backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live_bytes = 0
-        self.peak_bytes = 0
-        self._finalizers: dict[int, weakref.finalize] = {}
-
-    def _release(self, address: int, nbytes: int) -> None:
-        self.live_bytes -= nbytes
-        self._finalizers.pop(address, None)
-
-    def _track(self, storage: torch.UntypedStorage) -> None:
-        address = storage.data_ptr()
-        if address == 0 or address in self._finalizers:  # empty, or a view / in-place result of a tracked storage
-            return
-        nbytes = storage.nbytes()
-        self.live_bytes += nbytes
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        self._finalizers[address] = weakref.finalize(storage, self._release, address, nbytes)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        output = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(output):
-            if isinstance(leaf, torch.Tensor):
-                self._track(leaf.untyped_storage())
-        return output
 
 
 def cpu_peak_bytes(run_pass: Callable[[], None]) -> dict[str, int]:

@@ -1,0 +1,50 @@
+"""Peak tensor memory of a piece of PyTorch code on any device, from the storages its operators create."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["TensorMemoryTracker"]
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Live and peak bytes of the tensor storages that ops create under this mode (forward, backward, recompute).
+
+    An op's output counts when its storage is new: not the storage of one of the op's inputs (views such as
+    ``detach`` or ``t`` of a weight, in-place results) and not already tracked. It stops counting when the storage is
+    freed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._finalizers: dict[int, weakref.finalize] = {}
+
+    def _released(self, address: int, nbytes: int) -> None:
+        self.live_bytes -= nbytes
+        self._finalizers.pop(address, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs)) if _is_tensor(leaf)}
+        for leaf in tree_leaves(output):
+            if not _is_tensor(leaf):
+                continue
+            storage = leaf.untyped_storage()
+            address = storage.data_ptr()
+            if address == 0 or address in inputs or address in self._finalizers:
+                continue
+            self.live_bytes += storage.nbytes()
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            self._finalizers[address] = weakref.finalize(storage, self._released, address, storage.nbytes())
+        return output
+
+
+def _is_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor)
