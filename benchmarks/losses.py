@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from measure import timed
 
 from custom_nets.losses import SwAVLoss
 
@@ -42,16 +41,6 @@ def _inputs(batch: int, args: argparse.Namespace, device: torch.device) -> list[
         for _ in range(GLOBAL_VIEWS + args.small_crops)
     ]
     return [(v @ prototypes.t()).to(device) for v in views]
-
-
-def _time(step: Callable[[], torch.Tensor], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def benchmark(batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -78,8 +67,8 @@ def benchmark(batch: int, args: argparse.Namespace, device: torch.device) -> dic
         run_ours(), run_theirs()
     times_ours, times_theirs = [], []
     for _ in range(args.repeats):
-        times_ours.append(_time(run_ours, device))
-        times_theirs.append(_time(run_theirs, device))
+        times_ours.append(timed(run_ours, device))
+        times_theirs.append(timed(run_theirs, device))
     return {
         "ours_ms": 1000 * statistics.median(times_ours),
         "lightly_ms": 1000 * statistics.median(times_theirs),

@@ -52,11 +52,11 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from memory_tracking import TensorMemoryTracker
+from measure import TensorMemoryTracker, timed
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -207,14 +207,6 @@ def encoder_forward_backward(encoder: nn.Module, inputs: dict[str, object]) -> N
         encoded = encoder.encode_images(images, return_features=False)
         total = total + encoded.embedding.mean() + encoded.pooled.mean()
     total.backward()
-
-
-def timed(run: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    run()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def load_line() -> str:

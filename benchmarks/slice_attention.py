@@ -54,14 +54,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from memory_tracking import TensorMemoryTracker
+from measure import TensorMemoryTracker, timed
 from torch import nn
 
 METHODS = ("ours", "dense", "public")
@@ -173,17 +172,6 @@ def cuda_peak_bytes(run_pass: Callable[[], None], device: torch.device) -> dict[
     return {"peak_bytes": torch.cuda.max_memory_allocated(device) - baseline}
 
 
-def timed_pass(run_pass: Callable[[], None], device: torch.device) -> float:
-    """Seconds of one pass, synchronised on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    run_pass()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def cap_address_space(extra_gib: float) -> None:
     """Let this process map at most ``extra_gib`` GiB beyond what it has mapped now (CPU out-of-memory guard)."""
     limit = proc_status_kib("VmSize") * 1024 + int(extra_gib * 2**30)
@@ -234,7 +222,7 @@ def measure_time(args: argparse.Namespace) -> dict[str, dict]:
         try:
             case = build_case(method, args.num_slices, args.batch, args.dim, device)
             passes[method] = partial(forward_backward, case, torch.randn_like(case.tokens))
-            per_pass = min(timed_pass(passes[method], device) for _ in range(max(1, args.warmup)))
+            per_pass = min(timed(passes[method], device) for _ in range(max(1, args.warmup)))
         except (ImportError, RuntimeError, MemoryError) as error:
             records[method] = failure(error)
             passes.pop(method, None)
@@ -246,7 +234,7 @@ def measure_time(args: argparse.Namespace) -> dict[str, dict]:
         shift = round_index % len(methods)
         for method in methods[shift:] + methods[:shift]:  # rotate the order so no method always runs first
             if len(times[method]) < wanted[method]:
-                times[method].append(timed_pass(passes[method], device))
+                times[method].append(timed(passes[method], device))
     for method, samples in times.items():
         records[method] = {"status": "ok", "time_s": statistics.median(samples), "repeats": len(samples)}
     return records

@@ -1,14 +1,27 @@
-"""Peak tensor memory of a piece of PyTorch code on any device, from the storages its operators create."""
+"""Measuring helpers shared by the benchmark scripts: synchronised wall-clock time and peak tensor memory."""
 
 from __future__ import annotations
 
+import time
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["TensorMemoryTracker"]
+__all__ = ["TensorMemoryTracker", "timed"]
+
+
+def timed(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``run``, synchronised before and after on CUDA so queued kernels are counted."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 class TensorMemoryTracker(TorchDispatchMode):
