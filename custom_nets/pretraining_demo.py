@@ -56,14 +56,21 @@ def read_embeddings(folder: Path) -> tuple[np.ndarray, list[dict[str, str]]]:
     return np.load(folder / "embeddings.npy"), records
 
 
-def _separation_by_kind(embeddings: np.ndarray, records: list[dict[str, str]], seed: int) -> dict[str, dict]:
+def _rows_by_kind(records: list[dict[str, str]]) -> dict[str, tuple[list[int], np.ndarray]]:
+    """Row numbers and hidden-class labels of the 2D images and of the volumes in ``embeddings.csv``."""
     result = {}
     for kind in ("image", "volume"):
         rows = [i for i, record in enumerate(records) if record["kind"] == kind]
-        labels = np.array([int(float(records[i]["class_label"])) for i in rows])
-        if len(rows) >= 2:
-            result[kind] = embedding_separation(embeddings[rows], labels, seed=seed)
+        result[kind] = (rows, np.array([int(float(records[i]["class_label"])) for i in rows]))
     return result
+
+
+def _separation_by_kind(embeddings: np.ndarray, rows_by_kind: Mapping, seed: int) -> dict[str, dict]:
+    return {
+        kind: embedding_separation(embeddings[rows], labels, seed=seed)
+        for kind, (rows, labels) in rows_by_kind.items()
+        if len(rows) >= 2
+    }
 
 
 def _format_report(report: Mapping) -> str:
@@ -153,6 +160,7 @@ def run_demo(
 
     random_embeddings, records = read_embeddings(workdir / "embeddings_random")
     pretrained_embeddings, _ = read_embeddings(workdir / "embeddings_pretrained")
+    rows_by_kind = _rows_by_kind(records)
     report = {
         "iterations": workflow.trainer.state.iteration,
         "train_seconds": train_seconds,
@@ -162,14 +170,12 @@ def run_demo(
             for h in handlers
             if type(h).__name__ == "ClusterCollapseMonitor"
         },
-        "random_init": _separation_by_kind(random_embeddings, records, seed),
-        "pretrained": _separation_by_kind(pretrained_embeddings, records, seed),
+        "random_init": _separation_by_kind(random_embeddings, rows_by_kind, seed),
+        "pretrained": _separation_by_kind(pretrained_embeddings, rows_by_kind, seed),
         "weights": str(weights),
     }
     panels = {}
-    for kind in ("image", "volume"):
-        rows = [i for i, record in enumerate(records) if record["kind"] == kind]
-        labels = np.array([int(float(records[i]["class_label"])) for i in rows])
+    for kind, (rows, labels) in rows_by_kind.items():
         panels[f"{kind}s, random init"] = (random_embeddings[rows], labels)
         panels[f"{kind}s, pretrained"] = (pretrained_embeddings[rows], labels)
     report["plot"] = str(plot_embeddings(panels, workdir / "embeddings.png", title="PCA of embeddings by hidden class"))
