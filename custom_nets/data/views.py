@@ -28,6 +28,7 @@ from monai.transforms import (
     RandGaussianNoise,
     RandGaussianSmooth,
     Randomizable,
+    RandRotate,
     RandScaleIntensity,
     RandShiftIntensity,
     Resize,
@@ -55,6 +56,8 @@ class ViewAugmentation:
         volume_crop_scale: in-plane area fraction range of the two 3D views.
         crop_ratio: aspect ratio range of every random resized crop.
         flip_prob: probability of a left-right flip.
+        rotate_degrees: in-plane rotation by an angle drawn uniformly from [-rotate_degrees, rotate_degrees]; 0 (the
+            paper's views) turns it off.
         intensity: False turns off every intensity change below (spatial views only).
         intensity_prob: probability of each of the scale and shift jitters.
         scale_range: relative intensity scale jitter, factor in [1 - s, 1 + s].
@@ -72,6 +75,7 @@ class ViewAugmentation:
     volume_crop_scale: tuple[float, float] = (0.4, 1.0)
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     flip_prob: float = 0.5
+    rotate_degrees: float = 0.0
     intensity: bool = True
     intensity_prob: float = 0.8
     scale_range: float = 0.2
@@ -127,13 +131,16 @@ class RandResizedCrop(Randomizable):
 def image_view_transform(
     size: Sequence[int] | int, crop_scale: Sequence[float], augmentation: ViewAugmentation = ViewAugmentation()
 ) -> Compose:
-    """One random view of a (C, X, Y) tensor: random resized crop to ``size``, left-right flip, intensity scale and
-    shift, gamma contrast, Gaussian blur and noise (each with its probability from ``augmentation``)."""
+    """One random view of a (C, X, Y) tensor: random resized crop to ``size``, left-right flip, optional in-plane
+    rotation, intensity scale and shift, gamma contrast, Gaussian blur and noise (each with its probability from
+    ``augmentation``)."""
     a = augmentation
     transforms: list = [
         RandResizedCrop(size, scale=crop_scale, ratio=a.crop_ratio),
         RandFlip(prob=a.flip_prob, spatial_axis=0),
     ]
+    if a.rotate_degrees > 0:
+        transforms.append(RandRotate(range_x=math.radians(a.rotate_degrees), prob=1.0, padding_mode="zeros"))
     if a.intensity:
         transforms += [
             RandScaleIntensity(factors=a.scale_range, prob=a.intensity_prob),

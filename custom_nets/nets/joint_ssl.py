@@ -27,6 +27,13 @@ def sample_slice_mask(
     return ranks < num_masked[:, None]
 
 
+def _projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """SwAV's projection MLP ``Linear -> BatchNorm -> ReLU -> Linear`` (normalised by the caller)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+    )
+
+
 def _prototype_heads(dim: int, num_prototypes: Sequence[int]) -> nn.ModuleList:
     return nn.ModuleList(nn.Linear(dim, k, bias=False) for k in num_prototypes)
 
@@ -43,7 +50,8 @@ class JointSSLNet(nn.Module):
         ``intra_projection``: per 2D view ``(M_v, P)``, unit norm. Views 0/1 hold the B2 images then the
         ``intra_slices`` of the volumes (volume-major); small-crop views hold the B2 images only.
         ``intra_scores``: per prototype head, per view ``(M_v, K_h)``.
-        ``inter_projection``: two ``(B3, d)`` unit-norm volume features (volume features of the masked sequences).
+        ``inter_projection``: two ``(B3, P)`` unit-norm projections of the volume features of the masked sequences
+        (``(B3, d)``: the volume features themselves when ``inter_projection_head`` is False).
         ``inter_scores``: per 3D head, per view ``(B3, K_h)``.
         ``mask_prediction``, ``mask_target`` (detached): ``(2, B3, N, d)``;
         ``slice_mask``, ``slice_valid``: ``(B3, N)``.
@@ -56,9 +64,14 @@ class JointSSLNet(nn.Module):
     Args:
         encoder_depth, in_channels, embed_dim, slice_chunk, gradient_checkpointing: see :class:`SliceEncoder`.
         transformer_layers, num_heads, num_points, ffn_dim, dropout: see :class:`SliceTransformer`.
-        projection_hidden_dim, projection_dim: the 2D projection MLP on the stage-4 pool (2048 -> 128 in the paper).
+        projection_hidden_dim, projection_dim: the projection MLPs (2D: on the stage-4 pool, 2048 -> 128 in the paper).
         intra_prototypes: prototype counts of the 2D heads (SwAV: ``(3000,)``; DeepCluster-v2: ``(3000,) * 3``).
         inter_prototypes: prototype counts of the 3D heads.
+        inter_projection_head: cluster the volume features through their own projection MLP (``d -> hidden -> P``,
+            as the 2D branch does) rather than directly. The mean of the slice transformer's tokens is nearly the
+            same vector for every volume at initialisation (pairwise cosine ~0.99), and with the few volumes of a
+            batch the Sinkhorn codes on it stay uniform: measured on the demo, prototypes scored on the raw feature
+            let ``f_inter`` collapse to one constant vector. The head's batch norm removes the shared component.
         mask_ratio: fraction of valid slices replaced by the mask token (at least one per volume); 0 disables masking.
         freeze_slice_encoder: keep ``f_intra`` fixed (no gradients, batch-norm statistics frozen), as in stage B of the
             staged schedule (masked prediction with ``f_intra`` frozen).
@@ -80,6 +93,7 @@ class JointSSLNet(nn.Module):
         projection_dim: int = 128,
         intra_prototypes: Sequence[int] = (3000,),
         inter_prototypes: Sequence[int] = (3000,),
+        inter_projection_head: bool = True,
         mask_ratio: float = 0.1,
         freeze_slice_encoder: bool = False,
     ) -> None:
@@ -90,14 +104,13 @@ class JointSSLNet(nn.Module):
         self.slice_transformer = SliceTransformer(
             embed_dim, transformer_layers, num_heads, num_points, ffn_dim, dropout
         )
-        self.projection_head = nn.Sequential(
-            nn.Linear(self.slice_encoder.pooled_dim, projection_hidden_dim),
-            nn.BatchNorm1d(projection_hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(projection_hidden_dim, projection_dim),
-        )
+        self.projection_head = _projection_head(self.slice_encoder.pooled_dim, projection_hidden_dim, projection_dim)
         self.intra_prototypes = _prototype_heads(projection_dim, intra_prototypes)
-        self.inter_prototypes = _prototype_heads(embed_dim, inter_prototypes)
+        self.inter_projection_head = (
+            _projection_head(embed_dim, projection_hidden_dim, projection_dim) if inter_projection_head else None
+        )
+        inter_dim = projection_dim if inter_projection_head else embed_dim
+        self.inter_prototypes = _prototype_heads(inter_dim, inter_prototypes)
         self.mask_decoder = nn.Linear(embed_dim, embed_dim)
         self.mask_ratio = mask_ratio
         self.freeze_slice_encoder = freeze_slice_encoder
@@ -191,6 +204,9 @@ class JointSSLNet(nn.Module):
             volume_features.append(volume_feature)
             predictions.append(self.mask_decoder(tokens))
             targets.append(embeddings.detach())
+        if self.inter_projection_head is not None:
+            projected = F.normalize(self.inter_projection_head(torch.cat(volume_features)), dim=1)
+            volume_features = list(projected.split([z.shape[0] for z in volume_features]))
         outputs["inter_projection"] = volume_features
         outputs["inter_scores"] = [[head(z) for z in volume_features] for head in self.inter_prototypes]
         outputs["mask_prediction"] = torch.stack(predictions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from custom_nets.pretraining_demo import run_demo
 
 @pytest.mark.slow
 def test_demo_writes_report_plot_and_embeddings(tmp_path: Path) -> None:
-    report = run_demo(tmp_path, epochs=1, num_per_class=1, num_workers=0)
+    report = run_demo(tmp_path, epochs=1, num_per_class=1, eval_per_class=1, num_workers=0)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["iterations"] == report["iterations"] > 0
     assert {"intra", "inter", "mask", "total"} <= set(saved["loss_terms"][0])
@@ -26,3 +27,6 @@ def test_demo_writes_report_plot_and_embeddings(tmp_path: Path) -> None:
     pretrained_rows = np.load(tmp_path / "embeddings_pretrained" / "embeddings.npy")
     assert random_rows.shape == pretrained_rows.shape == (8, 128)
     assert not np.allclose(random_rows, pretrained_rows)
+    with open(tmp_path / "embeddings_pretrained" / "embeddings.csv", newline="") as handle:
+        sources = [Path(record["source_image"]) for record in csv.DictReader(handle)]
+    assert all((tmp_path / "eval_corpus") in source.parents for source in sources)  # scored on held-out items only

@@ -61,6 +61,23 @@ def test_views_differ_in_plane_but_share_the_transform_across_slices():
     assert not torch.allclose(view_s[:, 0], view_t[:, 0])
 
 
+def test_rotation_turns_every_slice_of_a_view_by_the_same_angle():
+    pattern = torch.zeros(24, 24)
+    pattern[10:14, 2:22] = 1.0  # a bar along the first axis
+    depth = 6
+    volume = MetaTensor((1.0 + torch.arange(depth)).reshape(1, 1, 1, depth) * pattern.reshape(1, 24, 24, 1))
+    augmentation = ViewAugmentation(
+        intensity=False, flip_prob=0.0, volume_crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotate_degrees=90.0
+    )
+    out = sample_views(volume, num_slices=depth, augmentation=augmentation, seed=3, volume_size=24)
+    for view in out["volume_views"]:
+        # rotation and resampling are linear and shared: slice i stays (1 + i) times slice 0
+        expected = (1.0 + torch.arange(depth)).reshape(1, depth, 1, 1) * view[:, :1]
+        torch.testing.assert_close(view, expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(view[0, 0], pattern, atol=0.1)  # the bar was turned
+    assert not torch.allclose(out["volume_views"][0], out["volume_views"][1])  # each view draws its own angle
+
+
 def test_intensity_jitter_preserves_slice_order():
     augmentation = ViewAugmentation(noise_std=0.01, blur_prob=0.0)
     out = sample_views(slice_indexed_volume(depth=30), num_slices=16, augmentation=augmentation, seed=11)

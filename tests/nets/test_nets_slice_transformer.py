@@ -98,12 +98,31 @@ def test_pretraining_outputs_mixed_batch() -> None:
     out = net(batch)
     assert [z.shape for z in out["intra_projection"]] == [(13, 16), (13, 16), (3, 16)]  # 3 images + 10 valid slices
     assert [[s.shape[1] for s in head] for head in out["intra_scores"]] == [[20] * 3, [10] * 3]
-    assert [z.shape for z in out["inter_projection"]] == [(2, 32), (2, 32)]
+    assert [z.shape for z in out["inter_projection"]] == [(2, 16), (2, 16)]  # through the inter projection head
     assert out["inter_scores"][0][1].shape == (2, 6)
+    torch.testing.assert_close(out["inter_projection"][1].norm(dim=1), torch.ones(2))
     assert out["mask_prediction"].shape == out["mask_target"].shape == (2, 2, 6, 32)
     assert not out["mask_target"].requires_grad
     assert (out["slice_mask"].sum(dim=1) >= 1).all() and not (out["slice_mask"] & ~valid).any()
     torch.testing.assert_close(out["intra_projection"][0].norm(dim=1), torch.ones(13))
+
+
+def test_inter_clustering_on_projected_or_raw_volume_features() -> None:
+    volumes = {"volume_views": [torch.randn(3, 1, 4, 32, 32), torch.randn(3, 1, 4, 32, 32)]}
+    raw = tiny_net(inter_projection_head=False).train()
+    assert raw.inter_projection_head is None
+    out = raw(volumes)
+    assert [z.shape for z in out["inter_projection"]] == [(3, 32), (3, 32)]  # the volume features themselves
+    torch.testing.assert_close(out["inter_scores"][0][0], raw.inter_prototypes[0](out["inter_projection"][0]))
+    projected = tiny_net().train()
+    batch_norm = projected.inter_projection_head[1]
+    out = projected(volumes)
+    assert batch_norm.num_batches_tracked == 1  # both views pass the head in one batch (6 rows)
+    assert out["inter_projection"][0].shape == (3, 16)
+    # the head's batch norm removes what every volume shares: a common offset of the features changes nothing
+    features = torch.nn.functional.normalize(torch.randn(6, 32), dim=1)
+    head = projected.inter_projection_head.train()
+    torch.testing.assert_close(head(features), head(features + 5.0), atol=1e-4, rtol=1e-4)
 
 
 def test_intra_slices_select_the_slices_of_the_2d_loss() -> None:
