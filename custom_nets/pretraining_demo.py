@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from custom_nets.data import make_demo_corpus
+from custom_nets.data.demo import DEMO_CLASSES
 from custom_nets.metrics.embedding import embedding_separation, plot_embeddings
 from custom_nets.weights import export_pretrained
 
@@ -188,7 +189,10 @@ def run_demo(
     for kind, (rows, labels) in rows_by_kind.items():
         panels[f"{kind}s, random init"] = (random_embeddings[rows], labels)
         panels[f"{kind}s, pretrained"] = (pretrained_embeddings[rows], labels)
-    report["plot"] = str(plot_embeddings(panels, workdir / "embeddings.png", title="PCA of embeddings by hidden class"))
+    plot = plot_embeddings(
+        panels, workdir / "embeddings.png", title="PCA of held-out embeddings by hidden class", class_names=DEMO_CLASSES
+    )
+    report["plot"] = str(plot)
     report["report"] = str(workdir / "report.json")
     temporary = workdir / ".report.json.tmp"
     temporary.write_text(json.dumps(report, indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +52,14 @@ def embedding_separation(embeddings: np.ndarray, labels: np.ndarray, k: int = 5,
 
 
 def plot_embeddings(
-    panels: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, columns: int = 2, title: str = ""
+    panels: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    columns: int = 2,
+    title: str = "",
+    class_names: Sequence[str] | None = None,
 ) -> Path:
-    """Save a PNG with one PCA scatter per panel ``name -> (embeddings (M, d), labels (M,))``, coloured by label."""
+    """Save a PNG with one PCA scatter per panel ``name -> (embeddings (M, d), labels (M,))``, coloured by label, with
+    a legend naming each label (``class_names[label]`` when given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,15 +69,22 @@ def plot_embeddings(
     figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 4.2 * rows), squeeze=False)
     for axis in axes.flat[len(panels) :]:
         axis.set_visible(False)
+    colours = plt.get_cmap("tab10")
     for axis, (name, (embeddings, labels)) in zip(axes.flat, panels.items(), strict=False):
         points = PCA(n_components=2, random_state=0).fit_transform(_unit_rows(embeddings))
-        scatter = axis.scatter(points[:, 0], points[:, 1], c=np.asarray(labels), cmap="tab10", vmin=0, vmax=9, s=30)
+        labels = np.asarray(labels)
+        for label in np.unique(labels):
+            chosen = labels == label
+            text = class_names[int(label)] if class_names is not None else str(label)
+            axis.scatter(points[chosen, 0], points[chosen, 1], color=colours(int(label) % 10), s=30, label=text)
         axis.set_title(name, fontsize=10)
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.colorbar(scatter, ax=axes.ravel().tolist(), label="hidden class", shrink=0.8)
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="lower center", ncol=len(names), title="hidden class")
     if title:
         figure.suptitle(title)
+    figure.tight_layout(rect=(0.0, 0.08, 1.0, 0.96 if title else 1.0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
