@@ -11,7 +11,7 @@ from torch import nn
 from custom_nets.nets.slice_encoder import SliceEncoder
 from custom_nets.nets.slice_transformer import SliceTransformer
 
-__all__ = ["JointSSLNet", "sample_slice_mask"]
+__all__ = ["JointSSLNet", "sample_slice_mask", "sample_slice_window"]
 
 
 def sample_slice_mask(
@@ -25,6 +25,20 @@ def sample_slice_mask(
     num_masked = torch.minimum(num_masked, num_valid)
     ranks = scores.argsort(dim=1).argsort(dim=1)
     return ranks < num_masked[:, None]
+
+
+def sample_slice_window(
+    slice_valid: torch.Tensor, scale: Sequence[float], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Keep a random run of consecutive valid slices per volume, ``max(1, round(u * n_valid))`` long with ``u`` drawn
+    uniformly from ``scale``; returns ``(B, N)`` bool, a subset of ``slice_valid``."""
+    num_valid = slice_valid.sum(dim=1)
+    fraction = torch.empty(num_valid.shape, device=slice_valid.device).uniform_(scale[0], scale[1], generator=generator)
+    length = torch.minimum(torch.clamp(torch.round(num_valid.float() * fraction).long(), min=1), num_valid)
+    start = torch.rand(num_valid.shape, generator=generator, device=slice_valid.device) * (num_valid - length + 1)
+    start = start.long()
+    rank = slice_valid.long().cumsum(dim=1) - 1  # index of each valid slice among the valid ones
+    return slice_valid & (rank >= start[:, None]) & (rank < (start + length)[:, None])
 
 
 def _projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -72,6 +86,10 @@ class JointSSLNet(nn.Module):
             same vector for every volume at initialisation (pairwise cosine ~0.99), and with the few volumes of a
             batch the Sinkhorn codes on it stay uniform: measured on the demo, prototypes scored on the raw feature
             let ``f_inter`` collapse to one constant vector. The head's batch norm removes the shared component.
+        inter_slice_scale: ``(low, high)``: each 3D view's ``f_inter`` sees only a random run of consecutive valid
+            slices, a fraction in [low, high] of them, so ``L_inter`` asks for a volume feature that does not depend on
+            which part of the volume is seen. Slice encoding, ``L_intra`` pairs and mask targets still use every valid
+            slice; masked slices are drawn where both views' runs overlap. None (the paper): every valid slice.
         mask_ratio: fraction of valid slices replaced by the mask token (at least one per volume); 0 disables masking.
         freeze_slice_encoder: keep ``f_intra`` fixed (no gradients, batch-norm statistics frozen), as in stage B of the
             staged schedule (masked prediction with ``f_intra`` frozen).
@@ -94,6 +112,7 @@ class JointSSLNet(nn.Module):
         intra_prototypes: Sequence[int] = (3000,),
         inter_prototypes: Sequence[int] = (3000,),
         inter_projection_head: bool = True,
+        inter_slice_scale: Sequence[float] | None = None,
         mask_ratio: float = 0.1,
         freeze_slice_encoder: bool = False,
     ) -> None:
@@ -112,6 +131,9 @@ class JointSSLNet(nn.Module):
         inter_dim = projection_dim if inter_projection_head else embed_dim
         self.inter_prototypes = _prototype_heads(inter_dim, inter_prototypes)
         self.mask_decoder = nn.Linear(embed_dim, embed_dim)
+        if inter_slice_scale is not None and not 0.0 < inter_slice_scale[0] <= inter_slice_scale[1] <= 1.0:
+            raise ValueError(f"inter_slice_scale must satisfy 0 < low <= high <= 1, got {inter_slice_scale}.")
+        self.inter_slice_scale = None if inter_slice_scale is None else tuple(inter_slice_scale)
         self.mask_ratio = mask_ratio
         self.freeze_slice_encoder = freeze_slice_encoder
         self.slice_encoder.requires_grad_(not freeze_slice_encoder)
@@ -140,9 +162,11 @@ class JointSSLNet(nn.Module):
         slice_valid: torch.Tensor | None = None,
         slice_position: torch.Tensor | None = None,
         slice_mask: torch.Tensor | None = None,
+        transformer_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode ``(B, C, N, H, W)``: slice embeddings ``(B, N, d)``, volume feature ``(B, d)``, tokens ``(B, N, d)``,
-        stage-4 pools ``(S, C4)`` of the ``S`` valid slices (volume-major). Padding slices are never encoded."""
+        stage-4 pools ``(S, C4)`` of the ``S`` valid slices (volume-major). Padding slices are never encoded.
+        ``transformer_valid`` (a subset of ``slice_valid``) limits the slices that ``f_inter`` sees."""
         if volume.ndim != 5:
             raise ValueError(f"expected volumes (B, C, N, H, W), got {tuple(volume.shape)}.")
         batch, _, num_slices = volume.shape[:3]
@@ -152,7 +176,8 @@ class JointSSLNet(nn.Module):
         encoded = self.slice_encoder.encode_images(slices, return_features=False)
         embeddings = encoded.embedding.new_zeros(batch, num_slices, encoded.embedding.shape[-1])
         embeddings[slice_valid] = encoded.embedding
-        out = self.slice_transformer(embeddings, slice_valid, slice_position, slice_mask)
+        inter_valid = slice_valid if transformer_valid is None else transformer_valid
+        out = self.slice_transformer(embeddings, inter_valid, slice_position, slice_mask)
         return embeddings, out.volume_embedding, out.tokens, encoded.pooled
 
     def pretraining_outputs(self, batch: Mapping[str, object]) -> dict[str, object]:
@@ -192,13 +217,16 @@ class JointSSLNet(nn.Module):
         slice_position = batch.get("slice_position")
         intra_slices = batch.get("intra_slices")
         intra_rows = None if intra_slices is None else intra_slices[slice_valid]  # among the S valid slices
+        windows = [slice_valid, slice_valid]
+        if self.inter_slice_scale is not None:
+            windows = [sample_slice_window(slice_valid, self.inter_slice_scale) for _ in volume_views]
         slice_mask = torch.zeros_like(slice_valid)
         if self.mask_ratio > 0:
-            slice_mask = sample_slice_mask(slice_valid, self.mask_ratio)
+            slice_mask = sample_slice_mask(windows[0] & windows[1], self.mask_ratio)
         volume_features, predictions, targets = [], [], []
         for view, volume in enumerate(volume_views):
             embeddings, volume_feature, tokens, pooled = self.embed_volume(
-                volume, slice_valid, slice_position, slice_mask if self.mask_ratio > 0 else None
+                volume, slice_valid, slice_position, slice_mask if self.mask_ratio > 0 else None, windows[view]
             )
             pooled_per_view[view].append(pooled if intra_rows is None else pooled[intra_rows])
             volume_features.append(volume_feature)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from custom_nets.engines.prepare_batch import choose_slices
-from custom_nets.nets import JointSSLNet, SliceTransformer, sample_slice_mask
+from custom_nets.nets import JointSSLNet, SliceTransformer, sample_slice_mask, sample_slice_window
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,43 @@ def test_inter_clustering_on_projected_or_raw_volume_features() -> None:
     features = torch.nn.functional.normalize(torch.randn(6, 32), dim=1)
     head = projected.inter_projection_head.train()
     torch.testing.assert_close(head(features), head(features + 5.0), atol=1e-4, rtol=1e-4)
+
+
+def test_slice_window_is_a_run_of_valid_slices() -> None:
+    valid = torch.tensor([[True] * 10 + [False] * 2, [True] * 3 + [False] * 9, [False] * 12])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        window = sample_slice_window(valid, (0.5, 1.0), generator)
+        assert not (window & ~valid).any()
+        lengths = window.sum(dim=1).tolist()
+        assert 5 <= lengths[0] <= 10 and 2 <= lengths[1] <= 3 and lengths[2] == 0  # round(u * n), at least 1
+        for row, length in zip(window, lengths, strict=True):
+            if length:
+                first = int(row.float().argmax())
+                assert row[first : first + length].all()  # consecutive
+    torch.testing.assert_close(sample_slice_window(valid, (1.0, 1.0)), valid)
+
+
+def test_transformer_window_equals_embedding_the_cropped_volume() -> None:
+    net = tiny_net(dropout=0.0).eval()
+    volume = torch.randn(1, 1, 8, 32, 32)
+    position = 2.5 * torch.arange(8.0)[None]
+    window = torch.tensor([[False, False, True, True, True, True, False, False]])
+    with torch.no_grad():
+        _, windowed, _, _ = net.embed_volume(volume, None, position, transformer_valid=window)
+        _, cropped, _, _ = net.embed_volume(volume[:, :, 2:6], None, position[:, 2:6])
+    torch.testing.assert_close(windowed, cropped, atol=1e-5, rtol=1e-5)
+
+
+def test_inter_slice_scale_masks_slices_both_views_see() -> None:
+    net = tiny_net(inter_slice_scale=(0.5, 0.5)).train()
+    valid = torch.tensor([[True] * 8, [True] * 6 + [False] * 2])
+    torch.manual_seed(1)
+    out = net({"volume_views": [torch.randn(2, 1, 8, 32, 32)] * 2, "slice_valid": valid})
+    assert out["mask_prediction"].shape == (2, 2, 8, 32)
+    assert not (out["slice_mask"] & ~valid).any()
+    with pytest.raises(ValueError, match="inter_slice_scale"):
+        tiny_net(inter_slice_scale=(0.0, 1.0))
 
 
 def test_intra_slices_select_the_slices_of_the_2d_loss() -> None:
