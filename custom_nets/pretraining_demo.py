@@ -63,6 +63,11 @@ def read_embeddings(folder: Path) -> tuple[np.ndarray, list[dict[str, str]]]:
     return np.load(folder / "embeddings.npy"), records
 
 
+def _dataset_args(datalist: Path, seed: int) -> dict[str, object]:
+    """The bundle overrides that point a workflow at a demo corpus."""
+    return {"dataset_dir": str(datalist.parent), "datalist": str(datalist), "seed": seed}
+
+
 def _rows_by_kind(records: list[dict[str, str]]) -> dict[str, tuple[list[int], np.ndarray]]:
     """Row numbers and hidden-class labels of the 2D images and of the volumes in ``embeddings.csv``."""
     result = {}
@@ -132,11 +137,11 @@ def run_demo(
     preset = json.loads((bundle_root / PRESET).read_text())
     datalist = make_demo_corpus(workdir / "corpus", num_per_class=num_per_class, seed=seed)
     eval_datalist = make_demo_corpus(workdir / "eval_corpus", num_per_class=eval_per_class, seed=seed + 1)
-    dataset = {"dataset_dir": str(datalist.parent), "datalist": str(datalist), "seed": seed}
+    dataset = _dataset_args(datalist, seed)
     shared = {key: preset[key] for key in SHARED_WITH_INFERENCE if key in preset}
     if num_workers is not None:
         shared["num_workers"] = num_workers
-    inference_args = {"dataset_dir": str(eval_datalist.parent), "datalist": str(eval_datalist), "seed": seed, **shared}
+    inference_args = {**_dataset_args(eval_datalist, seed), **shared}
 
     run_bundle(
         bundle_root,

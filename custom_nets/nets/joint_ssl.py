@@ -86,6 +86,7 @@ class JointSSLNet(nn.Module):
             same vector for every volume at initialisation (pairwise cosine ~0.99), and with the few volumes of a
             batch the Sinkhorn codes on it stay uniform: measured on the demo, prototypes scored on the raw feature
             let ``f_inter`` collapse to one constant vector. The head's batch norm removes the shared component.
+            The attribute ``inter_projection_dim`` is the width the 3D prototypes score (``projection_dim`` or ``d``).
         inter_slice_scale: ``(low, high)``: each 3D view's ``f_inter`` sees only a random run of consecutive valid
             slices, a fraction in [low, high] of them, so ``L_inter`` asks for a volume feature that does not depend on
             which part of the volume is seen. Slice encoding, ``L_intra`` pairs and mask targets still use every valid
@@ -128,8 +129,8 @@ class JointSSLNet(nn.Module):
         self.inter_projection_head = (
             _projection_head(embed_dim, projection_hidden_dim, projection_dim) if inter_projection_head else None
         )
-        inter_dim = projection_dim if inter_projection_head else embed_dim
-        self.inter_prototypes = _prototype_heads(inter_dim, inter_prototypes)
+        self.inter_projection_dim = projection_dim if inter_projection_head else embed_dim
+        self.inter_prototypes = _prototype_heads(self.inter_projection_dim, inter_prototypes)
         self.mask_decoder = nn.Linear(embed_dim, embed_dim)
         if inter_slice_scale is not None and not 0.0 < inter_slice_scale[0] <= inter_slice_scale[1] <= 1.0:
             raise ValueError(f"inter_slice_scale must satisfy 0 < low <= high <= 1, got {inter_slice_scale}.")
