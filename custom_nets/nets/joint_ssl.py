@@ -68,7 +68,9 @@ class JointSSLNet(nn.Module):
         (``(B3, d)``: the volume features themselves when ``inter_projection_head`` is False).
         ``inter_scores``: per 3D head, per view ``(B3, K_h)``.
         ``mask_prediction``, ``mask_target`` (detached): ``(2, B3, N, d)``;
-        ``slice_mask``, ``slice_valid``: ``(B3, N)``.
+        ``slice_mask``, ``slice_valid``: ``(B3, N)``; this ``slice_valid`` holds the slices that both views'
+        ``f_inter`` saw (the input's valid slices unless ``inter_slice_scale`` narrows them), so the masked loss never
+        scores a token the slice transformer did not compute.
     Keys of the 3D part are absent when there is no volume, and the projections are empty lists without 2D items.
 
     Eval mode, ``forward(x)`` returns one tensor so that MONAI's export and checking tools work:
@@ -241,4 +243,4 @@ class JointSSLNet(nn.Module):
         outputs["mask_prediction"] = torch.stack(predictions)
         outputs["mask_target"] = torch.stack(targets)
         outputs["slice_mask"] = slice_mask
-        outputs["slice_valid"] = slice_valid
+        outputs["slice_valid"] = windows[0] & windows[1]
