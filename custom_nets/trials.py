@@ -83,7 +83,7 @@ def run_trials(
         label_fractions: fractions of the training volumes that keep their labels (the bundle's ``label_fraction``).
         metric: column of the evaluation summary to aggregate (``iou_mean`` = the paper's 3D IoU per volume).
         in_process: run the bundles in this process (faster start) instead of one subprocess per run.
-        overrides: further bundle overrides, e.g. ``dataset_dir``, ``depth``, ``pretrained_ckpt``.
+        overrides: further bundle overrides, e.g. ``dataset_dir``, ``encoder_depth``, ``pretrained_ckpt``.
     """
     root, out = Path(bundle_root).resolve(), Path(output_dir).resolve()
     if not (root / "configs" / "evaluate.json").is_file():

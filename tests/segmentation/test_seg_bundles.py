@@ -25,7 +25,7 @@ from custom_nets.nets.slice_encoder import SliceEncoder
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 TINY = {
-    "depth": 18,
+    "encoder_depth": 18,
     "decoder_channels": [16, 16, 8, 8, 8],
     "image_size": [32, 32],
     "num_workers": 0,

@@ -29,7 +29,7 @@ def test_aggregate_and_table_hand_values():
 def test_two_seeds_on_half_the_labels_then_resume(tmp_path, seg_data, monkeypatch):
     raw = seg_data.make_heart_folder(tmp_path / "raw")
     mmwhs.prepare(str(raw), str(tmp_path / "data"), split="random", val_fraction=0.25, test_fraction=0.25)
-    tiny = {"depth": 18, "decoder_channels": [16, 16, 8, 8, 8], "image_size": [32, 32], "num_workers": 0}
+    tiny = {"encoder_depth": 18, "decoder_channels": [16, 16, 8, 8, 8], "image_size": [32, 32], "num_workers": 0}
     run_kwargs = {
         "bundle_root": str(BUNDLE),
         "output_dir": str(tmp_path / "trials"),
