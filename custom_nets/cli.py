@@ -33,7 +33,7 @@ def export(checkpoint: str, out: str, preset: str = "", datalist: str = "", whol
 
 
 def demo(workdir: str | os.PathLike = "demo_output", epochs: int | None = None, seed: int = 0) -> None:
-    """Joint pretraining on the embedded demo corpus (CPU, a few minutes) and a short report."""
+    """Joint pretraining on the embedded demo corpus (CPU, about 11 minutes on 2 cores) and a short report."""
     run_demo(workdir, epochs=epochs, seed=seed)
 
 

@@ -116,7 +116,7 @@ def run_demo(
     workdir: str | os.PathLike = "demo_output",
     epochs: int | None = None,
     num_per_class: int = 16,
-    eval_per_class: int = 12,
+    eval_per_class: int = 32,
     seed: int = 0,
     num_workers: int | None = None,
 ) -> dict:
@@ -127,7 +127,9 @@ def run_demo(
             corpora are generated once; training restarts from scratch).
         epochs: training epochs (default: the cpu_demo preset's).
         num_per_class: volumes and 2D images per hidden class of the training corpus.
-        eval_per_class: volumes and 2D images per hidden class of the held-out evaluation corpus.
+        eval_per_class: volumes and 2D images per hidden class of the held-out evaluation corpus. 32 by default: with
+            12, the same network's image kNN accuracy read 0.88 against a random network's 0.77, and 0.88 against
+            0.91 on 32 per class, so the small set could not tell a gain from noise.
         seed: seed of the training corpus (the evaluation corpus uses ``seed + 1``), the network initialisation and
             the augmentations.
         num_workers: data loader workers (default: the preset's).
