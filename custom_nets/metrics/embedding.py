@@ -80,8 +80,11 @@ def plot_embeddings(
         axis.set_title(name, fontsize=10)
         axis.set_xticks([])
         axis.set_yticks([])
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, names, loc="lower center", ncol=len(names), title="hidden class")
+    legend: dict[str, object] = {}  # every label of every panel, once
+    for axis in axes.flat[: len(panels)]:
+        for handle, name in zip(*axis.get_legend_handles_labels(), strict=True):
+            legend.setdefault(name, handle)
+    figure.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), title="hidden class")
     if title:
         figure.suptitle(title)
     figure.tight_layout(rect=(0.0, 0.08, 1.0, 0.96 if title else 1.0))
