@@ -1,11 +1,20 @@
-"""The embedded demo: make a small multi-format corpus, pretrain on it with the pretrain_joint bundle, and report how
-much better the learned image and volume embeddings separate the hidden classes of held-out items than a random
-network does.
+"""The embedded demo: pretrain on a small multi-format corpus with the pretrain_joint bundle, then measure what the
+pretraining adds, with the paper's yardstick (arXiv 2212.01893, section 4 of METHOD.md): label-efficient downstream
+segmentation from the pretrained slice encoder against the same network from random initialisation.
 
-Two corpora are generated: the training corpus (``num_per_class`` items of each kind and class, seed ``seed``) and
-an evaluation corpus of unseen items (``eval_per_class``, seed ``seed + 1``). Embeddings are computed and scored on
-the evaluation corpus only, so the report measures what the network learned about the classes, not how well it
-remembers its training items."""
+Corpora (all generated, deterministic from ``seed``; see :func:`custom_nets.data.make_demo_corpus`):
+
+- ``corpus`` (seed): the unlabelled pretraining corpus, 2D radiographs and CT/MR volumes (NIfTI and DICOM series).
+- ``eval_corpus`` (seed + 1): held-out items whose embeddings are scored (NMI, kNN, linear probe, effective rank).
+- ``seg_pool`` (seed + 2): labelled volumes (organ, bone) that the fine-tuning draws its few labelled volumes from.
+- ``seg_test`` (seed + 3): the held-out labelled volumes, scored once with the committed settings, never trained on.
+- ``seg_validation`` (seed + 4): labelled volumes for choosing corpus, protocol and hyperparameters
+  (``split="validation"`` scores these instead of ``seg_test``).
+
+Stages: random-init embeddings -> pretraining (bundle ``pretrain_joint``, preset ``cpu_demo``) -> export -> pretrained
+embeddings -> fine-tuning ladder (bundle ``finetune_heart``, preset ``cpu_demo``: for each number of labelled volumes,
+each seed, from the pretrained ``f_intra`` and from random initialisation, same schedule) -> report and plots.
+"""
 
 from __future__ import annotations
 
@@ -13,32 +22,53 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from custom_nets.data import make_demo_corpus
-from custom_nets.data.demo import DEMO_CLASSES
+from custom_nets.data.demo import DEMO_CLASSES, DEMO_STRUCTURES
+from custom_nets.data.segmentation import select_stratified
 from custom_nets.metrics.embedding import embedding_separation, plot_embeddings
+from custom_nets.metrics.label_efficiency import label_efficiency_rows, plot_label_efficiency, pretraining_gain
+from custom_nets.trials import run_trial, trial_metric
 from custom_nets.weights import export_pretrained
 
-__all__ = ["pretrain_bundle_root", "run_demo", "run_bundle", "read_embeddings"]
+__all__ = ["pretrain_bundle_root", "finetune_bundle_root", "run_demo", "run_bundle", "read_embeddings"]
 
 logger = logging.getLogger(__name__)
 
 PRESET = "configs/presets/cpu_demo.json"
+FINETUNE_PRESET = "presets/cpu_demo.json"
 SHARED_WITH_INFERENCE = ("encoder_depth", "embed_dim", "image_size", "volume_size", "num_slices", "spacing", "amp")
+SEGMENTATION_CLASSES = ("head", "thorax", "abdomen")
+"""Hidden classes of the labelled volumes: those with both structures (the limb has no solid organ, and a class absent
+from a volume scores 0 or 1 on a single voxel, which would make the Dice a coin toss)."""
+INITS = ("random", "pretrained")
+PROTOCOLS = {"frozen": {"freeze_encoder": True}, "end_to_end": {"freeze_encoder": False}}
+"""Fine-tuning protocols: ``frozen`` trains the decoder on the fixed encoder (what the pretraining put into
+``f_intra``); ``end_to_end`` trains the whole U-Net (what the paper's downstream tables do)."""
+
+
+def _bundle(name: str) -> Path:
+    root = Path(__file__).resolve().parents[1] / "bundles" / name
+    if not (root / "configs" / "train.json").is_file():
+        raise FileNotFoundError(
+            f"{root} is missing: the demo runs the bundles of a source checkout (git clone, then pip install -e .)."
+        )
+    return root
 
 
 def pretrain_bundle_root() -> Path:
     """The pretrain_joint bundle of this source checkout."""
-    root = Path(__file__).resolve().parents[1] / "bundles" / "pretrain_joint"
-    if not (root / "configs" / "train.json").is_file():
-        raise FileNotFoundError(
-            f"{root} is missing: the demo runs the bundle of a source checkout (git clone, then pip install -e .)."
-        )
-    return root
+    return _bundle("pretrain_joint")
+
+
+def finetune_bundle_root() -> Path:
+    """The segmentation bundle the demo fine-tunes (finetune_heart: multi-structure CT/MR segmentation)."""
+    return _bundle("finetune_heart")
 
 
 def run_bundle(bundle_root: Path, config_files: Sequence[str], workflow_type: str, **overrides: object):
@@ -85,12 +115,128 @@ def _separation_by_kind(embeddings: np.ndarray, rows_by_kind: Mapping, seed: int
     }
 
 
+class _StageClock:
+    """Wall time of each named stage, in order."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        logger.info("demo stage '%s' took %.1f s", name, self.seconds[name])
+
+
+def make_segmentation_corpora(workdir: Path, pool_per_class: int, test_per_class: int, seed: int) -> dict[str, list]:
+    """Write the labelled corpora (pool, test, validation; see the module docstring) and return their items, with
+    paths relative to ``workdir``."""
+    sections = {}
+    for name, count, offset in (
+        ("pool", pool_per_class, 2),
+        ("test", test_per_class, 3),
+        ("validation", test_per_class, 4),
+    ):
+        datalist = make_demo_corpus(
+            workdir / f"seg_{name}",
+            num_per_class=count,
+            seed=seed + offset,
+            with_labels=True,
+            classes=SEGMENTATION_CLASSES,
+        )
+        items = json.loads(datalist.read_text())["training"]
+        for item in items:
+            for key in ("image", "label"):
+                item[key] = f"seg_{name}/{item[key]}"
+        sections[name] = items
+    return sections
+
+
+def write_trial_datalist(path: Path, corpora: Mapping[str, list], labelled: int, seed: int, split: str) -> Path:
+    """The datalist of one fine-tuning trial: ``training`` holds ``labelled`` volumes of the pool drawn evenly over the
+    hidden classes (:func:`select_stratified`, seeded), ``validation`` one validation volume per class (scored once,
+    at the end of training), ``testing`` the test corpus (or the validation corpus when ``split == "validation"``)."""
+    if split not in ("testing", "validation"):
+        raise ValueError(f"split must be 'testing' or 'validation', got {split!r}.")
+    per_class = len(corpora["validation"]) // len(SEGMENTATION_CLASSES)
+    content = {
+        "training": select_stratified(corpora["pool"], labelled, key="class_label", seed=seed),
+        "validation": corpora["validation"][::per_class],
+        "testing": corpora["test"] if split == "testing" else corpora["validation"],
+        "scored_split": split,
+        "labels": {str(i): name for i, name in enumerate(DEMO_STRUCTURES)},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(content, indent=2))
+    os.replace(temporary, path)
+    return path
+
+
+def run_label_efficiency(
+    workdir: Path,
+    corpora: Mapping[str, list],
+    weights: Path,
+    labelled_volumes: Sequence[int],
+    seeds: Sequence[int],
+    slices_per_epoch: int,
+    encoder_depth: int,
+    protocol: str = "end_to_end",
+    split: str = "testing",
+    **overrides: object,
+) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
+    """Fine-tune the segmentation bundle with ``protocol`` (a key of ``PROTOCOLS``) for every init, number of labelled
+    volumes and seed (finished trials are reused); returns ``{metric: {init: {labelled_volumes: {seed: value}}}}`` for
+    ``dice_mean`` and ``iou_mean``.
+
+    Both inits of one (budget, seed) see the same labelled volumes, the same slices and the same schedule. Every trial
+    sees ``slices_per_epoch`` slices per epoch whatever its budget (``slices_per_epoch // k`` of each of its ``k``
+    volumes), so the budgets differ in labelled data, not in optimisation steps.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}.")
+    uneven = [budget for budget in labelled_volumes if slices_per_epoch % budget]
+    if uneven:
+        logger.warning(
+            "slices_per_epoch %d is not a multiple of the budgets %s: those trials see fewer slices per epoch",
+            slices_per_epoch,
+            uneven,
+        )
+    bundle_root = finetune_bundle_root()
+    results: dict[str, dict[str, dict[int, dict[int, float]]]] = {"dice_mean": {}, "iou_mean": {}}
+    for budget in labelled_volumes:
+        for seed in seeds:
+            datalist = write_trial_datalist(
+                workdir / "finetune" / "datalists" / f"labelled_{budget}_seed_{seed}.json", corpora, budget, seed, split
+            )
+            for init in INITS:
+                trial = workdir / "finetune" / protocol / init / f"labelled_{budget}" / f"seed_{seed}"
+                summary = run_trial(
+                    bundle_root,
+                    trial,
+                    seed=seed,
+                    label_fraction=1.0,
+                    presets=[FINETUNE_PRESET],
+                    in_process=True,
+                    dataset_dir=str(workdir),
+                    datalist=str(datalist),
+                    pretrained_ckpt=str(weights) if init == "pretrained" else None,
+                    encoder_depth=encoder_depth,
+                    slices_per_volume=max(1, slices_per_epoch // budget),
+                    **PROTOCOLS[protocol],
+                    **overrides,
+                )
+                for metric, by_init in results.items():
+                    value = trial_metric(summary, metric, str(trial / "eval" / "summary.json"))
+                    by_init.setdefault(init, {}).setdefault(budget, {})[seed] = value
+    return results
+
+
 def _format_report(report: Mapping) -> str:
-    lines = ["", "Joint image-volume pretraining demo (arXiv 2212.01893 on MONAI)", "=" * 64]
+    lines = ["", "Joint image-volume pretraining demo (arXiv 2212.01893 on MONAI)", "=" * 72]
     first, last = report["loss_terms"][0], report["loss_terms"][-1]
-    lines.append(
-        f"epochs {last['epoch']}, iterations {report['iterations']}, training time {report['train_seconds']:.0f} s"
-    )
+    lines.append(f"pretraining: epochs {last['epoch']}, iterations {report['iterations']}")
     lines.append("loss by term (epoch mean)   " + "  ".join(f"{k:>7}" for k in ("intra", "inter", "mask", "total")))
     for name, terms in (("first epoch", first), ("last epoch", last)):
         lines.append(
@@ -99,15 +245,43 @@ def _format_report(report: Mapping) -> str:
         )
     for name, stats in report["prototypes"].items():
         lines.append(f"prototypes in use ({name}): {stats}")
-    lines.append("class separation of held-out embeddings   random init -> pretrained")
+    if report.get("training_rank"):
+        ranks = ", ".join(f"{k} {v:.1f}" for k, v in report["training_rank"].items() if not k.endswith("rows"))
+        lines.append(f"effective rank at the end of training (training views): {ranks}")
+    lines.append("")
+    downstream = report["downstream"]
+    lines.append(
+        f"downstream: {downstream['task']}; {downstream['test_volumes']} held-out {downstream['scored_split']} "
+        f"volumes, {len(downstream['seeds'])} seeds per cell"
+    )
+    lines.append("  protocol     labelled  metric  random init        pretrained         gain     clear (> larger std)")
+    for protocol, result in downstream["protocols"].items():
+        for metric, rows in result["rows"].items():
+            for budget in downstream["labelled_volumes"]:
+                found = {row["init"]: row for row in rows if row["labelled_volumes"] == budget}
+                gain = pretraining_gain(rows, budget)
+                lines.append(
+                    f"  {protocol:<12} {budget:>8}  {metric[:-5]:<6}  "
+                    + "   ".join(f"{found[i]['mean']:.3f} +- {found[i]['std']:.3f}" for i in INITS)
+                    + f"   {gain['gain']:+.3f}   {'yes' if gain['clear'] else 'no'}"
+                )
+    lines.append("")
+    lines.append("held-out embeddings                      random init -> pretrained")
     for kind, metrics in report["pretrained"].items():
-        for metric in ("nmi", "knn_accuracy"):
+        for metric in ("effective_rank", "linear_probe_accuracy", "knn_accuracy", "nmi"):
             before, after = report["random_init"][kind][metric], metrics[metric]
             lines.append(
-                f"  {kind:>6} {metric:<13} (n={metrics['count']:>3})  "
-                f"{before:6.3f} -> {after:6.3f}  ({after - before:+.3f})"
+                f"  {kind:>6} {metric:<22} (n={metrics['count']:>3})  "
+                f"{before:7.3f} -> {after:7.3f}  ({after - before:+.3f})"
             )
-    lines.append(f"plot: {report['plot']}")
+    rank = report["volume_rank_target"]
+    lines.append(
+        f"f_inter effective rank {rank['pretrained']:.1f} vs random {rank['random']:.1f}: "
+        f"{'meets' if rank['met'] else 'misses'} the target (>= half of random)"
+    )
+    lines.append("")
+    lines.append("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()))
+    lines.append(f"plots: {report['plots']['label_efficiency']}, {report['plots']['embeddings']}")
     lines.append(f"report: {report['report']}")
     return "\n".join(lines)
 
@@ -116,93 +290,173 @@ def run_demo(
     workdir: str | os.PathLike = "demo_output",
     epochs: int | None = None,
     num_per_class: int = 16,
-    eval_per_class: int = 32,
+    eval_per_class: int = 12,
     seed: int = 0,
     num_workers: int | None = None,
+    labelled_volumes: Sequence[int] = (3, 9),
+    finetune_seeds: Sequence[int] = (0, 1, 2),
+    pool_per_class: int = 8,
+    test_per_class: int = 4,
+    slices_per_epoch: int = 18,
+    split: str = "testing",
+    protocols: Sequence[str] = ("end_to_end",),
+    pretrain_overrides: Mapping[str, object] | None = None,
+    finetune_overrides: Mapping[str, object] | None = None,
 ) -> dict:
     """Run the whole demo and return the report dict (also written to ``<workdir>/report.json``).
 
     Args:
-        workdir: folder for the corpora, the training run, embeddings, report and plot (re-used when present: the
-            corpora are generated once; training restarts from scratch).
-        epochs: training epochs (default: the cpu_demo preset's).
-        num_per_class: volumes and 2D images per hidden class of the training corpus.
-        eval_per_class: volumes and 2D images per hidden class of the held-out evaluation corpus. 32 by default: with
-            12, the same network's image kNN accuracy read 0.88 against a random network's 0.77, and 0.88 against
-            0.91 on 32 per class, so the small set could not tell a gain from noise.
-        seed: seed of the training corpus (the evaluation corpus uses ``seed + 1``), the network initialisation and
-            the augmentations.
-        num_workers: data loader workers (default: the preset's).
+        workdir: folder for the corpora, the runs, embeddings, report and plots. Corpora and finished fine-tuning
+            trials are reused; pretraining restarts from scratch.
+        epochs: pretraining epochs (default: the cpu_demo preset's).
+        num_per_class: volumes and 2D images per hidden class of the pretraining corpus.
+        eval_per_class: volumes and 2D images per hidden class of the held-out embedding corpus.
+        seed: seed of the corpora (see the module docstring), the pretraining and its augmentations.
+        num_workers: data loader workers of pretraining and embedding (default: the preset's).
+        labelled_volumes: the label budgets of the fine-tuning ladder.
+        finetune_seeds: one fine-tuning trial per seed, init and budget (the seed picks the labelled volumes too).
+        pool_per_class / test_per_class: labelled volumes per class of the pool and of the test (and validation) corpus.
+        slices_per_epoch: labelled slices per fine-tuning epoch, whatever the budget: a multiple of every budget and of
+            the preset's batch size (6) keeps every step a full batch (18: 6 slices of each of 3 volumes, 2 of 9).
+        split: ``"testing"`` scores the held-out test corpus; ``"validation"`` the validation corpus (for tuning).
+        protocols: fine-tuning protocols (keys of ``PROTOCOLS``), each a full ladder of trials.
+        pretrain_overrides / finetune_overrides: further bundle overrides (experiments).
     """
     workdir = Path(workdir).resolve()
+    clock = _StageClock()
     bundle_root = pretrain_bundle_root()
-    preset = json.loads((bundle_root / PRESET).read_text())
-    datalist = make_demo_corpus(workdir / "corpus", num_per_class=num_per_class, seed=seed)
-    eval_datalist = make_demo_corpus(workdir / "eval_corpus", num_per_class=eval_per_class, seed=seed + 1)
-    dataset = _dataset_args(datalist, seed)
+    preset = {**json.loads((bundle_root / PRESET).read_text()), **(pretrain_overrides or {})}
+    with clock("corpora"):
+        datalist = make_demo_corpus(workdir / "corpus", num_per_class=num_per_class, seed=seed)
+        eval_datalist = make_demo_corpus(workdir / "eval_corpus", num_per_class=eval_per_class, seed=seed + 1)
+        corpora = make_segmentation_corpora(workdir, pool_per_class, test_per_class, seed)
     shared = {key: preset[key] for key in SHARED_WITH_INFERENCE if key in preset}
     if num_workers is not None:
         shared["num_workers"] = num_workers
     inference_args = {**_dataset_args(eval_datalist, seed), **shared}
-
-    run_bundle(
-        bundle_root,
-        ["configs/inference.json"],
-        "inference",
-        **inference_args,
-        ckpt_path="",
-        output_dir=str(workdir / "embeddings_random"),
-    )
-    train_overrides = {**dataset, "output_dir": str(workdir / "run"), "resume": False}
+    with clock("embed (random init)"):
+        run_bundle(
+            bundle_root,
+            ["configs/inference.json"],
+            "inference",
+            **inference_args,
+            ckpt_path="",
+            output_dir=str(workdir / "embeddings_random"),
+        )
+    train_overrides = {**_dataset_args(datalist, seed), **(pretrain_overrides or {})}
+    train_overrides.update(output_dir=str(workdir / "run"), resume=False)
     if epochs is not None:
         train_overrides["epochs"] = epochs
     if num_workers is not None:
         train_overrides["num_workers"] = num_workers
-    started = time.perf_counter()
-    workflow = run_bundle(bundle_root, ["configs/train.json", PRESET], "train", **train_overrides)
-    train_seconds = time.perf_counter() - started
-    handlers = workflow.parser.get_parsed_content("train#handlers")
+    with clock("pretrain"):
+        workflow = run_bundle(bundle_root, ["configs/train.json", PRESET], "train", **train_overrides)
+    handlers = workflow.parser.get_parsed_content("train#handlers") + workflow.parser.get_parsed_content(
+        "train#rank0_handlers"
+    )
     weights = export_pretrained(
         workdir / "run" / "model_final.pt",
         workdir / "model.pt",
         provenance={"preset": "cpu_demo", "datalist": str(datalist), "bundle": "pretrain_joint"},
     )
-    run_bundle(
-        bundle_root,
-        ["configs/inference.json"],
-        "inference",
-        **inference_args,
-        ckpt_path=str(weights),
-        output_dir=str(workdir / "embeddings_pretrained"),
+    with clock("embed (pretrained)"):
+        run_bundle(
+            bundle_root,
+            ["configs/inference.json"],
+            "inference",
+            **inference_args,
+            ckpt_path=str(weights),
+            output_dir=str(workdir / "embeddings_pretrained"),
+        )
+    with clock("fine-tune"):
+        results = {
+            protocol: run_label_efficiency(
+                workdir,
+                corpora,
+                weights,
+                labelled_volumes,
+                finetune_seeds,
+                slices_per_epoch,
+                encoder_depth=preset["encoder_depth"],
+                protocol=protocol,
+                split=split,
+                **(finetune_overrides or {}),
+            )
+            for protocol in protocols
+        }
+    with clock("report"):
+        report = _demo_report(workdir, workflow, handlers, weights, results, seed)
+    report["downstream"].update(
+        {
+            "task": "organ + bone segmentation, slice-encoder U-Net (bundle finetune_heart, preset cpu_demo)",
+            "scored_split": split,
+            "test_volumes": test_per_class * len(SEGMENTATION_CLASSES),
+            "labelled_pool": len(corpora["pool"]),
+            "labelled_volumes": list(labelled_volumes),
+            "seeds": list(finetune_seeds),
+            "slices_per_epoch": slices_per_epoch,
+        }
     )
+    report["stage_seconds"] = clock.seconds
+    report["stage_seconds"]["total"] = round(sum(clock.seconds.values()), 1)
+    temporary = workdir / ".report.json.tmp"
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, workdir / "report.json")
+    print(_format_report(report))
+    return report
 
+
+def _demo_report(workdir: Path, workflow, handlers: Sequence, weights: Path, results: Mapping, seed: int) -> dict:
+    """Scores of the held-out embeddings, the label-efficiency rows, and the two plots."""
     random_embeddings, records = read_embeddings(workdir / "embeddings_random")
     pretrained_embeddings, _ = read_embeddings(workdir / "embeddings_pretrained")
     rows_by_kind = _rows_by_kind(records)
-    report = {
+    random_scores = _separation_by_kind(random_embeddings, rows_by_kind, seed)
+    pretrained_scores = _separation_by_kind(pretrained_embeddings, rows_by_kind, seed)
+    rank_monitor = next((h for h in handlers if type(h).__name__ == "EffectiveRankMonitor"), None)
+    volume_rank = {
+        "random": random_scores["volume"]["effective_rank"],
+        "pretrained": pretrained_scores["volume"]["effective_rank"],
+    }
+    volume_rank["met"] = bool(volume_rank["pretrained"] >= 0.5 * volume_rank["random"])
+    protocols = {}
+    curve_rows = []
+    for protocol, by_metric in results.items():
+        rows = {metric: label_efficiency_rows(by_init) for metric, by_init in by_metric.items()}
+        smallest = min(row["labelled_volumes"] for row in rows["dice_mean"])
+        protocols[protocol] = {
+            "rows": rows,
+            "gain_at_smallest_budget": {metric: pretraining_gain(r, smallest) for metric, r in rows.items()},
+        }
+        curve_rows += [{**row, "init": f"{row['init']}, {protocol.replace('_', '-')}"} for row in rows["dice_mean"]]
+    curve = plot_label_efficiency(
+        curve_rows,
+        workdir / "label_efficiency.png",
+        metric="Dice",
+        title="Organ + bone segmentation from few labelled volumes",
+    )
+    panels = {}
+    for kind, (kind_rows, labels) in rows_by_kind.items():
+        panels[f"{kind}s, random init"] = (random_embeddings[kind_rows], labels)
+        panels[f"{kind}s, pretrained"] = (pretrained_embeddings[kind_rows], labels)
+    scatter = plot_embeddings(
+        panels, workdir / "embeddings.png", title="PCA of held-out embeddings by hidden class", class_names=DEMO_CLASSES
+    )
+    return {
         "iterations": workflow.trainer.state.iteration,
-        "train_seconds": train_seconds,
         "loss_terms": next(h.history for h in handlers if type(h).__name__ == "LossTermsHandler"),
         "prototypes": {
             h.name: [round(s.get("prototypes_in_use", float("nan")), 1) for s in h.last_statistics]
             for h in handlers
             if type(h).__name__ == "ClusterCollapseMonitor"
         },
-        "random_init": _separation_by_kind(random_embeddings, rows_by_kind, seed),
-        "pretrained": _separation_by_kind(pretrained_embeddings, rows_by_kind, seed),
+        "training_rank": dict(rank_monitor.last) if rank_monitor is not None else {},
+        "training_rank_history": list(rank_monitor.history) if rank_monitor is not None else [],
+        "random_init": random_scores,
+        "pretrained": pretrained_scores,
+        "volume_rank_target": volume_rank,
+        "downstream": {"protocols": protocols},
         "weights": str(weights),
+        "plots": {"label_efficiency": str(curve), "embeddings": str(scatter)},
+        "report": str(workdir / "report.json"),
     }
-    panels = {}
-    for kind, (rows, labels) in rows_by_kind.items():
-        panels[f"{kind}s, random init"] = (random_embeddings[rows], labels)
-        panels[f"{kind}s, pretrained"] = (pretrained_embeddings[rows], labels)
-    plot = plot_embeddings(
-        panels, workdir / "embeddings.png", title="PCA of held-out embeddings by hidden class", class_names=DEMO_CLASSES
-    )
-    report["plot"] = str(plot)
-    report["report"] = str(workdir / "report.json")
-    temporary = workdir / ".report.json.tmp"
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, workdir / "report.json")
-    print(_format_report(report))
-    return report

@@ -24,7 +24,7 @@ from typing import Any
 
 from custom_nets.metrics.segmentation import mean_std
 
-__all__ = ["aggregate_trials", "format_table", "run_trials"]
+__all__ = ["aggregate_trials", "format_table", "run_trial", "run_trials", "trial_metric"]
 
 
 def aggregate_trials(results: Mapping[float, Mapping[int, float]]) -> list[dict[str, Any]]:
@@ -64,6 +64,51 @@ def _run_bundle(bundle_root: Path, configs: list[str], overrides: Mapping[str, A
     subprocess.run(command, check=True)
 
 
+def run_trial(
+    bundle_root: str | os.PathLike,
+    trial_dir: str | os.PathLike,
+    seed: int,
+    label_fraction: float,
+    presets: Sequence[str] = (),
+    in_process: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train then evaluate one trial of a segmentation bundle (skipped when its summary exists); returns the summary.
+
+    Args:
+        bundle_root: bundle folder with ``configs/train.json`` and ``configs/evaluate.json``.
+        trial_dir: the trial's ``output_dir``; its weights go to ``<trial_dir>/models``, the evaluation summary to
+            ``<trial_dir>/eval/summary.json``.
+        seed: the bundle's ``seed`` (initialisation, sampling and label subset).
+        label_fraction: fraction of the training volumes that keep their labels.
+        presets: config files under ``configs/`` merged last, over ``train.json`` (and ``evaluate.json``), e.g.
+            ``presets/cpu_demo.json``.
+        in_process: run the bundles in this process instead of one subprocess per run.
+        overrides: further bundle overrides.
+    """
+    root, trial = Path(bundle_root).resolve(), Path(trial_dir).resolve()
+    summary_path = trial / "eval" / "summary.json"
+    if not summary_path.is_file():
+        trial_overrides = {
+            **overrides,
+            "bundle_root": str(root),
+            "seed": int(seed),
+            "label_fraction": float(label_fraction),
+            "output_dir": str(trial),
+            "ckpt_dir": str(trial / "models"),
+        }
+        _run_bundle(root, ["train.json", *presets], trial_overrides, in_process)
+        _run_bundle(root, ["train.json", "evaluate.json", *presets], trial_overrides, in_process)
+    return json.loads(summary_path.read_text())
+
+
+def trial_metric(summary: Mapping[str, Any], metric: str, source: str = "summary") -> float:
+    """The mean over test volumes of ``metric`` in an evaluation summary, with an error naming what is there."""
+    if metric not in summary["metrics"]:
+        raise KeyError(f"{source} has no metric '{metric}' (available: {sorted(summary['metrics'])}).")
+    return summary["metrics"][metric]["mean"]
+
+
 def run_trials(
     bundle_root: str,
     output_dir: str,
@@ -71,6 +116,7 @@ def run_trials(
     label_fractions: Sequence[float] = (1.0,),
     metric: str = "iou_mean",
     in_process: bool = False,
+    presets: Sequence[str] = (),
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``bundle_root`` for every label fraction and seed; return and save the aggregated rows.
@@ -83,6 +129,7 @@ def run_trials(
         label_fractions: fractions of the training volumes that keep their labels (the bundle's ``label_fraction``).
         metric: column of the evaluation summary to aggregate (``iou_mean`` = the paper's 3D IoU per volume).
         in_process: run the bundles in this process (faster start) instead of one subprocess per run.
+        presets: config files under ``configs/`` merged after ``train.json``.
         overrides: further bundle overrides, e.g. ``dataset_dir``, ``encoder_depth``, ``pretrained_ckpt``.
     """
     root, out = Path(bundle_root).resolve(), Path(output_dir).resolve()
@@ -92,22 +139,9 @@ def run_trials(
     for fraction in label_fractions:
         for seed in seeds:
             trial = out / f"fraction_{fraction:g}" / f"seed_{seed}"
-            summary_path = trial / "eval" / "summary.json"
-            if not summary_path.is_file():
-                trial_overrides = {
-                    **overrides,
-                    "bundle_root": str(root),
-                    "seed": int(seed),
-                    "label_fraction": float(fraction),
-                    "output_dir": str(trial),
-                    "ckpt_dir": str(trial / "models"),
-                }
-                _run_bundle(root, ["train.json"], trial_overrides, in_process)
-                _run_bundle(root, ["train.json", "evaluate.json"], trial_overrides, in_process)
-            summary = json.loads(summary_path.read_text())
-            if metric not in summary["metrics"]:
-                raise KeyError(f"{summary_path} has no metric '{metric}' (available: {sorted(summary['metrics'])}).")
-            results.setdefault(float(fraction), {})[int(seed)] = summary["metrics"][metric]["mean"]
+            summary = run_trial(root, trial, seed, fraction, presets, in_process, **overrides)
+            value = trial_metric(summary, metric, str(trial / "eval" / "summary.json"))
+            results.setdefault(float(fraction), {})[int(seed)] = value
     rows = aggregate_trials(results)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (

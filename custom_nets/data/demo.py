@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -35,10 +36,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["DEMO_CLASSES", "DEMO_VERSION", "make_demo_corpus", "demo_label_map"]
+__all__ = ["DEMO_CLASSES", "DEMO_STRUCTURES", "DEMO_VERSION", "make_demo_corpus", "demo_label_map", "demo_structures"]
 
 DEMO_CLASSES = ("head", "thorax", "abdomen", "limb")
-DEMO_VERSION = 4
+DEMO_STRUCTURES = ("background", "organ", "bone")
+DEMO_VERSION = 5
 _DATALIST_NAME = "datalist.json"
 
 # tissue labels of the phantoms
@@ -117,6 +119,20 @@ def demo_label_map(name: str, x: np.ndarray, y: np.ndarray, z: np.ndarray, rng: 
     return labels
 
 
+def demo_structures(labels: np.ndarray) -> np.ndarray:
+    """Segmentation target of a tissue label map, as uint8 indices into ``DEMO_STRUCTURES``.
+
+    ``organ`` is the parenchyma of every class's solid organs (brain, heart, liver, kidneys), ``bone`` every bone with
+    its marrow (skull, ribs, spine, limb bones). Neither is an intensity threshold: brain (CT 35 HU) lies within a few
+    HU of muscle (40 HU) and is told apart by the skull around it, heart and liver (60 HU) by shape, position and
+    texture against the noise; on MR, bone (60) is as dark as lung (40) and air, so it is found by its shape and place.
+    """
+    structures = np.zeros(labels.shape, dtype=np.uint8)
+    structures[np.isin(labels, (ORGAN, BRAIN, KIDNEY))] = 1
+    structures[np.isin(labels, (BONE, MARROW))] = 2
+    return structures
+
+
 def _posed_grid(shape, spacing, rng: np.random.Generator):
     """Physical coordinates of a grid after a random in-plane rotation, isotropic scale and offset of the anatomy."""
     axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing, strict=True)]
@@ -140,20 +156,20 @@ def _tissue_image(labels, table, name, rng: np.random.Generator) -> np.ndarray:
 
 
 def _volume(name: str, modality: str, rng: np.random.Generator, in_plane: int):
-    """One phantom volume (X, Y, Z) with its spacing: CT in HU (int16) or MR intensities (uint16)."""
+    """One phantom volume (X, Y, Z), its spacing and its tissue labels: CT in HU (int16) or MR intensities (uint16)."""
     spacing = (float(rng.uniform(0.8, 1.2)),) * 2 + (float(rng.choice([1.5, 2.0, 2.5, 3.0])),)
     shape = (in_plane, in_plane, int(rng.integers(24, 41)))
     labels = demo_label_map(name, *_posed_grid(shape, spacing, rng), rng)
     if modality == "CT":
         image = _tissue_image(labels, _CT_HU, name, rng) + rng.normal(0.0, rng.uniform(5.0, 30.0), labels.shape)
-        return np.clip(np.round(image), -1024, 3071).astype(np.int16), spacing
+        return np.clip(np.round(image), -1024, 3071).astype(np.int16), spacing, labels
     image = _tissue_image(labels, _MR_T1, name, rng)
     x, y, z = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in shape], indexing="ij", sparse=True)
     coefficients = rng.uniform(-0.35, 0.35, size=4)
     image = image * np.exp(coefficients[0] * x + coefficients[1] * y + coefficients[2] * z + coefficients[3] * x * y)
     noise = rng.uniform(10.0, 40.0)
     image = np.hypot(image + rng.normal(0.0, noise, shape), rng.normal(0.0, noise, shape))  # Rician magnitude
-    return np.clip(np.round(image), 0, 65535).astype(np.uint16), spacing
+    return np.clip(np.round(image), 0, 65535).astype(np.uint16), spacing, labels
 
 
 def _radiograph(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -237,11 +253,19 @@ def _is_complete(root: Path, manifest: dict) -> bool:
         expected = item.get("num_files")
         if not path.exists() or (expected is not None and len(list(path.glob("*.dcm"))) != expected):
             return False
+        if "label" in item and not (root / item["label"]).is_file():
+            return False
     return bool(content.get("training"))
 
 
 def make_demo_corpus(
-    root: str | os.PathLike, num_per_class: int = 6, seed: int = 0, in_plane: int = 64, image_size: int = 64
+    root: str | os.PathLike,
+    num_per_class: int = 6,
+    seed: int = 0,
+    in_plane: int = 64,
+    image_size: int = 64,
+    with_labels: bool = False,
+    classes: Sequence[str] = DEMO_CLASSES,
 ) -> Path:
     """Write the demo corpus under ``root`` (or reuse a complete one) and return its datalist path.
 
@@ -253,13 +277,23 @@ def make_demo_corpus(
     the index in ``DEMO_CLASSES``, and DICOM items ``num_files``). The datalist is written last, atomically, so an
     interrupted run is detected and redone; files of the same name are overwritten.
 
+    With ``with_labels`` the corpus is a segmentation corpus: volumes only, all NIfTI, each with its label map
+    ``root/labels/<class>_<i>.nii.gz`` (uint8 indices into ``DEMO_STRUCTURES``, see :func:`demo_structures`; same grid
+    and affine as the image) under the item key ``label``.
+
     Args:
         root: output folder (created).
         num_per_class: volumes and images per class (4 classes).
         seed: the corpus is a deterministic function of ``seed`` and the sizes.
         in_plane: in-plane voxels of the volumes.
         image_size: side of the 2D images.
+        with_labels: write a labelled volume corpus (segmentation) instead of the mixed 2D + 3D corpus.
+        classes: the hidden classes to draw items of (a subset of ``DEMO_CLASSES``); ``class_label`` stays the index
+            in ``DEMO_CLASSES``.
     """
+    unknown = sorted(set(classes) - set(DEMO_CLASSES))
+    if unknown or not classes:
+        raise ValueError(f"classes must be a non-empty subset of {DEMO_CLASSES}, got {list(classes)}")
     if num_per_class < 1:
         raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
     root = Path(root)
@@ -269,20 +303,24 @@ def make_demo_corpus(
         "num_per_class": num_per_class,
         "in_plane": in_plane,
         "image_size": image_size,
+        "with_labels": with_labels,
+        "classes": list(classes),
     }
     if _is_complete(root, manifest):
         return root / _DATALIST_NAME
-    (root / "volumes").mkdir(parents=True, exist_ok=True)
-    (root / "images").mkdir(parents=True, exist_ok=True)
+    for folder in ("volumes", "labels" if with_labels else "images"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
     items = []
     for label, name in enumerate(DEMO_CLASSES):
+        if name not in classes:
+            continue
         for i in range(num_per_class):
             rng = np.random.default_rng([seed, label, i, 0])
             turn = i + label  # modality and format alternate, shifted per class: CT-DICOM, MR-NIfTI, CT-NIfTI, MR-DICOM
             modality = "CT" if turn % 2 == 0 else "MR"
-            volume, spacing = _volume(name, modality, rng, in_plane)
+            volume, spacing, tissues = _volume(name, modality, rng, in_plane)
             stem = f"{name}_{i:02d}"
-            if (turn + turn // 2) % 2 == 0:
+            if (turn + turn // 2) % 2 == 0 and not with_labels:
                 relative = f"volumes/{stem}_dicom"
                 _write_dicom_series(root / relative, volume, spacing, modality, f"{seed}.{stem}")
                 extra = {"num_files": int(volume.shape[2])}
@@ -290,8 +328,11 @@ def make_demo_corpus(
                 relative = f"volumes/{stem}.nii.gz"
                 _write_nifti(root / relative, volume, spacing)
                 extra = {}
+            if with_labels:
+                extra = {"label": f"labels/{stem}.nii.gz"}
+                _write_nifti(root / extra["label"], demo_structures(tissues), spacing)
             items.append({"image": relative, "modality": modality, "kind": "volume", "class_label": label, **extra})
-        for i in range(num_per_class):
+        for i in range(0 if with_labels else num_per_class):
             rng = np.random.default_rng([seed, label, i, 1])
             relative = f"images/{name}_{i:02d}.png"
             tmp = root / (relative + ".tmp.png")
@@ -301,7 +342,8 @@ def make_demo_corpus(
     content = {
         "name": "custom_nets demo corpus",
         "description": "Synthetic CT/MR volumes (NIfTI, DICOM series) and PNG radiographs of 4 anatomy-like classes",
-        "classes": list(DEMO_CLASSES),
+        "classes": [name for name in DEMO_CLASSES if name in classes],
+        **({"labels": {str(i): name for i, name in enumerate(DEMO_STRUCTURES)}} if with_labels else {}),
         "demo": manifest,
         "training": items,
     }

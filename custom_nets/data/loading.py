@@ -4,6 +4,8 @@
 - NIfTI: ``NibabelReader``.
 - PNG/JPG/BMP/TIFF: ``PILReader``.
 
+Each reader is built on the first file that needs it, so NIfTI and PNG files load where ``itk`` is not installed.
+
 Arrays come out channel-first in MONAI's index order: 2D images (C, X, Y), volumes (C, X, Y, Z), with the affine in a
 ``MetaTensor``. Used by the joint image-volume pipeline of arXiv 2212.01893.
 """
@@ -15,13 +17,39 @@ from pathlib import Path
 
 import torch
 from monai.config import KeysCollection
-from monai.data import ITKReader, MetaTensor, NibabelReader, PILReader
+from monai.data import ImageReader, ITKReader, MetaTensor, NibabelReader, PILReader
 from monai.transforms import LoadImage, MapTransform, ResizeWithPadOrCrop
 
 from custom_nets.data.datalist import IMAGE_EXTENSIONS, file_suffix
 from custom_nets.data.intensity import assert_finite
 
-__all__ = ["reader_name", "LoadMedicalImaged", "EnsureKindShaped", "CropOrPadToBackgroundd", "load_item_array"]
+__all__ = [
+    "READERS",
+    "ReaderUnavailableError",
+    "build_loader",
+    "reader_name",
+    "LoadMedicalImaged",
+    "EnsureKindShaped",
+    "CropOrPadToBackgroundd",
+    "load_item_array",
+]
+
+READERS: dict[str, type[ImageReader]] = {"itk": ITKReader, "nibabel": NibabelReader, "pil": PILReader}
+"""MONAI reader class of each :func:`reader_name`."""
+
+_INSTALL_HINTS = {
+    "itk": "run `pip install itk-io` (see pyproject.toml for the version) or convert the file to NIfTI",
+    "nibabel": "run `pip install nibabel`",
+    "pil": "run `pip install pillow`",
+}
+
+
+class ReaderUnavailableError(ImportError, ValueError):
+    """The package of the reader a file needs is not installed.
+
+    An ``ImportError`` (a package is missing) and a ``ValueError``, like every error of this module that names a file,
+    so that ``except ValueError`` reports it with the other unreadable files (e.g. in ``validate_datalist``).
+    """
 
 
 def reader_name(path: str) -> str:
@@ -34,32 +62,50 @@ def reader_name(path: str) -> str:
     return "itk"
 
 
+def build_loader(reader: str) -> LoadImage:
+    """MONAI ``LoadImage`` with the reader ``READERS[reader]``: channel first, float32, image only.
+
+    Raises:
+        ImportError: MONAI's ``OptionalImportError`` when the reader's package (e.g. ``itk``) is not installed.
+    """
+    return LoadImage(reader=READERS[reader](), image_only=True, ensure_channel_first=True, dtype="float32")
+
+
 class LoadMedicalImaged(MapTransform):
     """Load each key's path with the MONAI reader for its file type, channel first.
 
     Output: ``MetaTensor`` (C, X, Y) for 2D files, (C, X, Y, Z) for volumes (a 2D DICOM comes as (C, X, Y, 1); see
-    :class:`EnsureKindShaped`), float32. The original path is kept under ``"source_<key>"``.
+    :class:`EnsureKindShaped`), float32. The original path is kept under ``"source_<key>"``. Each reader's loader is
+    built (:func:`build_loader`) on the first file that needs it and kept in ``self.loaders``.
 
     Raises:
+        ReaderUnavailableError: naming the file when its reader's package (``itk`` for DICOM / MetaImage) is missing.
         ValueError: naming the file when the reader cannot open it (corrupt or mislabelled file).
     """
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        options = {"image_only": True, "ensure_channel_first": True, "dtype": "float32"}
-        self.loaders = {
-            "itk": LoadImage(reader=ITKReader(), **options),
-            "nibabel": LoadImage(reader=NibabelReader(), **options),
-            "pil": LoadImage(reader=PILReader(), **options),
-        }
+        self.loaders: dict[str, LoadImage] = {}
+
+    def loader(self, reader: str, path: str) -> LoadImage:
+        """The cached loader of ``reader``, built on first use; ``path`` (the file that needs it) names errors."""
+        if reader not in self.loaders:
+            try:
+                self.loaders[reader] = build_loader(reader)
+            except ImportError as error:  # MONAI's OptionalImportError
+                raise ReaderUnavailableError(
+                    f"{path}: the {reader} reader is unavailable ({error}); {_INSTALL_HINTS[reader]}"
+                ) from error
+        return self.loaders[reader]
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             path = str(d[key])
             reader = reader_name(path)
+            loader = self.loader(reader, path)
             try:
-                d[key] = self.loaders[reader](path)
+                d[key] = loader(path)
             except Exception as error:  # MONAI/ITK/nibabel/PIL raise many types for unreadable files
                 raise ValueError(
                     f"{path}: the {reader} reader cannot read it ({type(error).__name__}: {error}); the file is "

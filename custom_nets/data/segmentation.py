@@ -37,6 +37,7 @@ __all__ = [
     "load_segmentation_datalist",
     "make_datalist",
     "select_label_fraction",
+    "select_stratified",
     "split_cases",
     "write_datalist",
 ]
@@ -247,6 +248,39 @@ def select_label_fraction(items: Sequence[Any], fraction: float = 1.0, seed: int
     random.Random(seed).shuffle(order)
     keep = sorted(order[: max(1, math.ceil(fraction * len(items)))])
     return [items[i] for i in keep]
+
+
+def select_stratified(items: Sequence[Mapping[str, Any]], count: int, key: str, seed: int = 0) -> list[Any]:
+    """``count`` items drawn round-robin over the groups of ``item[key]`` (e.g. the anatomy of each volume), seeded.
+
+    With few labelled volumes a plain random pick may miss a whole group and make the trials' spread a measure of
+    luck; drawing one item of each group in turn keeps every group represented as soon as ``count`` allows. Each group
+    is shuffled once per seed and groups take turns in sorted order, so for one seed a smaller subset is always inside
+    a larger one. The subset keeps the order of ``items``.
+
+    Raises:
+        ValueError: for ``count`` outside ``[1, len(items)]`` or an item without ``key``.
+    """
+    if not 1 <= count <= len(items):
+        raise ValueError(f"count must be in [1, {len(items)}] (the number of items), got {count}.")
+    missing = [i for i, item in enumerate(items) if key not in item]
+    if missing:
+        raise ValueError(f"items {missing[:5]} have no '{key}' to stratify by.")
+    groups: dict[Any, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(item[key], []).append(index)
+    rng = random.Random(seed)
+    queues = []
+    for group in sorted(groups):
+        members = list(groups[group])
+        rng.shuffle(members)
+        queues.append(members)
+    chosen: list[int] = []
+    while len(chosen) < count:
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    return [items[i] for i in sorted(chosen)]
 
 
 def load_segmentation_datalist(

@@ -1,4 +1,5 @@
-"""How well embeddings separate known classes: k-means NMI, leave-one-out kNN accuracy and a 2D projection plot."""
+"""How well embeddings separate known classes (k-means NMI, leave-one-out kNN accuracy, a 2D projection plot) and how
+many dimensions they use (RankMe effective rank)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import normalized_mutual_info_score
 
-__all__ = ["embedding_separation", "knn_accuracy", "kmeans_nmi", "plot_embeddings"]
+__all__ = [
+    "effective_rank",
+    "embedding_separation",
+    "knn_accuracy",
+    "kmeans_nmi",
+    "linear_probe_accuracy",
+    "plot_embeddings",
+]
 
 
 def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
@@ -42,13 +51,69 @@ def kmeans_nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0) -> flo
     return float(normalized_mutual_info_score(labels, clusters))
 
 
+def linear_probe_accuracy(embeddings: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Mean held-out accuracy of an L2-regularised logistic regression on frozen embeddings ``(M, d)``.
+
+    Stratified ``folds``-fold cross-validation (fewer folds when the smallest class has fewer items); the features are
+    standardised inside each training fold. The linear probe is the usual readout of self-supervised features beside
+    kNN: it asks whether the classes are linearly separable, not whether neighbours agree.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels = np.asarray(labels)
+    smallest = int(np.unique(labels, return_counts=True)[1].min())
+    if smallest < 2:
+        raise ValueError("the linear probe needs at least two items of every class.")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    splits = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
+    return float(cross_val_score(probe, np.asarray(embeddings, dtype=np.float64), labels, cv=splits).mean())
+
+
 def embedding_separation(embeddings: np.ndarray, labels: np.ndarray, k: int = 5, seed: int = 0) -> dict[str, float]:
-    """``{"nmi": ..., "knn_accuracy": ..., "count": ...}`` for embeddings ``(M, d)`` and integer labels ``(M,)``."""
+    """``{"nmi", "knn_accuracy", "linear_probe_accuracy", "effective_rank", "count"}`` for embeddings ``(M, d)`` and
+    integer labels ``(M,)``; the effective rank is that of the centred embeddings (how many directions the items
+    differ along, see :func:`effective_rank`)."""
     return {
         "nmi": kmeans_nmi(embeddings, labels, seed),
         "knn_accuracy": knn_accuracy(embeddings, labels, k),
+        "linear_probe_accuracy": linear_probe_accuracy(embeddings, labels, seed=seed),
+        "effective_rank": effective_rank(embeddings, center=True),
         "count": int(len(labels)),
     }
+
+
+def effective_rank(features: torch.Tensor | np.ndarray, eps: float = 1e-7, center: bool = False) -> float:
+    """RankMe effective rank (Garrido et al., ICML 2023) of features ``(n, d)``, computed in float64.
+
+    With ``s`` the singular values of the feature matrix and ``p_k = s_k / sum(s) + eps``, the rank is
+    ``exp(-sum_k p_k log p_k)``: 1 when every row lies on one line (total collapse), ``min(n, d)`` when the singular
+    values are equal (isotropic features), 0 for an all-zero matrix. Dimensional collapse shows as a falling rank.
+
+    As in RankMe the raw matrix is used, not centred (``center=False``): a direction shared by every row counts as one
+    used dimension, and ranks stay comparable with the published ones. ``center=True`` subtracts the column means first,
+    measuring only how the rows differ (for features that share a large constant offset).
+
+    Raises:
+        ValueError: for an input that is not 2D, has fewer than 2 rows or no column, or holds NaN/inf.
+    """
+    matrix = torch.as_tensor(features).detach().to(device="cpu", dtype=torch.float64)
+    if matrix.ndim != 2 or matrix.shape[1] < 1:
+        raise ValueError(f"effective_rank expects features (n, d) with d >= 1, got shape {tuple(matrix.shape)}.")
+    if matrix.shape[0] < 2:
+        raise ValueError(f"effective_rank needs at least 2 rows, got {matrix.shape[0]}.")
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError("effective_rank: the features hold NaN or inf values.")
+    if center:
+        matrix = matrix - matrix.mean(dim=0, keepdim=True)
+    singular_values = torch.linalg.svdvals(matrix)
+    total = singular_values.sum()
+    if total == 0:
+        return 0.0
+    p = singular_values / total + eps
+    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def plot_embeddings(

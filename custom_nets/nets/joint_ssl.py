@@ -71,6 +71,11 @@ class JointSSLNet(nn.Module):
         ``slice_mask``, ``slice_valid``: ``(B3, N)``; this ``slice_valid`` holds the slices that both views'
         ``f_inter`` saw (the input's valid slices unless ``inter_slice_scale`` narrows them), so the masked loss never
         scores a token the slice transformer did not compute.
+        ``slice_embedding`` (detached): ``(B2 + S, d)`` ``f_intra`` embeddings of view 0: the B2 images, then the ``S``
+        valid slices of the volumes (volume-major, every valid slice).
+        ``volume_feature`` (detached): ``(B3, d)`` unit-norm ``f_inter`` volume features of view 0 (of the masked
+        sequence), before any projection head.
+        The last two feed no loss; monitors read them (e.g. :class:`custom_nets.engines.handlers.EffectiveRankMonitor`).
     Keys of the 3D part are absent when there is no volume, and the projections are empty lists without 2D items.
 
     Eval mode, ``forward(x)`` returns one tensor so that MONAI's export and checking tools work:
@@ -195,11 +200,16 @@ class JointSSLNet(nn.Module):
             raise ValueError(f"expected at least 2 image views (two global crops), got {len(image_views)}.")
         num_views = max(len(image_views), 2)
         pooled_per_view: list[list[torch.Tensor]] = [[] for _ in range(num_views)]
+        slice_embeddings: list[torch.Tensor] = []  # view 0: images, then valid slices
         for view, images in enumerate(image_views):
-            pooled_per_view[view].append(self.slice_encoder.encode_images(images, return_features=False).pooled)
+            encoded = self.slice_encoder.encode_images(images, return_features=False)
+            pooled_per_view[view].append(encoded.pooled)
+            if view == 0:
+                slice_embeddings.append(encoded.embedding.detach())
         outputs: dict[str, object] = {}
         if volume_views:
-            self._volume_outputs(batch, volume_views, pooled_per_view, outputs)
+            self._volume_outputs(batch, volume_views, pooled_per_view, slice_embeddings, outputs)
+        outputs["slice_embedding"] = torch.cat(slice_embeddings)
         pooled = [torch.cat(parts, dim=0) for parts in pooled_per_view]
         projections = F.normalize(self.projection_head(torch.cat(pooled, dim=0)), dim=1)
         outputs["intra_projection"] = list(projections.split([p.shape[0] for p in pooled]))
@@ -211,6 +221,7 @@ class JointSSLNet(nn.Module):
         batch: Mapping[str, object],
         volume_views: Sequence[torch.Tensor],
         pooled_per_view: list[list[torch.Tensor]],
+        slice_embeddings: list[torch.Tensor],
         outputs: dict[str, object],
     ) -> None:
         first = volume_views[0]
@@ -235,6 +246,8 @@ class JointSSLNet(nn.Module):
             volume_features.append(volume_feature)
             predictions.append(self.mask_decoder(tokens))
             targets.append(embeddings.detach())
+        slice_embeddings.append(targets[0][slice_valid])
+        outputs["volume_feature"] = volume_features[0].detach()
         if self.inter_projection_head is not None:
             projected = F.normalize(self.inter_projection_head(torch.cat(volume_features)), dim=1)
             volume_features = list(projected.split([z.shape[0] for z in volume_features]))

@@ -1,4 +1,5 @@
-"""The README's main command path: the embedded demo end to end on a one-item-per-class corpus, one epoch."""
+"""The README's main command path: the embedded demo end to end on tiny corpora (one pretraining epoch, one
+fine-tuning epoch per trial), and the pieces of its downstream yardstick."""
 
 from __future__ import annotations
 
@@ -9,23 +10,75 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from custom_nets.pretraining_demo import run_demo
+from custom_nets.pretraining_demo import INITS, SEGMENTATION_CLASSES, run_demo, write_trial_datalist
+
+
+def test_trial_datalists_are_stratified_nested_and_never_hold_test_volumes(tmp_path: Path) -> None:
+    pool = [{"image": f"pool/{c}_{i}.nii.gz", "class_label": c} for c in range(3) for i in range(4)]
+    corpora = {
+        "pool": pool,
+        "test": [{"image": f"test/{c}.nii.gz", "class_label": c} for c in range(3)],
+        "validation": [{"image": f"val/{c}.nii.gz", "class_label": c} for c in range(3)],
+    }
+    small = json.loads(write_trial_datalist(tmp_path / "a.json", corpora, 3, seed=1, split="testing").read_text())
+    large = json.loads(write_trial_datalist(tmp_path / "b.json", corpora, 6, seed=1, split="testing").read_text())
+    assert sorted(item["class_label"] for item in small["training"]) == [0, 1, 2]
+    assert sorted(item["class_label"] for item in large["training"]) == [0, 0, 1, 1, 2, 2]
+    assert all(item in large["training"] for item in small["training"])
+    assert small["testing"] == corpora["test"] and small["scored_split"] == "testing"
+    tuning = json.loads(write_trial_datalist(tmp_path / "c.json", corpora, 3, seed=1, split="validation").read_text())
+    assert tuning["testing"] == corpora["validation"]
+    with pytest.raises(ValueError, match="split"):
+        write_trial_datalist(tmp_path / "d.json", corpora, 3, seed=1, split="train")
 
 
 @pytest.mark.slow
-def test_demo_writes_report_plot_and_embeddings(tmp_path: Path) -> None:
-    report = run_demo(tmp_path, epochs=1, num_per_class=1, eval_per_class=1, num_workers=0)
+def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path) -> None:
+    report = run_demo(
+        tmp_path,
+        epochs=1,
+        num_per_class=1,
+        eval_per_class=2,
+        num_workers=0,
+        labelled_volumes=(3,),
+        finetune_seeds=(0, 1),
+        pool_per_class=1,
+        test_per_class=1,
+        protocols=("frozen", "end_to_end"),
+        finetune_overrides={"epochs": 1, "decoder_channels": [16, 16, 8, 8, 8]},
+    )
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["iterations"] == report["iterations"] > 0
     assert {"intra", "inter", "mask", "total"} <= set(saved["loss_terms"][0])
+    assert {"intra", "inter"} <= set(saved["training_rank"])
     for phase in ("random_init", "pretrained"):
         for kind in ("image", "volume"):
-            assert 0.0 <= saved[phase][kind]["nmi"] <= 1.0 and saved[phase][kind]["count"] == 4
-    assert (tmp_path / "embeddings.png").stat().st_size > 0
+            scores = saved[phase][kind]
+            assert 0.0 <= scores["nmi"] <= 1.0 and 0.0 <= scores["linear_probe_accuracy"] <= 1.0
+            assert scores["count"] == 8 and 1.0 <= scores["effective_rank"] <= 8
+    downstream = saved["downstream"]
+    assert downstream["test_volumes"] == len(SEGMENTATION_CLASSES) and downstream["scored_split"] == "testing"
+    assert set(downstream["protocols"]) == {"frozen", "end_to_end"}
+    for protocol, result in downstream["protocols"].items():
+        for metric in ("dice_mean", "iou_mean"):
+            rows = result["rows"][metric]
+            assert {(row["init"], row["labelled_volumes"]) for row in rows} == {(init, 3) for init in INITS}
+            assert all(row["trials"] == 2 and 0.0 <= row["mean"] <= 1.0 for row in rows)
+        gain = result["gain_at_smallest_budget"]["dice_mean"]
+        assert gain["clear"] == (gain["gain"] > gain["larger_std"])
+        for init in INITS:
+            trial = tmp_path / "finetune" / protocol / init / "labelled_3" / "seed_0"
+            assert (trial / "eval" / "summary.json").is_file() and (trial / "models" / "model.pt").is_file()
+    datalist = json.loads((tmp_path / "finetune" / "datalists" / "labelled_3_seed_0.json").read_text())
+    assert all(item["image"].startswith("seg_pool/") for item in datalist["training"])
+    assert all(item["image"].startswith("seg_test/") for item in datalist["testing"])
+    assert set(saved["stage_seconds"]) >= {"pretrain", "fine-tune", "total"}
+    for plot in ("label_efficiency.png", "embeddings.png"):
+        assert (tmp_path / plot).stat().st_size > 0
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "model.json").is_file()
     random_rows = np.load(tmp_path / "embeddings_random" / "embeddings.npy")
     pretrained_rows = np.load(tmp_path / "embeddings_pretrained" / "embeddings.npy")
-    assert random_rows.shape == pretrained_rows.shape == (8, 128)
+    assert random_rows.shape == pretrained_rows.shape == (16, 128)
     assert not np.allclose(random_rows, pretrained_rows)
     with open(tmp_path / "embeddings_pretrained" / "embeddings.csv", newline="") as handle:
         sources = [Path(record["source_image"]) for record in csv.DictReader(handle)]

@@ -217,3 +217,35 @@ def test_nan_volume_stops_the_loader_with_the_file_name(tmp_path, nifti_writer):
         messages.append(str(cause))
         cause = cause.__cause__
     assert any(str(tmp_path / "broken.nii.gz") in m and "NaN/inf" in m for m in messages), messages
+
+
+def test_nifti_and_png_load_without_itk_and_dicom_names_the_fix(tmp_path, nifti_writer, monkeypatch):
+    from monai.utils import OptionalImportError
+    from PIL import Image
+
+    from custom_nets.data import loading
+
+    def itk_missing() -> None:  # what MONAI's ITKReader() raises when itk is not installed
+        raise OptionalImportError("required package `itk` is not installed or the version doesn't match requirement.")
+
+    monkeypatch.setitem(loading.READERS, "itk", itk_missing)
+    nifti_writer(tmp_path / "volume.nii.gz", np.ones((8, 8, 4), np.float32))
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "image.png")
+    assert tuple(load_item_array({"image": str(tmp_path / "volume.nii.gz"), "kind": "volume"}).shape) == (1, 8, 8, 4)
+    assert tuple(load_item_array({"image": str(tmp_path / "image.png"), "kind": "image"}).shape) == (1, 8, 6)
+    dicom = get_testdata_file("CT_small.dcm")
+    with pytest.raises(loading.ReaderUnavailableError, match="itk-io") as error:
+        load_item_array({"image": dicom, "kind": "image"})
+    assert dicom in str(error.value) and isinstance(error.value, ImportError) and isinstance(error.value, ValueError)
+
+
+def test_readers_are_built_once_on_first_use(tmp_path, nifti_writer):
+    from custom_nets.data.loading import LoadMedicalImaged
+
+    nifti_writer(tmp_path / "volume.nii.gz", np.ones((8, 8, 4), np.float32))
+    load = LoadMedicalImaged("image")
+    assert load.loaders == {}
+    load({"image": str(tmp_path / "volume.nii.gz")})
+    first = load.loaders["nibabel"]
+    load({"image": str(tmp_path / "volume.nii.gz")})
+    assert list(load.loaders) == ["nibabel"] and load.loaders["nibabel"] is first

@@ -20,6 +20,7 @@ from custom_nets.data.segmentation import (
     load_segmentation_datalist,
     make_datalist,
     select_label_fraction,
+    select_stratified,
     split_cases,
 )
 
@@ -240,3 +241,22 @@ def test_datalist_loading_errors_and_inference_inputs(tmp_path, seg_data):
     assert inference_datalist(tmp_path) == [{"image": str(tmp_path / "vol.nii.gz")}]
     with pytest.raises(FileNotFoundError, match="no images to segment"):
         inference_datalist(tmp_path, pattern="*.mha")
+
+
+def test_select_stratified_round_robin_nested_and_seeded():
+    items = [{"case": f"{group}{i}", "group": group} for group in "abc" for i in range(3)] + [
+        {"case": "d0", "group": "d"}
+    ]
+    three = select_stratified(items, 3, key="group", seed=4)
+    assert sorted(item["group"] for item in three) == ["a", "b", "c"]  # one of each group first
+    six = select_stratified(items, 6, key="group", seed=4)
+    assert sorted(item["group"] for item in six) == ["a", "a", "b", "b", "c", "d"]  # groups take turns in order
+    assert all(item in six for item in three)  # nested for one seed
+    assert [items.index(item) for item in six] == sorted(items.index(item) for item in six)  # datalist order kept
+    assert select_stratified(items, 3, key="group", seed=4) == three
+    assert any(select_stratified(items, 3, key="group", seed=s) != three for s in range(5, 10))
+    assert select_stratified(items, len(items), key="group") == items
+    with pytest.raises(ValueError, match="count must be in"):
+        select_stratified(items, 0, key="group")
+    with pytest.raises(ValueError, match="no 'anatomy'"):
+        select_stratified(items, 2, key="anatomy")

@@ -1,6 +1,8 @@
-"""Ignite / MONAI handlers: prototype upkeep, k-means, collapse monitoring, gradients, loss terms, embeddings."""
+"""Ignite / MONAI handlers: prototype upkeep, k-means, collapse and effective-rank monitoring, gradients, loss terms,
+embeddings."""
 
 from custom_nets.engines.handlers.collapse import ClusterCollapseMonitor, assignment_statistics
+from custom_nets.engines.handlers.effective_rank import EffectiveRankMonitor
 from custom_nets.engines.handlers.embedding_writer import EmbeddingWriter
 from custom_nets.engines.handlers.engine_state import CheckpointEngineState
 from custom_nets.engines.handlers.gradients import GradientControl, trust_ratio
@@ -13,6 +15,7 @@ __all__ = [
     "CheckpointEngineState",
     "ClusterCollapseMonitor",
     "DeepClusterKMeansHandler",
+    "EffectiveRankMonitor",
     "EmbeddingWriter",
     "GradientControl",
     "LossTermsHandler",
