@@ -254,16 +254,18 @@ def _format_report(report: Mapping) -> str:
         f"downstream: {downstream['task']}; {downstream['test_volumes']} held-out {downstream['scored_split']} "
         f"volumes, {len(downstream['seeds'])} seeds per cell"
     )
-    lines.append("  protocol     labelled  metric  random init        pretrained         gain     clear (> larger std)")
+    lines.append(
+        "  protocol    labelled  metric  random init       pretrained        gain    clear (> larger std)  seeds won"
+    )
     for protocol, result in downstream["protocols"].items():
         for metric, rows in result["rows"].items():
             for budget in downstream["labelled_volumes"]:
                 found = {row["init"]: row for row in rows if row["labelled_volumes"] == budget}
                 gain = pretraining_gain(rows, budget)
                 lines.append(
-                    f"  {protocol:<12} {budget:>8}  {metric[:-5]:<6}  "
-                    + "   ".join(f"{found[i]['mean']:.3f} +- {found[i]['std']:.3f}" for i in INITS)
-                    + f"   {gain['gain']:+.3f}   {'yes' if gain['clear'] else 'no'}"
+                    f"  {protocol:<11} {budget:>8}  {metric[:-5]:<6}  "
+                    + "  ".join(f"{found[i]['mean']:.3f} +- {found[i]['std']:.3f}" for i in INITS)
+                    + f"  {gain['gain']:+.3f}  {'yes' if gain['clear'] else 'no':<20}  {gain['wins']}/{gain['trials']}"
                 )
     lines.append("")
     lines.append("held-out embeddings                      random init -> pretrained")

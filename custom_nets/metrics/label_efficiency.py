@@ -47,8 +47,10 @@ def pretraining_gain(
 ) -> dict[str, Any]:
     """Gain of ``init`` over ``baseline`` at ``budget`` labelled volumes, judged against the seed spread.
 
-    Returns ``{"labelled_volumes", "gain", "larger_std", "clear"}``: ``clear`` is True when the difference of the means
-    exceeds the larger of the two sample standard deviations (the demo's target, issue 10).
+    Returns ``{"labelled_volumes", "gain", "larger_std", "clear", "paired_std", "wins", "trials"}``: ``clear`` is True
+    when the difference of the means exceeds the larger of the two sample standard deviations (the demo's target).
+    The trials of one seed share their labelled volumes, so the per-seed differences are also given: their sample
+    std (``paired_std``) and the number of seeds where ``init`` scored higher (``wins`` of ``trials``).
 
     Raises:
         KeyError: when either init has no row at ``budget``.
@@ -59,7 +61,16 @@ def pretraining_gain(
         raise KeyError(f"no results for {missing} at {budget} labelled volumes.")
     gain = found[init]["mean"] - found[baseline]["mean"]
     larger_std = max(found[init]["std"], found[baseline]["std"])
-    return {"labelled_volumes": budget, "gain": gain, "larger_std": larger_std, "clear": bool(gain > larger_std)}
+    differences = [a - b for a, b in zip(found[init]["values"], found[baseline]["values"], strict=True)]
+    return {
+        "labelled_volumes": budget,
+        "gain": gain,
+        "larger_std": larger_std,
+        "clear": bool(gain > larger_std),
+        "paired_std": mean_std(differences)[1],
+        "wins": sum(difference > 0 for difference in differences),
+        "trials": len(differences),
+    }
 
 
 def plot_label_efficiency(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from custom_nets.pretraining_demo import INITS, SEGMENTATION_CLASSES, run_demo, write_trial_datalist
 
@@ -69,6 +70,16 @@ def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path
         for init in INITS:
             trial = tmp_path / "finetune" / protocol / init / "labelled_3" / "seed_0"
             assert (trial / "eval" / "summary.json").is_file() and (trial / "models" / "model.pt").is_file()
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    for protocol, unchanged in (("frozen", True), ("end_to_end", False)):
+        tuned = torch.load(
+            tmp_path / "finetune" / protocol / "pretrained" / "labelled_3" / "seed_0" / "models" / "model.pt",
+            weights_only=True,
+        )
+        same = torch.equal(
+            tuned["encoder.trunk.layer1.0.conv1.weight"], exported["slice_encoder.trunk.layer1.0.conv1.weight"]
+        )
+        assert same == unchanged  # the frozen protocol trains the decoder only; end to end trains the encoder too
     datalist = json.loads((tmp_path / "finetune" / "datalists" / "labelled_3_seed_0.json").read_text())
     assert all(item["image"].startswith("seg_pool/") for item in datalist["training"])
     assert all(item["image"].startswith("seg_test/") for item in datalist["testing"])
