@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -308,8 +309,9 @@ def run_demo(
     """Run the whole demo and return the report dict (also written to ``<workdir>/report.json``).
 
     Args:
-        workdir: folder for the corpora, the runs, embeddings, report and plots. Corpora and finished fine-tuning
-            trials are reused; pretraining restarts from scratch.
+        workdir: folder for the corpora, the runs, embeddings, report and plots. Corpora are reused; pretraining
+            restarts from scratch, and so do the fine-tuning trials (``<workdir>/finetune`` is emptied: its trials
+            started from the previous run's weights).
         epochs: pretraining epochs (default: the cpu_demo preset's).
         num_per_class: volumes and 2D images per hidden class of the pretraining corpus.
         eval_per_class: volumes and 2D images per hidden class of the held-out embedding corpus.
@@ -371,6 +373,7 @@ def run_demo(
             output_dir=str(workdir / "embeddings_pretrained"),
         )
     with clock("fine-tune"):
+        shutil.rmtree(workdir / "finetune", ignore_errors=True)
         results = {
             protocol: run_label_efficiency(
                 workdir,

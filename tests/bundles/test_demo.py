@@ -72,10 +72,8 @@ def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path
             assert (trial / "eval" / "summary.json").is_file() and (trial / "models" / "model.pt").is_file()
     exported = torch.load(tmp_path / "model.pt", weights_only=True)
     for protocol, unchanged in (("frozen", True), ("end_to_end", False)):
-        tuned = torch.load(
-            tmp_path / "finetune" / protocol / "pretrained" / "labelled_3" / "seed_0" / "models" / "model.pt",
-            weights_only=True,
-        )
+        trial = tmp_path / "finetune" / protocol / "pretrained" / "labelled_3" / "seed_0"
+        tuned = torch.load(trial / "models" / "model.pt", weights_only=True)
         same = torch.equal(
             tuned["encoder.trunk.layer1.0.conv1.weight"], exported["slice_encoder.trunk.layer1.0.conv1.weight"]
         )
