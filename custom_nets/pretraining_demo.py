@@ -32,7 +32,7 @@ import numpy as np
 from custom_nets.data import make_demo_corpus
 from custom_nets.data.demo import DEMO_CLASSES, DEMO_STRUCTURES
 from custom_nets.data.segmentation import select_stratified
-from custom_nets.metrics.embedding import embedding_separation, plot_embeddings
+from custom_nets.metrics.embedding import embedding_separation, plot_effective_rank, plot_embeddings
 from custom_nets.metrics.label_efficiency import label_efficiency_rows, plot_label_efficiency, pretraining_gain
 from custom_nets.trials import run_trial, trial_metric
 from custom_nets.weights import export_pretrained
@@ -246,9 +246,10 @@ def _format_report(report: Mapping) -> str:
         )
     for name, stats in report["prototypes"].items():
         lines.append(f"prototypes in use ({name}): {stats}")
-    if report.get("training_rank"):
-        ranks = ", ".join(f"{k} {v:.1f}" for k, v in report["training_rank"].items() if not k.endswith("rows"))
-        lines.append(f"effective rank at the end of training (training views): {ranks}")
+    for name in ("intra", "inter"):
+        curve = [f"{record[name]:.1f}" for record in report["training_rank_history"] if name in record]
+        if curve:
+            lines.append(f"effective rank of {name} features during training: {' -> '.join(curve)}")
     lines.append("")
     downstream = report["downstream"]
     lines.append(
@@ -284,7 +285,7 @@ def _format_report(report: Mapping) -> str:
     )
     lines.append("")
     lines.append("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()))
-    lines.append(f"plots: {report['plots']['label_efficiency']}, {report['plots']['embeddings']}")
+    lines.append("plots: " + ", ".join(report["plots"].values()))
     lines.append(f"report: {report['report']}")
     return "\n".join(lines)
 
@@ -447,6 +448,10 @@ def _demo_report(workdir: Path, workflow, handlers: Sequence, weights: Path, res
     scatter = plot_embeddings(
         panels, workdir / "embeddings.png", title="PCA of held-out embeddings by hidden class", class_names=DEMO_CLASSES
     )
+    rank_history = list(rank_monitor.history) if rank_monitor is not None else []
+    rank_curve = plot_effective_rank(
+        rank_history, workdir / "effective_rank.png", title="Effective rank of training features (rolling 256 rows)"
+    )
     return {
         "iterations": workflow.trainer.state.iteration,
         "loss_terms": next(h.history for h in handlers if type(h).__name__ == "LossTermsHandler"),
@@ -456,12 +461,12 @@ def _demo_report(workdir: Path, workflow, handlers: Sequence, weights: Path, res
             if type(h).__name__ == "ClusterCollapseMonitor"
         },
         "training_rank": dict(rank_monitor.last) if rank_monitor is not None else {},
-        "training_rank_history": list(rank_monitor.history) if rank_monitor is not None else [],
+        "training_rank_history": rank_history,
         "random_init": random_scores,
         "pretrained": pretrained_scores,
         "volume_rank_target": volume_rank,
         "downstream": {"protocols": protocols},
         "weights": str(weights),
-        "plots": {"label_efficiency": str(curve), "embeddings": str(scatter)},
+        "plots": {"label_efficiency": str(curve), "embeddings": str(scatter), "effective_rank": str(rank_curve)},
         "report": str(workdir / "report.json"),
     }

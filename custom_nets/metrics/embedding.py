@@ -18,6 +18,7 @@ __all__ = [
     "knn_accuracy",
     "kmeans_nmi",
     "linear_probe_accuracy",
+    "plot_effective_rank",
     "plot_embeddings",
 ]
 
@@ -153,6 +154,35 @@ def plot_embeddings(
     if title:
         figure.suptitle(title)
     figure.tight_layout(rect=(0.0, 0.08, 1.0, 0.96 if title else 1.0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_effective_rank(
+    history: Sequence[dict], path: str | Path, names: Sequence[str] = ("intra", "inter"), title: str = ""
+) -> Path:
+    """PNG of effective ranks against training iteration from records ``{"iteration", <name>: rank, ...}`` (the
+    history of :class:`custom_nets.engines.handlers.EffectiveRankMonitor`); a name missing from a record is skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    for name in names:
+        points = [(record["iteration"], record[name]) for record in history if name in record]
+        if points:
+            axis.plot(*zip(*points, strict=True), marker="o", label=name)
+    axis.set_xlabel("training iteration")
+    axis.set_ylabel("effective rank (RankMe)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    if title:
+        axis.set_title(title, fontsize=10)
+    figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

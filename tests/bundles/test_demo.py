@@ -82,7 +82,8 @@ def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path
     assert all(item["image"].startswith("seg_pool/") for item in datalist["training"])
     assert all(item["image"].startswith("seg_test/") for item in datalist["testing"])
     assert set(saved["stage_seconds"]) >= {"pretrain", "fine-tune", "total"}
-    for plot in ("label_efficiency.png", "embeddings.png"):
+    assert saved["training_rank_history"] and saved["training_rank_history"][-1] == saved["training_rank"]
+    for plot in ("label_efficiency.png", "embeddings.png", "effective_rank.png"):
         assert (tmp_path / plot).stat().st_size > 0
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "model.json").is_file()
     random_rows = np.load(tmp_path / "embeddings_random" / "embeddings.npy")

@@ -15,6 +15,7 @@ from custom_nets.metrics.embedding import (
     kmeans_nmi,
     knn_accuracy,
     linear_probe_accuracy,
+    plot_effective_rank,
     plot_embeddings,
 )
 
@@ -122,3 +123,10 @@ def test_effective_rank_rejects_non_finite_values() -> None:
     features[1, 2] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         effective_rank(features)
+
+
+def test_effective_rank_plot_skips_missing_names(tmp_path: Path) -> None:
+    history = [{"iteration": 16, "intra": 20.0}, {"iteration": 32, "intra": 18.5, "inter": 9.0}]
+    path = plot_effective_rank(history, tmp_path / "rank.png")
+    with Image.open(path) as image:
+        assert image.size[0] > 200
