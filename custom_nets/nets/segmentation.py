@@ -147,6 +147,19 @@ class SliceEncoderUNet(FlexibleUNet):
         logger.info("slice encoder weights loaded from %s: %s", origin, report.summary())
         return report
 
+    def parameter_groups(self, encoder_lr: float) -> list[dict]:
+        """Optimizer parameter groups: the trainable encoder parameters at ``encoder_lr``, then every other trainable
+        parameter at the optimizer's own rate (empty groups are left out, e.g. the encoder when frozen).
+
+        A lower rate for a pretrained encoder than for the new decoder is the usual way to fine-tune without washing
+        out the pretrained features; bundles set it as ``learning_rate * encoder_lr_scale``.
+        """
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        encoder_ids = {id(p) for p in self.encoder.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_ids]
+        groups = [{"params": encoder, "lr": encoder_lr}, {"params": rest}]
+        return [group for group in groups if group["params"]]
+
     def train(self, mode: bool = True) -> SliceEncoderUNet:
         super().train(mode)
         if self.freeze_encoder:

@@ -104,3 +104,17 @@ def test_fine_tuned_encoder_trains_and_holds_no_embedding_head():
     assert not any(k.startswith("embedding_proj") for k in net.state_dict())
     with pytest.raises(ValueError, match="pretrained_ckpt"):
         SliceEncoderBackbone(pretrained=True)
+
+
+def test_parameter_groups_give_the_encoder_its_own_rate_and_cover_every_trainable_parameter_once():
+    net = SliceEncoderUNet(in_channels=1, out_channels=2, **TINY)
+    encoder, rest = net.parameter_groups(encoder_lr=1e-4)
+    assert encoder["lr"] == 1e-4 and "lr" not in rest
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in net.encoder.parameters()}
+    grouped = [id(p) for group in (encoder, rest) for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in net.parameters()) and len(set(grouped)) == len(grouped)
+    optimizer = torch.optim.AdamW(net.parameter_groups(encoder_lr=1e-4), lr=1e-3)
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-4, 1e-3]
+    frozen = SliceEncoderUNet(in_channels=1, out_channels=2, freeze_encoder=True, **TINY)
+    (only,) = frozen.parameter_groups(encoder_lr=1e-4)  # the empty encoder group is left out
+    assert "lr" not in only and all(p.requires_grad for p in only["params"])
