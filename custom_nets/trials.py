@@ -22,19 +22,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from custom_nets.metrics.segmentation import mean_std
+from custom_nets.metrics.label_efficiency import seed_summary
 
 __all__ = ["aggregate_trials", "format_table", "run_trial", "run_trials", "trial_metric"]
 
 
 def aggregate_trials(results: Mapping[float, Mapping[int, float]]) -> list[dict[str, Any]]:
     """Mean +- sample std over seeds for each label fraction: ``{fraction: {seed: value}}`` -> table rows."""
-    rows = []
-    for fraction in sorted(results):
-        values = [results[fraction][seed] for seed in sorted(results[fraction])]
-        mean, std, count = mean_std(values)
-        rows.append({"label_fraction": fraction, "mean": mean, "std": std, "trials": count, "values": values})
-    return rows
+    return [{"label_fraction": fraction, **seed_summary(results[fraction])} for fraction in sorted(results)]
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], metric: str, scale: float = 100.0) -> str:

@@ -12,6 +12,8 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import normalized_mutual_info_score
 
+from custom_nets.metrics.figures import pyplot, save_figure
+
 __all__ = [
     "effective_rank",
     "embedding_separation",
@@ -126,10 +128,7 @@ def plot_embeddings(
 ) -> Path:
     """Save a PNG with one PCA scatter per panel ``name -> (embeddings (M, d), labels (M,))``, coloured by label, with
     a legend naming each label (``class_names[label]`` when given)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 4.2 * rows), squeeze=False)
@@ -154,11 +153,7 @@ def plot_embeddings(
     if title:
         figure.suptitle(title)
     figure.tight_layout(rect=(0.0, 0.08, 1.0, 0.96 if title else 1.0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def plot_effective_rank(
@@ -166,10 +161,7 @@ def plot_effective_rank(
 ) -> Path:
     """PNG of effective ranks against training iteration from records ``{"iteration", <name>: rank, ...}`` (the
     history of :class:`custom_nets.engines.handlers.EffectiveRankMonitor`); a name missing from a record is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
     for name in names:
@@ -183,8 +175,4 @@ def plot_effective_rank(
     if title:
         axis.set_title(title, fontsize=10)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -15,31 +15,28 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from custom_nets.metrics.figures import pyplot, save_figure
 from custom_nets.metrics.segmentation import mean_std
 
-__all__ = ["label_efficiency_rows", "pretraining_gain", "plot_label_efficiency"]
+__all__ = ["label_efficiency_rows", "plot_label_efficiency", "pretraining_gain", "seed_summary"]
 
 Results = Mapping[str, Mapping[int, Mapping[int, float]]]
 
 
+def seed_summary(values_by_seed: Mapping[int, float]) -> dict[str, Any]:
+    """Mean, sample std and count of the finite values over seeds, and the values ordered by seed."""
+    values = [values_by_seed[seed] for seed in sorted(values_by_seed)]
+    mean, std, count = mean_std(values)
+    return {"mean": mean, "std": std, "trials": count, "values": values}
+
+
 def label_efficiency_rows(results: Results) -> list[dict[str, Any]]:
-    """One row per (init, labelled volumes): mean, sample std and count over seeds, and the values by seed."""
-    rows = []
-    for init, by_budget in results.items():
-        for budget in sorted(by_budget):
-            values = [by_budget[budget][seed] for seed in sorted(by_budget[budget])]
-            mean, std, count = mean_std(values)
-            rows.append(
-                {
-                    "init": init,
-                    "labelled_volumes": int(budget),
-                    "mean": mean,
-                    "std": std,
-                    "trials": count,
-                    "values": values,
-                }
-            )
-    return rows
+    """One row per (init, labelled volumes): :func:`seed_summary` of its trials."""
+    return [
+        {"init": init, "labelled_volumes": int(budget), **seed_summary(by_budget[budget])}
+        for init, by_budget in results.items()
+        for budget in sorted(by_budget)
+    ]
 
 
 def pretraining_gain(
@@ -77,10 +74,7 @@ def plot_label_efficiency(
     rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "Dice", title: str = ""
 ) -> Path:
     """PNG of ``metric`` (mean +- std over seeds) against labelled volumes, one line per initialisation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(5.5, 4.0))
     inits = list(dict.fromkeys(row["init"] for row in rows))
@@ -104,8 +98,4 @@ def plot_label_efficiency(
     if title:
         axis.set_title(title, fontsize=10)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -27,6 +27,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import ImageMetaKey, string_list_all_gather
 
+from custom_nets.metrics.figures import pyplot, save_figure
 from custom_nets.metrics.segmentation import summarise
 
 __all__ = ["SegmentationReport", "case_name", "save_overlay"]
@@ -66,10 +67,7 @@ def save_overlay(
     Returns:
         The index of the slice drawn (along the last axis).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     foreground = label[first_class:].sum(axis=tuple(range(label.ndim - 1)))
     if foreground.max() == 0:
@@ -86,11 +84,7 @@ def save_overlay(
         ax.set_title(f"{title} (slice {index})")
         ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=80)
     return index
 
 
