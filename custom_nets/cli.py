@@ -16,9 +16,9 @@ import os
 
 import fire
 
-from custom_nets.data import brats, mmwhs
 from custom_nets.data.datalist import validate_datalist
 from custom_nets.data.make_datalist import make_datalist
+from custom_nets.datasets import brats, mmwhs
 from custom_nets.pretraining_demo import run_demo
 from custom_nets.weights import export_pretrained
 

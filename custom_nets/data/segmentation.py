@@ -105,7 +105,7 @@ class CheckSegmentationPaird(MapTransform):
             if bad:
                 raise ValueError(
                     f"label {label_file} has values {bad[:10]} outside 0..{self.num_label_values - 1} "
-                    f"(image {image_file}). Map the raw labels first (see custom_nets.data.mmwhs / brats)."
+                    f"(image {image_file}). Map the raw labels first (see custom_nets.datasets.mmwhs / brats)."
                 )
         return d
 
@@ -290,7 +290,7 @@ def load_segmentation_datalist(
     path = Path(datalist)
     if not path.is_file():
         raise FileNotFoundError(
-            f"datalist not found: {path}. Prepare one with python -m custom_nets.data.brats / mmwhs / segmentation."
+            f"datalist not found: {path}. Prepare one with python -m custom_nets.datasets.brats / mmwhs / segmentation."
         )
     with open(path) as f:
         sections = json.load(f)

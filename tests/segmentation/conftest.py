@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom_nets.data.mmwhs import MMWHS_RAW_LABELS
+from custom_nets.datasets.mmwhs import MMWHS_RAW_LABELS
 
 SHAPE = (24, 20, 6)
 # LPS-like axes with swapped in-plane axes and anisotropic spacing: Orientationd must reorient and Invertd undo it.

@@ -20,7 +20,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow, run, verify_net_in_out
 
-from custom_nets.data import brats, mmwhs
+from custom_nets.datasets import brats, mmwhs
 from custom_nets.nets.slice_encoder import SliceEncoder
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"

@@ -11,7 +11,6 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom_nets.data import brats, mmwhs
 from custom_nets.data.segmentation import (
     CheckSegmentationPaird,
     RandForegroundSliced,
@@ -23,6 +22,7 @@ from custom_nets.data.segmentation import (
     select_stratified,
     split_cases,
 )
+from custom_nets.datasets import brats, mmwhs
 
 
 def test_mmwhs_label_mapping_covers_every_raw_code():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from custom_nets import trials
-from custom_nets.data import mmwhs
+from custom_nets.datasets import mmwhs
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "finetune_heart"
 

@@ -7,7 +7,7 @@ METHOD.md section 3.4); any other value is rejected with the file named. The aut
 
 CLI (fire)::
 
-    python -m custom_nets.data.mmwhs prepare --src_dir /data/mmwhs/ct_train --out_dir /data/mmwhs_ct_prepared
+    python -m custom_nets.datasets.mmwhs prepare --src_dir /data/mmwhs/ct_train --out_dir /data/mmwhs_ct_prepared
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ whole-tumour segmentation from FLAIR alone.
 
 CLI (fire)::
 
-    python -m custom_nets.data.brats prepare --src_dir /data/BraTS2020/train --out_dir /data/brats_prepared \
+    python -m custom_nets.datasets.brats prepare --src_dir /data/BraTS2020/train --out_dir /data/brats_prepared \
         --modalities flair            # or flair,t1,t1ce,t2
 """
 
