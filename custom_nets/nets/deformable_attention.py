@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from custom_nets.nets.slice_sampling import SAMPLING_BACKENDS, deformable_slice_sampling
 
 __all__ = ["DeformableSliceAttention"]
 
@@ -14,9 +15,10 @@ class DeformableSliceAttention(nn.Module):
 
     For query slice ``i`` and head ``m``, ``num_points`` sampling locations ``ref_i + offset_mik`` (in slice units) and
     their weights (softmax over the points) are predicted from the query. Values are read at these fractional slice
-    positions by linear interpolation between the two neighbouring slices, as one ``F.embedding_bag`` weighted sum of
-    ``2 * num_points`` value rows per query and head; positions outside the volume or on padding slices read zeros.
+    positions by linear interpolation between the two neighbouring slices (:func:`deformable_slice_sampling`: a fused
+    Triton kernel on CUDA, plain PyTorch elsewhere); positions outside the volume or on padding slices read zeros.
     Cost and memory are ``O(N * heads * points * d)``: no ``N x N`` tensor is ever formed, unlike dense attention.
+    The sampling runs in float32 under autocast; the projections follow autocast.
 
     The authors' public code applies a 1D deformable attention with the 640 features as the sequence axis; here the
     sequence axis is the slice axis, and any number of slices works.
@@ -29,15 +31,22 @@ class DeformableSliceAttention(nn.Module):
         embed_dim: token width ``d``; divisible by ``num_heads``.
         num_heads: attention heads ``M`` (8 as in Deformable-DETR).
         num_points: sampling points ``K`` per head (4 as in Deformable-DETR).
+        sampling_backend: ``"auto"`` (fused Triton kernels for CUDA tensors, PyTorch otherwise), ``"torch"`` or
+            ``"triton"``; see :mod:`custom_nets.nets.slice_sampling`.
 
     References:
         arXiv 2212.01893 (f_inter); Zhu et al., "Deformable DETR", arXiv 2010.04159 (deformable attention).
     """
 
-    def __init__(self, embed_dim: int = 640, num_heads: int = 8, num_points: int = 4) -> None:
+    def __init__(
+        self, embed_dim: int = 640, num_heads: int = 8, num_points: int = 4, sampling_backend: str = "auto"
+    ) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}).")
+        if sampling_backend not in SAMPLING_BACKENDS:
+            raise ValueError(f"sampling_backend must be one of {SAMPLING_BACKENDS}, got {sampling_backend!r}.")
+        self.sampling_backend = sampling_backend
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_points = num_points
@@ -65,46 +74,23 @@ class DeformableSliceAttention(nn.Module):
 
     def sampling_locations(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampling positions in slice units ``(B, N, M, K)`` and their softmax weights ``(B, N, M, K)``."""
-        batch, num_slices, _ = query.shape
-        shape = (batch, num_slices, self.num_heads, self.num_points)
-        offsets = self.sampling_offsets(query).view(shape)
-        weights = self.attention_weights(query).view(shape).softmax(dim=-1)
-        reference = torch.arange(num_slices, device=query.device, dtype=offsets.dtype).view(1, num_slices, 1, 1)
-        return reference + offsets, weights
+        offsets, logits = self._sampling_parameters(query)
+        reference = torch.arange(query.shape[1], device=query.device, dtype=torch.float32).view(1, -1, 1, 1)
+        return reference + offsets.float(), logits.float().softmax(dim=-1)
 
-    def _interpolation_rows(
-        self, locations: torch.Tensor, weights: torch.Tensor, batch: int, num_slices: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the flattened value table ``(B*N*M, head_dim)`` and their coefficients, both ``(B*N*M, 2K)``.
-
-        Each sampling point reads its two neighbouring slices with linear-interpolation weights times its attention
-        weight; neighbours outside ``[0, N)`` get coefficient 0 (zero padding). Row of (sample b, slice s, head m):
-        ``(b * N + s) * M + m``.
-        """
-        lower = locations.floor()
-        upper_fraction = locations - lower  # carries the gradient to the offsets
-        neighbours = torch.stack((lower, lower + 1), dim=-1).long()  # (B, N, M, K, 2)
-        coefficients = torch.stack((1.0 - upper_fraction, upper_fraction), dim=-1) * weights[..., None]
-        coefficients = coefficients * ((neighbours >= 0) & (neighbours < num_slices))
-        neighbours = neighbours.clamp(0, num_slices - 1)
-        sample = torch.arange(batch, device=locations.device).view(batch, 1, 1, 1, 1)
-        head = torch.arange(self.num_heads, device=locations.device).view(1, 1, self.num_heads, 1, 1)
-        rows = (sample * num_slices + neighbours) * self.num_heads + head
-        return rows.view(-1, 2 * self.num_points), coefficients.view(-1, 2 * self.num_points)
+    def _sampling_parameters(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offsets (slice units, relative to the query slice) and attention logits, both ``(B, N, M, K)``."""
+        shape = (*query.shape[:2], self.num_heads, self.num_points)
+        return self.sampling_offsets(query).view(shape), self.attention_weights(query).view(shape)
 
     def forward(
         self, query: torch.Tensor, value: torch.Tensor | None = None, slice_valid: torch.Tensor | None = None
     ) -> torch.Tensor:
         value = query if value is None else value
         batch, num_slices, _ = query.shape
-        values = self.value_proj(value)
-        if slice_valid is not None:
-            values = values.masked_fill(~slice_valid[..., None], 0.0)
-        locations, weights = self.sampling_locations(query)
-        rows, coefficients = self._interpolation_rows(locations, weights, batch, num_slices)
-        table = values.reshape(batch * num_slices * self.num_heads, self.head_dim)
-        # one weighted sum of 2K value rows per (sample, slice, head): bags come out as (B, N, M, head_dim)
-        attended = F.embedding_bag(rows, table, per_sample_weights=coefficients.to(table.dtype), mode="sum")
+        values = self.value_proj(value).view(batch, num_slices, self.num_heads, self.head_dim)
+        offsets, logits = self._sampling_parameters(query)
+        attended = deformable_slice_sampling(values, offsets, logits, slice_valid, backend=self.sampling_backend)
         output = self.output_proj(attended.view(batch, num_slices, self.embed_dim))
         if slice_valid is not None:
             output = output.masked_fill(~slice_valid[..., None], 0.0)

@@ -1,0 +1,266 @@
+"""Fused Triton kernels for deformable sampling along the slice axis (``f_inter``'s attention, arXiv 2212.01893).
+
+Same function as :func:`custom_nets.nets.slice_sampling.slice_sampling_reference`, in one kernel per pass:
+
+* forward: per row ``(b, n, m)`` the softmax of the ``K`` logits, the ``K`` read positions ``n + offset``, the two
+  neighbouring value rows of each (zero outside ``[0, N)`` or on invalid slices) and their weighted sum;
+* backward: from the output gradient ``g``, the gradients of the logits (through the softmax), of the offsets
+  (``weight * g . (v_upper - v_lower)``) and of the values (``coefficient * g``, added with float32 atomics).
+
+Programs handle ``BLOCK_ROWS`` rows of ``(b, n, m)`` times the whole head width. Arithmetic is float32 whatever the
+dtype of the values. The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["triton_slice_sampling"]
+
+TILE_ELEMENTS = 2048  # BLOCK_ROWS * BLOCK_DIM per program
+
+
+@triton.jit
+def _point_read(
+    values_ptr,
+    valid_ptr,
+    location,
+    sample_start,
+    head,
+    dims,
+    row_mask,
+    dim_mask,
+    num_slices,
+    num_heads,
+    head_dim,
+    HAS_VALID: tl.constexpr,
+):
+    """Lower and upper neighbour of a read position: slice index, in-volume mask, value tile (float32)."""
+    lower_float = tl.floor(location)
+    lower = lower_float.to(tl.int64)
+    upper = lower + 1
+    lower_inside = row_mask & (lower >= 0) & (lower < num_slices)
+    upper_inside = row_mask & (upper >= 0) & (upper < num_slices)
+    if HAS_VALID:
+        lower_inside = lower_inside & (tl.load(valid_ptr + sample_start + lower, mask=lower_inside, other=0) != 0)
+        upper_inside = upper_inside & (tl.load(valid_ptr + sample_start + upper, mask=upper_inside, other=0) != 0)
+    lower_rows = ((sample_start + lower) * num_heads + head) * head_dim
+    upper_rows = ((sample_start + upper) * num_heads + head) * head_dim
+    lower_tile = lower_inside[:, None] & dim_mask[None, :]
+    upper_tile = upper_inside[:, None] & dim_mask[None, :]
+    lower_values = tl.load(values_ptr + lower_rows[:, None] + dims[None, :], mask=lower_tile, other=0.0)
+    upper_values = tl.load(values_ptr + upper_rows[:, None] + dims[None, :], mask=upper_tile, other=0.0)
+    return (
+        location - lower_float,
+        lower_rows,
+        upper_rows,
+        lower_tile,
+        upper_tile,
+        lower_values.to(tl.float32),
+        upper_values.to(tl.float32),
+    )
+
+
+@triton.jit
+def _softmax_rows(logits_ptr, point_rows, point_mask):
+    """Softmax over the points of each row: ``(BLOCK_ROWS, BLOCK_POINTS)`` float32, zero on padding points."""
+    logits = tl.load(logits_ptr + point_rows, mask=point_mask, other=float("-inf")).to(tl.float32)
+    largest = tl.max(logits, axis=1)
+    largest = tl.where(largest == float("-inf"), 0.0, largest)  # rows beyond the end: all points masked
+    exponentials = tl.where(point_mask, tl.exp(logits - largest[:, None]), 0.0)
+    total = tl.sum(exponentials, axis=1)
+    return exponentials / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def _sampling_forward_kernel(
+    values_ptr,
+    offsets_ptr,
+    logits_ptr,
+    valid_ptr,
+    output_ptr,
+    num_rows,
+    num_slices,
+    num_heads,
+    head_dim,
+    HAS_VALID: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    BLOCK_POINTS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < num_rows
+    dims = tl.arange(0, BLOCK_DIM)
+    dim_mask = dims < head_dim
+    points = tl.arange(0, BLOCK_POINTS)
+    point_mask = row_mask[:, None] & (points[None, :] < NUM_POINTS)
+    head = rows % num_heads
+    sample_slice = rows // num_heads
+    query_slice = sample_slice % num_slices
+    sample_start = sample_slice - query_slice
+    weights = _softmax_rows(logits_ptr, rows[:, None] * NUM_POINTS + points[None, :], point_mask)
+    accumulated = tl.zeros((BLOCK_ROWS, BLOCK_DIM), dtype=tl.float32)
+    for point in tl.static_range(NUM_POINTS):
+        weight = tl.sum(tl.where(points[None, :] == point, weights, 0.0), axis=1)
+        offset = tl.load(offsets_ptr + rows * NUM_POINTS + point, mask=row_mask, other=0.0).to(tl.float32)
+        fraction, _, _, _, _, lower_values, upper_values = _point_read(
+            values_ptr,
+            valid_ptr,
+            query_slice.to(tl.float32) + offset,
+            sample_start,
+            head,
+            dims,
+            row_mask,
+            dim_mask,
+            num_slices,
+            num_heads,
+            head_dim,
+            HAS_VALID,
+        )
+        accumulated += (weight * (1.0 - fraction))[:, None] * lower_values + (weight * fraction)[:, None] * upper_values
+    tile = row_mask[:, None] & dim_mask[None, :]
+    output = output_ptr + rows[:, None] * head_dim + dims[None, :]
+    tl.store(output, accumulated.to(output_ptr.dtype.element_ty), mask=tile)
+
+
+@triton.jit
+def _sampling_backward_kernel(
+    grad_output_ptr,
+    values_ptr,
+    offsets_ptr,
+    logits_ptr,
+    valid_ptr,
+    grad_values_ptr,
+    grad_offsets_ptr,
+    grad_logits_ptr,
+    num_rows,
+    num_slices,
+    num_heads,
+    head_dim,
+    HAS_VALID: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    BLOCK_POINTS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < num_rows
+    dims = tl.arange(0, BLOCK_DIM)
+    dim_mask = dims < head_dim
+    points = tl.arange(0, BLOCK_POINTS)
+    point_mask = row_mask[:, None] & (points[None, :] < NUM_POINTS)
+    point_rows = rows[:, None] * NUM_POINTS + points[None, :]
+    head = rows % num_heads
+    sample_slice = rows // num_heads
+    query_slice = sample_slice % num_slices
+    sample_start = sample_slice - query_slice
+    tile = row_mask[:, None] & dim_mask[None, :]
+    grad_output = tl.load(grad_output_ptr + rows[:, None] * head_dim + dims[None, :], mask=tile, other=0.0)
+    grad_output = grad_output.to(tl.float32)
+    weights = _softmax_rows(logits_ptr, point_rows, point_mask)
+    grad_weights = tl.zeros((BLOCK_ROWS, BLOCK_POINTS), dtype=tl.float32)
+    for point in tl.static_range(NUM_POINTS):
+        weight = tl.sum(tl.where(points[None, :] == point, weights, 0.0), axis=1)
+        offset = tl.load(offsets_ptr + rows * NUM_POINTS + point, mask=row_mask, other=0.0).to(tl.float32)
+        fraction, lower_rows, upper_rows, lower_tile, upper_tile, lower_values, upper_values = _point_read(
+            values_ptr,
+            valid_ptr,
+            query_slice.to(tl.float32) + offset,
+            sample_start,
+            head,
+            dims,
+            row_mask,
+            dim_mask,
+            num_slices,
+            num_heads,
+            head_dim,
+            HAS_VALID,
+        )
+        lower_dot = tl.sum(grad_output * lower_values, axis=1)
+        upper_dot = tl.sum(grad_output * upper_values, axis=1)
+        grad_weight = (1.0 - fraction) * lower_dot + fraction * upper_dot
+        grad_weights = tl.where(points[None, :] == point, grad_weight[:, None], grad_weights)
+        tl.store(grad_offsets_ptr + rows * NUM_POINTS + point, weight * (upper_dot - lower_dot), mask=row_mask)
+        lower_target = grad_values_ptr + lower_rows[:, None] + dims[None, :]
+        upper_target = grad_values_ptr + upper_rows[:, None] + dims[None, :]
+        tl.atomic_add(lower_target, (weight * (1.0 - fraction))[:, None] * grad_output, mask=lower_tile)
+        tl.atomic_add(upper_target, (weight * fraction)[:, None] * grad_output, mask=upper_tile)
+    weighted_mean = tl.sum(weights * grad_weights, axis=1)
+    grad_logits = weights * (grad_weights - weighted_mean[:, None])
+    tl.store(grad_logits_ptr + point_rows, grad_logits, mask=point_mask)
+
+
+def _launch_shape(values: torch.Tensor, num_points: int) -> dict[str, int]:
+    block_dim = triton.next_power_of_2(values.shape[-1])
+    return {
+        "NUM_POINTS": num_points,
+        "BLOCK_POINTS": triton.next_power_of_2(num_points),
+        "BLOCK_ROWS": max(1, TILE_ELEMENTS // block_dim),
+        "BLOCK_DIM": block_dim,
+    }
+
+
+class _SliceSampling(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, offsets, logits, slice_valid):
+        batch, num_slices, num_heads, head_dim = values.shape
+        values, offsets, logits = values.contiguous(), offsets.contiguous(), logits.contiguous()
+        valid = None if slice_valid is None else slice_valid.to(device=values.device, dtype=torch.int8).contiguous()
+        output = torch.empty_like(values)
+        num_rows = batch * num_slices * num_heads
+        shape = _launch_shape(values, offsets.shape[-1])
+        grid = (triton.cdiv(num_rows, shape["BLOCK_ROWS"]),)
+        _sampling_forward_kernel[grid](
+            values,
+            offsets,
+            logits,
+            valid if valid is not None else values,
+            output,
+            num_rows,
+            num_slices,
+            num_heads,
+            head_dim,
+            HAS_VALID=valid is not None,
+            **shape,
+        )
+        ctx.save_for_backward(values, offsets, logits, valid)
+        ctx.has_valid = valid is not None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        values, offsets, logits, valid = ctx.saved_tensors
+        batch, num_slices, num_heads, head_dim = values.shape
+        grad_values = torch.zeros(values.shape, device=values.device, dtype=torch.float32)
+        grad_offsets = torch.empty(offsets.shape, device=offsets.device, dtype=torch.float32)
+        grad_logits = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+        num_rows = batch * num_slices * num_heads
+        shape = _launch_shape(values, offsets.shape[-1])
+        grid = (triton.cdiv(num_rows, shape["BLOCK_ROWS"]),)
+        _sampling_backward_kernel[grid](
+            grad_output.contiguous(),
+            values,
+            offsets,
+            logits,
+            valid if ctx.has_valid else values,
+            grad_values,
+            grad_offsets,
+            grad_logits,
+            num_rows,
+            num_slices,
+            num_heads,
+            head_dim,
+            HAS_VALID=ctx.has_valid,
+            **shape,
+        )
+        return grad_values.to(values.dtype), grad_offsets.to(offsets.dtype), grad_logits.to(logits.dtype), None
+
+
+def triton_slice_sampling(
+    values: torch.Tensor, offsets: torch.Tensor, logits: torch.Tensor, slice_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fused :func:`custom_nets.nets.slice_sampling.deformable_slice_sampling` (same shapes and semantics)."""
+    return _SliceSampling.apply(values, offsets, logits, slice_valid)
