@@ -56,6 +56,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+import torchvision
 from measure import TensorMemoryTracker, timed
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -67,6 +68,7 @@ from custom_nets.nets import JointSSLNet
 
 SECTIONS = ("a", "b", "c")
 STEP_RATIO_TARGET = 1.15
+THROUGHPUT_TARGET = 0.87
 LOADER_HEADROOM_TARGET = 2.0
 PHASES = ("prepare_batch", "forward", "loss", "backward", "optimizer")
 MIB = 2**20
@@ -101,6 +103,8 @@ class Training:
     optimizer: torch.optim.Optimizer
     prepare_batch: JointPrepareBatch
     device: torch.device
+    amp_dtype: torch.dtype | None = None  # autocast dtype of forward + loss, None = float32
+    scaler: torch.amp.GradScaler | None = None  # MONAI's SupervisedTrainer scales the loss whenever amp is on
 
 
 def synchronize(device: torch.device) -> None:
@@ -108,7 +112,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_training(shape: StepShape, item_ids: JointItemIds, device: torch.device, seed: int = 0) -> Training:
+def build_training(
+    shape: StepShape, item_ids: JointItemIds, device: torch.device, seed: int = 0, amp_dtype: torch.dtype | None = None
+) -> Training:
     """Network, loss and SGD as ``train.json`` builds them (swav loss family, masked positions, momentum 0.9)."""
     torch.manual_seed(seed)
     network = JointSSLNet(
@@ -127,7 +133,8 @@ def build_training(shape: StepShape, item_ids: JointItemIds, device: torch.devic
     ).to(device)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-6)
     prepare_batch = JointPrepareBatch(item_ids, shape.intra_slices_per_volume)
-    return Training(network, loss, optimizer, prepare_batch, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype is not None else None
+    return Training(network, loss, optimizer, prepare_batch, device, amp_dtype, scaler)
 
 
 def synthetic_item_ids(shape: StepShape) -> JointItemIds:
@@ -165,47 +172,78 @@ def synthetic_batch(shape: StepShape, slice_spacing_mm: float = 2.5, seed: int =
     }
 
 
-def training_step(training: Training, batch: dict[str, object]) -> dict[str, float]:
-    """One iteration of ``SupervisedTrainer`` (without handlers); returns the seconds of each phase."""
+def training_step(training: Training, batch: dict[str, object], phase_marks: bool = False) -> dict[str, float]:
+    """One iteration of ``SupervisedTrainer`` (without handlers), with its autocast and loss scaling when ``amp`` is
+    on. With ``phase_marks`` the device is synchronised after each phase and the seconds of each are returned; without
+    them nothing waits inside the step (as in training), and the result is empty."""
     device = training.device
     marks = [time.perf_counter()]
 
     def mark() -> None:
-        synchronize(device)
-        marks.append(time.perf_counter())
+        if phase_marks:
+            synchronize(device)
+            marks.append(time.perf_counter())
 
     with record_function("prepare_batch"):
         inputs, targets = training.prepare_batch(batch, device)
     mark()
     training.optimizer.zero_grad(set_to_none=True)
-    with record_function("forward"):
-        prediction = training.network(inputs)
-    mark()
-    with record_function("loss"):
-        loss = training.loss(prediction, targets)
-    mark()
+    with torch.autocast(device.type, dtype=training.amp_dtype, enabled=training.amp_dtype is not None):
+        with record_function("forward"):
+            prediction = training.network(inputs)
+        mark()
+        with record_function("loss"):
+            loss = training.loss(prediction, targets)
+        mark()
     with record_function("backward"):
-        loss.backward()
+        (training.scaler.scale(loss) if training.scaler is not None else loss).backward()
     mark()
     with record_function("optimizer"):
-        training.optimizer.step()
+        if training.scaler is not None:
+            training.scaler.step(training.optimizer)
+            training.scaler.update()
+        else:
+            training.optimizer.step()
     mark()
+    if not phase_marks:
+        return {}
     return {phase: end - start for phase, start, end in zip(PHASES, marks[:-1], marks[1:], strict=True)}
 
 
-def encoder_forward_backward(encoder: nn.Module, inputs: dict[str, object]) -> None:
+def plain_resnet(depth: int, device: torch.device) -> nn.Module:
+    """torchvision's ResNet of the encoder's depth with a 1-channel stem: the yardstick of the throughput ratio."""
+    network = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    network.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return network.to(device).train()
+
+
+def encoder_stacks(inputs: dict[str, object]) -> list[torch.Tensor]:
+    """The 2D batches the slice encoder sees in one step: each image view, then each volume view's valid slices."""
+    slice_valid = inputs["slice_valid"]
+    return list(inputs["image_views"]) + [
+        volume.permute(0, 2, 1, 3, 4)[slice_valid] for volume in inputs["volume_views"]
+    ]
+
+
+def plain_resnet_forward_backward(network: nn.Module, stacks: Sequence[torch.Tensor], amp_dtype) -> None:
+    """Forward + backward of the plain ResNet over the same 2D batches as the encoder (logits' mean as the loss)."""
+    network.zero_grad(set_to_none=True)
+    with torch.autocast(stacks[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        total = sum(network(images).float().mean() for images in stacks)
+    total.backward()
+
+
+def encoder_forward_backward(encoder: nn.Module, inputs: dict[str, object], amp_dtype=None) -> None:
     """The slice encoder's share of the step: one ``encode_images`` per image view and per volume view.
 
     Volume slices are folded exactly as ``JointSSLNet.embed_volume`` folds them (valid slices, volume-major).
     """
     encoder.zero_grad(set_to_none=True)
-    stacks = list(inputs["image_views"])
-    slice_valid = inputs["slice_valid"]
-    stacks += [volume.permute(0, 2, 1, 3, 4)[slice_valid] for volume in inputs["volume_views"]]
     total = 0.0
-    for images in stacks:
-        encoded = encoder.encode_images(images, return_features=False)
-        total = total + encoded.embedding.mean() + encoded.pooled.mean()
+    with torch.autocast(inputs["slice_valid"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        for images in encoder_stacks(inputs):
+            encoded = encoder.encode_images(images, return_features=False)
+            total = total + encoded.embedding.float().mean() + encoded.pooled.float().mean()
     total.backward()
 
 
@@ -244,66 +282,92 @@ def describe_shape(shape: StepShape) -> str:
 
 @dataclass
 class StepTiming:
-    """Median (and fastest) seconds of the joint step and of the encoder's share alone; median step phases."""
+    """Median (and fastest) seconds of the joint step, of the encoder's share alone and of a plain ResNet over the
+    same 2D batches; median step phases (from separate runs that synchronise after each phase)."""
 
     step_s: float
     encoder_s: float
+    resnet_s: float
     step_min_s: float
     encoder_min_s: float
+    resnet_min_s: float
     phases_s: dict[str, float]
     repeats: int
+    slices_per_step: int
 
 
-def measure_step_vs_encoder(shape: StepShape, device: torch.device, warmup: int, repeats: int) -> StepTiming:
-    """Median step and encoder-only times, repeats interleaved with alternating order."""
-    training = build_training(shape, synthetic_item_ids(shape), device)
+def measure_step_vs_encoder(
+    shape: StepShape, device: torch.device, warmup: int, repeats: int, amp_dtype: torch.dtype | None = None
+) -> StepTiming:
+    """Median step, encoder-only and plain-ResNet times, repeats interleaved with rotating order.
+
+    The timed steps never synchronise inside (as in training); the phase split comes from ``repeats`` extra steps
+    that synchronise after each phase, so on a GPU it is indicative only (it stops the host from running ahead).
+    """
+    training = build_training(shape, synthetic_item_ids(shape), device, amp_dtype=amp_dtype)
     batch = synthetic_batch(shape)
     inputs, _ = training.prepare_batch(batch, device)
     encoder = training.network.slice_encoder
-    phases: dict[str, list[float]] = {phase: [] for phase in PHASES}
-    step_times: list[float] = []
-    encoder_times: list[float] = []
-
-    def run_step() -> None:
-        for phase, seconds in training_step(training, batch).items():
-            phases[phase].append(seconds)
-
+    resnet = plain_resnet(shape.depth, device)
+    stacks = encoder_stacks(inputs)
+    runs = [
+        lambda: training_step(training, batch),
+        lambda: encoder_forward_backward(encoder, inputs, amp_dtype),
+        lambda: plain_resnet_forward_backward(resnet, stacks, amp_dtype),
+    ]
     for _ in range(warmup):
-        run_step()
-        encoder_forward_backward(encoder, inputs)
-    for values in phases.values():
-        values.clear()
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
     for round_index in range(repeats):
-        runs = [(step_times, run_step), (encoder_times, lambda: encoder_forward_backward(encoder, inputs))]
-        for times, run in runs if round_index % 2 == 0 else runs[::-1]:
-            times.append(timed(run, device))
+        shift = round_index % len(runs)
+        for index in list(range(shift, len(runs))) + list(range(shift)):
+            times[index].append(timed(runs[index], device))
+    phases: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for _ in range(repeats):
+        for phase, seconds in training_step(training, batch, phase_marks=True).items():
+            phases[phase].append(seconds)
+    step_times, encoder_times, resnet_times = times
     return StepTiming(
         statistics.median(step_times),
         statistics.median(encoder_times),
+        statistics.median(resnet_times),
         min(step_times),
         min(encoder_times),
+        min(resnet_times),
         {phase: statistics.median(values) for phase, values in phases.items()},
         repeats,
+        sum(int(stack.shape[0]) for stack in stacks),
     )
 
 
-def report_step_vs_encoder(timing: StepTiming) -> tuple[str, str]:
+def report_step_vs_encoder(timing: StepTiming, depth: int) -> tuple[str, list[str]]:
     ratio = timing.step_s / timing.encoder_s
     best_ratio = timing.step_min_s / timing.encoder_min_s
+    throughput = timing.resnet_s / timing.step_s  # (2D inputs per s of the step) / (the same of the plain ResNet)
     rows = [
         ["slice encoder forward + backward alone", f"{timing.encoder_s * 1e3:.1f}", "1.000"],
         ["joint training step", f"{timing.step_s * 1e3:.1f}", f"{ratio:.3f}"],
+        [f"plain ResNet-{depth} forward + backward", f"{timing.resnet_s * 1e3:.1f}", ""],
     ]
     rows[0] += [f"{timing.encoder_min_s * 1e3:.1f}", "1.000"]
     rows[1] += [f"{timing.step_min_s * 1e3:.1f}", f"{best_ratio:.3f}"]
-    rows += [[f"  step phase: {phase}", f"{timing.phases_s[phase] * 1e3:.1f}", "", "", ""] for phase in PHASES]
+    rows[2] += [f"{timing.resnet_min_s * 1e3:.1f}", ""]
+    rows += [[f"  step phase (synchronised): {p}", f"{timing.phases_s[p] * 1e3:.1f}", "", "", ""] for p in PHASES]
     header = ["pass", f"median ms ({timing.repeats} repeats)", "/ encoder", "fastest ms", "/ encoder"]
     table = markdown_table(header, rows)
-    target = (
-        f"  {verdict(ratio <= STEP_RATIO_TARGET)}  joint step / encoder forward+backward {ratio:.3f} <= "
-        f"{STEP_RATIO_TARGET} (overhead {100 * (ratio - 1):.1f} % of the encoder's time)"
+    table += (
+        f"\n\nThroughput: {timing.slices_per_step / timing.step_s:.0f} 2D inputs (crops + slices) per s in the joint "
+        f"step, {timing.slices_per_step / timing.resnet_s:.0f} per s through the plain ResNet-{depth}: ratio "
+        f"{throughput:.3f}."
     )
-    return table, target
+    targets = [
+        f"  {verdict(ratio <= STEP_RATIO_TARGET)}  joint step / encoder forward+backward {ratio:.3f} <= "
+        f"{STEP_RATIO_TARGET} (overhead {100 * (ratio - 1):.1f} % of the encoder's time)",
+        f"  {verdict(throughput >= THROUGHPUT_TARGET)}  joint step throughput / plain ResNet-{depth} {throughput:.3f} "
+        f">= {THROUGHPUT_TARGET}",
+    ]
+    return table, targets
 
 
 def profile_step(shape: StepShape, device: torch.device, steps: int = 3, rows: int = 20) -> str:
@@ -536,14 +600,16 @@ def shape_for(args: argparse.Namespace, device: torch.device) -> StepShape:
 def run_device(args: argparse.Namespace, device: torch.device) -> None:
     shape = shape_for(args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n## {name}, torch {torch.__version__}: {describe_shape(shape)}", flush=True)
+    precision = "float32" if args.amp == "off" else f"autocast {args.amp} + GradScaler"
+    print(f"\n## {name}, torch {torch.__version__}, {precision}: {describe_shape(shape)}", flush=True)
     targets: list[str] = []
     timing: StepTiming | None = None
     if "a" in args.sections or "b" in args.sections:
         print(f"\n### (a) joint step vs slice encoder alone\n\nbefore: {load_line()}", flush=True)
-        timing = measure_step_vs_encoder(shape, device, args.warmup, args.repeats)
-        table, target = report_step_vs_encoder(timing)
-        targets.append(target)
+        amp_dtype = None if args.amp == "off" else getattr(torch, args.amp)
+        timing = measure_step_vs_encoder(shape, device, args.warmup, args.repeats, amp_dtype)
+        table, step_targets = report_step_vs_encoder(timing, shape.depth)
+        targets += step_targets
         print(f"after: {load_line()}\n\n{table}", flush=True)
         if args.profile:
             print("\ntorch.profiler, operators by self time over 3 steps:\n" + profile_step(shape, device), flush=True)
@@ -560,7 +626,7 @@ def run_device(args: argparse.Namespace, device: torch.device) -> None:
         text = measure_memory_section(memory_shape, device, args.memory_slices, args.slice_chunk)
         print(f"after: {load_line()}\n\n{text}", flush=True)
     if targets:
-        print("\nTargets (issue 4, section 5):\n" + "\n".join(targets), flush=True)
+        print("\nTargets (issue 4 section 5, issue 11 section 3-4):\n" + "\n".join(targets), flush=True)
 
 
 def comma_ints(text: str) -> list[int]:
@@ -593,6 +659,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-image-size", type=int, default=64, help="volume in-plane size in (c) (default: 64)")
     parser.add_argument("--slice-chunk", type=int, default=8, help="slice_chunk of (c)'s chunked runs (default: 8)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--amp", choices=("off", "bfloat16", "float16"), default="off", help="autocast dtype of (a) (default: off)"
+    )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the step")
     args = parser.parse_args(argv)
     args.sections = [section.strip() for section in args.sections.split(",") if section.strip()]

@@ -1,0 +1,242 @@
+"""Slice attention on CUDA: the fused Triton sampling against the PyTorch reference and dense attention, per dtype.
+
+Issue 11, goal 1. For every autocast dtype (float32 = autocast off, bfloat16, float16) and slice count ``N``:
+
+* **check**: ``DeformableSliceAttention`` with ``sampling_backend="triton"`` against the same module (same weights,
+  same input, padding slices in one volume) with ``"torch"``: relative error ``||a - b|| / ||b||`` of the output and
+  of the gradients of the input and of every parameter. The run exits non-zero if one exceeds its bound (1e-4 in
+  float32, 2e-2 under bfloat16 / float16 autocast).
+* **time**: one forward + backward (gradients of the input and of all parameters, ``grad=None`` between passes) of
+  ``ours`` (fused Triton sampling, the CUDA default), ``ours-torch`` (the PyTorch reference sampling) and ``dense``
+  (q/k/v projections + ``F.scaled_dot_product_attention`` + output projection, the same 8 heads and width), input
+  ``(B, N, d)``. Each round runs ``P`` passes back to back between two CUDA events (nothing synchronises inside, as in
+  training, so host-side launch costs overlap GPU work exactly as they would there); ``P`` is chosen so a round takes
+  about ``--round-s``. Median over ``--rounds`` rounds, methods interleaved round by round.
+* **memory**: ``torch.cuda.max_memory_allocated`` increase during one forward + backward.
+
+Targets (issue 11): ours no slower than dense at every N >= 64, and at most half of dense's time at N >= 1024, in
+every dtype.
+
+Example (the CUDA figures in docs/benchmarks.md)::
+
+    python benchmarks/slice_attention_gpu.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from custom_nets.nets import DeformableSliceAttention
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHECK_BOUNDS = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
+METHODS = ("ours", "ours-torch", "dense")
+NUM_HEADS, NUM_POINTS = 8, 4
+
+
+class DenseSliceAttention(nn.Module):
+    """Dense multi-head self-attention over slices (the quadratic baseline): ``(B, N, d) -> (B, N, d)``."""
+
+    def __init__(self, embed_dim: int, num_heads: int = NUM_HEADS) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, num_slices, embed_dim = tokens.shape
+        qkv = self.qkv_proj(tokens).view(batch, num_slices, 3, self.num_heads, embed_dim // self.num_heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(query, key, value)
+        return self.output_proj(attended.transpose(1, 2).reshape(batch, num_slices, embed_dim))
+
+
+def build(method: str, dim: int, device: torch.device, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if method == "dense":
+        return DenseSliceAttention(dim).to(device)
+    backend = "torch" if method == "ours-torch" else "triton"
+    module = DeformableSliceAttention(dim, NUM_HEADS, NUM_POINTS, sampling_backend=backend).to(device)
+    with torch.no_grad():  # offsets and weights that depend on the query, as after training
+        module.sampling_offsets.weight.normal_(std=0.05)
+        module.attention_weights.weight.normal_(std=0.05)
+    return module
+
+
+def forward_backward(module: nn.Module, tokens: torch.Tensor, grad_output: torch.Tensor, amp_dtype) -> None:
+    tokens.grad = None
+    for parameter in module.parameters():
+        parameter.grad = None
+    with torch.autocast(tokens.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        output = module(tokens)
+    output.float().backward(grad_output)
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
+
+
+def check(dim: int, num_slices: int, batch: int, device: torch.device, dtype_name: str) -> dict[str, float]:
+    """Relative errors of the Triton path against the PyTorch reference: output, input gradient, worst parameter."""
+    amp_dtype = DTYPES[dtype_name]
+    generator = torch.Generator(device=device).manual_seed(1)
+    tokens = torch.randn(batch, num_slices, dim, device=device, generator=generator)
+    valid = torch.ones(batch, num_slices, dtype=torch.bool, device=device)
+    valid[-1, num_slices // 2 :] = False
+    grad_output = torch.randn(batch, num_slices, dim, device=device, generator=generator)
+    results = []
+    for backend in ("triton", "torch"):
+        module = build("ours", dim, device)
+        module.sampling_backend = backend
+        inputs = tokens.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            output = module(inputs, slice_valid=valid)
+        output.float().backward(grad_output)
+        results.append((output.detach(), inputs.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results
+    return {
+        "output": relative_error(out, ref_out),
+        "input grad": relative_error(grad_in, ref_grad_in),
+        "worst parameter grad": max(relative_error(grads[name], ref_grads[name]) for name in ref_grads),
+    }
+
+
+def time_methods(
+    dim: int, num_slices: int, batch: int, device: torch.device, amp_dtype, rounds: int, round_s: float
+) -> dict[str, dict]:
+    """Median ms per forward + backward of every method (rounds interleaved) and the peak memory of one pass."""
+    passes: dict[str, Callable[[], None]] = {}
+    records: dict[str, dict] = {}
+    for method in METHODS:
+        try:
+            module = build(method, dim, device)
+            tokens = torch.randn(batch, num_slices, dim, device=device, requires_grad=True)
+            grad_output = torch.randn(batch, num_slices, dim, device=device)
+            run = (lambda m, t, g: lambda: forward_backward(m, t, g, amp_dtype))(module, tokens, grad_output)
+            records[method] = {"peak_mib": peak_mib(run, device), "times": []}
+            for _ in range(3):
+                run()
+            records[method]["per_round"] = max(1, min(50, int(round_s / max(round_time(run, 1, device), 1e-6))))
+            passes[method] = run
+        except torch.OutOfMemoryError:
+            records[method] = {"status": "OOM"}
+            torch.cuda.empty_cache()
+    for round_index in range(rounds):
+        order = list(passes)[round_index % len(passes) :] + list(passes)[: round_index % len(passes)]
+        for method in order:
+            count = records[method]["per_round"]
+            records[method]["times"].append(round_time(passes[method], count, device) / count)
+    for method in passes:
+        records[method]["ms"] = 1e3 * statistics.median(records[method]["times"])
+    return records
+
+
+def peak_mib(run: Callable[[], None], device: torch.device) -> float:
+    """``torch.cuda.max_memory_allocated`` increase during one pass (NaN off CUDA)."""
+    if device.type != "cuda":
+        run()
+        return float("nan")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def round_time(run: Callable[[], None], count: int, device: torch.device) -> float:
+    """Seconds of ``count`` back-to-back passes between two CUDA events (host clock off CUDA, for dry runs)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(count):
+            run()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    for _ in range(count):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 4096, 16384])
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=640)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per case (median)")
+    parser.add_argument("--round-s", type=float, default=0.05, help="seconds of passes per round, about")
+    parser.add_argument("--check-sizes", type=int, nargs="+", default=[7, 64, 1024], help="slice counts of the check")
+    parser.add_argument("--device", default="cuda", help="cuda (cpu only for a dry run with TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("needs CUDA")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    print(
+        f"{name}, torch {torch.__version__}, batch {args.batch}, d {args.dim}, "
+        f"{NUM_HEADS} heads, ours with {NUM_POINTS} points; median of {args.rounds} rounds of back-to-back passes.",
+        flush=True,
+    )
+    failures = []
+    rows = []
+    for dtype_name in args.dtypes:
+        for num_slices in args.check_sizes:
+            errors = check(args.dim, num_slices, args.batch, device, dtype_name)
+            rows.append([dtype_name, str(num_slices)] + [f"{value:.2e}" for value in errors.values()])
+            failures += [f"{dtype_name} N={num_slices} {k}" for k, v in errors.items() if v > CHECK_BOUNDS[dtype_name]]
+    print("\nCheck: Triton sampling vs PyTorch reference, relative error (padding in one volume)\n", flush=True)
+    print(markdown_table(["dtype", "N", "output", "input grad", "worst parameter grad"], rows), flush=True)
+
+    verdicts = []
+    for dtype_name in args.dtypes:
+        rows = []
+        for num_slices in args.sizes:
+            records = time_methods(
+                args.dim, num_slices, args.batch, device, DTYPES[dtype_name], args.rounds, args.round_s
+            )
+            ms = {m: records[m].get("ms") for m in METHODS}
+            ratio = ms["ours"] / ms["dense"] if ms["ours"] and ms["dense"] else None
+            limit = 0.5 if num_slices >= 1024 else 1.0
+            if ratio is not None:
+                verdicts.append((ratio <= limit, f"{dtype_name} N={num_slices}: ours/dense {ratio:.2f} <= {limit}"))
+            rows.append(
+                [str(num_slices)]
+                + [f"{ms[m]:.3f}" if ms[m] else records[m].get("status", "-") for m in METHODS]
+                + [f"{ratio:.2f}" if ratio else "-"]
+                + [
+                    f"{records[m]['peak_mib']:.1f}" if records[m].get("peak_mib") == records[m].get("peak_mib") else "-"
+                    for m in METHODS
+                ]
+            )
+            print(f"  {dtype_name} N={num_slices}: {rows[-1]}", file=sys.stderr, flush=True)
+        header = ["N", "ours ms", "ours-torch ms", "dense ms", "ours/dense", "ours MiB", "ours-torch MiB", "dense MiB"]
+        print(f"\nTime and memory per forward + backward, {dtype_name}\n", flush=True)
+        print(markdown_table(header, rows), flush=True)
+    print("\nTargets (issue 11, goal 1):", flush=True)
+    for passed, text in verdicts:
+        print(f"  {'PASS' if passed else 'FAIL'}  {text}", flush=True)
+    if failures:
+        print("\nCHECK FAILED: " + "; ".join(failures), flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
