@@ -7,11 +7,12 @@
 # fire, jsonschema, ...) may lie as wheels in .whl/ at the repository root (or $WHEELS): they are installed into a private folder
 # first. Without ITK (an 80 MB wheel) the DICOM items of the demo corpus are left out of the smoke run (printed).
 # Steps, each logged to <output_dir>/<step>.log, with its exit status in the summary:
-#   1. slice attention: fused Triton sampling vs PyTorch reference (check) and vs dense attention, fp32/bf16/fp16
-#   2. joint step / encoder and throughput vs plain ResNet-50: demo size (bf16), paper size (bf16 and fp32)
-#   3. finetune_heart / finetune_brainseg: train + evaluate + infer through monai.bundle (the end-to-end tests, on
+#   1. figures: `benchmarks/run_all.py --device cuda` into a copy of docs/benchmarks.md (<output_dir>/benchmarks.md):
+#      slice attention (Triton sampling checked against the PyTorch reference, timed against it and dense attention
+#      in fp32/bf16/fp16), joint step / encoder and throughput vs plain ResNet-50 at demo and paper sizes
+#   2. finetune_heart / finetune_brainseg: train + evaluate + infer through monai.bundle (the end-to-end tests, on
 #      CUDA with bf16 autocast since the configs pick the GPU), and the CUDA-only unit tests
-#   4. pretrain_joint: one epoch of the cpu_demo preset on CUDA with amp, export, embeddings
+#   3. pretrain_joint: one epoch of the cpu_demo preset on CUDA with amp, export, embeddings
 # About 5 minutes on one H100.
 set -u
 cd "$(dirname "$0")/.."
@@ -24,7 +25,6 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
     export PYTHONPATH=/tmp/gpu_check_site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PAPER="--image-size 224 --volumes-per-batch 4 --num-slices 64 --images-per-batch 32 --embed-dim 640"
 declare -a NAMES STATUS SECONDS_USED
 step() {
     local name=$1; shift
@@ -33,13 +33,11 @@ step() {
     "$@" > "$OUT_DIR/$name.log" 2>&1
     local status=$?
     NAMES+=("$name"); STATUS+=("$status"); SECONDS_USED+=("$((SECONDS - start))")
-    tail -n 60 "$OUT_DIR/$name.log" | grep -v -i "warning" | tail -n 40
+    grep -v -i "warn" "$OUT_DIR/$name.log" | tail -n 25
 }
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
-step slice_attention python3 benchmarks/slice_attention_gpu.py
-step step_demo_bf16 python3 benchmarks/pretrain_step.py --device cuda --sections a --amp bfloat16
-step step_paper_bf16 python3 benchmarks/pretrain_step.py --device cuda --sections a --amp bfloat16 $PAPER
-step step_paper_fp32 python3 benchmarks/pretrain_step.py --device cuda --sections a $PAPER
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
+cp docs/benchmarks.md "$OUT_DIR/benchmarks.md"
+step figures python3 benchmarks/run_all.py --device cuda --output "$OUT_DIR/benchmarks.md"
 step finetune_bundles python3 -m pytest -q -p no:cacheprovider tests/segmentation/test_seg_bundles.py \
     tests/nets/test_nets_slice_sampling.py tests/engines/test_engines_mixed_precision.py
 step pretrain_bundle python3 benchmarks/pretrain_smoke.py --output "${TMPDIR:-/tmp}/gpu_check_pretrain_smoke"
@@ -51,5 +49,5 @@ for i in "${!NAMES[@]}"; do
     echo "| ${NAMES[$i]} | ${STATUS[$i]} | ${SECONDS_USED[$i]} |"
     [ "${STATUS[$i]}" = 0 ] || failed=1
 done
-grep -h "PASS\|FAIL" "$OUT_DIR"/slice_attention.log "$OUT_DIR"/step_*.log | sed 's/^ */  /'
+sed -n '/run_all.py cuda: begin/,/run_all.py cuda: end/p' "$OUT_DIR/benchmarks.md" | grep "PASS\|FAIL" | sed 's/^ */  /'
 exit $failed

@@ -17,6 +17,7 @@ adds, so float32 sums may differ in the last bits from run to run), and the refe
 from __future__ import annotations
 
 import importlib.util
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ __all__ = ["SAMPLING_BACKENDS", "deformable_slice_sampling", "resolve_sampling_b
 SAMPLING_BACKENDS = ("auto", "torch", "triton")
 
 
+@cache
 def triton_available() -> bool:
     """Whether the ``triton`` package can be imported (it ships with the CUDA builds of torch)."""
     return importlib.util.find_spec("triton") is not None

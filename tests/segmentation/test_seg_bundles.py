@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -84,12 +85,14 @@ def test_train_evaluate_infer(case, tmp_path, seg_data):
         extra["pretrained_ckpt"] = str(tmp_path / "export.pt")
 
     _run(root, ["train.json"], epochs=1, batch_size=1, slices_per_volume=2, val_interval=1, **common, **extra)
-    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert state["segmentation_head.0.weight"].shape[0] == spec["out_channels"]
     assert (root / "outputs" / "checkpoints" / "checkpoint_final.pt").is_file()
     if case == "heart":
         assert not torch.equal(state["encoder.trunk.conv1.weight"], encoder.trunk.conv1.weight)  # it trained
-        checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+        checkpoint = torch.load(
+            root / "outputs" / "checkpoints" / "checkpoint_final.pt", map_location="cpu", weights_only=True
+        )
         assert checkpoint["trainer"]["iteration"] == 2  # 2 training volumes, batch 1, 1 epoch
 
     _run(root, ["train.json", "evaluate.json"], **common)
@@ -196,7 +199,8 @@ def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, seg_data):
     command += ["--slices_per_volume", "2"]
     for key, value in TINY.items():
         command += [f"--{key}", json.dumps(value)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # two CPU processes also on a machine with one GPU
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=cpu_only)
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert "encoder.trunk.conv1.weight" in state  # DDP's "module." prefix is not saved

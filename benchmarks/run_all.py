@@ -1,0 +1,135 @@
+"""Run every benchmark script and write their figures into docs/benchmarks.md, one section per device.
+
+Issue 11, goal 4. The CPU section runs the slice attention, joint step (encoder share, loader headroom, memory, plain
+ResNet throughput), SwAV-loss, segmentation-throughput and DDP-scaling scripts, and with ``--demo`` the embedded demo
+end to end (its wall time). Where CUDA is present (``--device auto`` or ``cuda``), the GPU section runs the CUDA slice
+attention benchmark (fused Triton sampling vs PyTorch reference vs dense, per dtype), the joint step at demo and paper
+sizes (bfloat16 autocast and float32) and the segmentation throughput. Every ratio is measured inside one script run.
+
+Each section is written between its own markers (``<!-- run_all.py <device>: begin -->`` ... ``end``) in the output
+file, replacing what a former run wrote there and leaving the hand-written text and the other device's section alone
+(a CPU-only machine keeps the last GPU figures). The section states the date, machine, device name, torch and monai
+versions and the load average, then per script: the command, its exit status, its wall time and its output (markdown
+tables). A script that fails is recorded as failed and the run goes on.
+
+Example::
+
+    .venv/bin/python benchmarks/run_all.py                      # CPU (+ GPU where present) -> docs/benchmarks.md
+    python benchmarks/run_all.py --device cuda --output /tmp/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import monai
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PAPER = ["--image-size", "224", "--volumes-per-batch", "4", "--num-slices", "64", "--images-per-batch", "32"]
+PAPER += ["--embed-dim", "640"]
+
+
+@dataclass
+class Script:
+    title: str
+    arguments: list[str]
+
+
+def cpu_scripts(demo: bool) -> list[Script]:
+    scripts = [
+        Script("Slice attention (CPU)", ["benchmarks/slice_attention.py", "--device", "cpu"]),
+        Script("Joint pretraining step (CPU)", ["benchmarks/pretrain_step.py", "--device", "cpu"]),
+        Script("SwAV loss against lightly (CPU)", ["benchmarks/losses.py", "--device", "cpu", "--repeats", "15"]),
+        Script("Segmentation throughput (CPU, and CUDA where present)", ["benchmarks/segmentation.py"]),
+        Script("DDP scaling, 1 -> 2 processes (CPU, gloo)", ["benchmarks/ddp_scaling.py", "--device", "cpu"]),
+    ]
+    if demo:
+        workdir = tempfile.mkdtemp(prefix="run_all_demo_")
+        scripts.append(Script("Demo wall time", ["-m", "custom_nets.cli", "demo", "--workdir", workdir]))
+    return scripts
+
+
+def cuda_scripts() -> list[Script]:
+    step = ["benchmarks/pretrain_step.py", "--device", "cuda", "--sections", "a"]
+    return [
+        Script("Slice attention (CUDA)", ["benchmarks/slice_attention_gpu.py"]),
+        Script("Joint step, demo size, bfloat16 autocast (CUDA)", [*step, "--amp", "bfloat16"]),
+        Script("Joint step, paper size, bfloat16 autocast (CUDA)", [*step, "--amp", "bfloat16", *PAPER]),
+        Script("Joint step, paper size, float32 (CUDA)", [*step, *PAPER]),
+    ]
+
+
+def run_script(script: Script) -> str:
+    """Run one script from the repository root; its markdown: command, status, wall time, output."""
+    command = [sys.executable, *script.arguments]
+    shown = " ".join(["python", *script.arguments])
+    print(f"running: {shown}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, check=False)
+    seconds = time.perf_counter() - start
+    output = done.stdout.strip() or "(no output)"
+    text = [f"### {script.title}", "", f"`{shown}`: exit status {done.returncode}, {seconds:.0f} s", "", output, ""]
+    if done.returncode != 0:
+        error = "\n".join(done.stderr.strip().splitlines()[-15:])
+        text[-1:] = ["", "Failed; the end of its error output:", "", "```", error, "```", ""]
+    return "\n".join(text)
+
+
+def machine_line(device: str) -> str:
+    load = os.getloadavg()[0]
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores available"
+    return (
+        f"Measured {datetime.date.today().isoformat()} by `benchmarks/run_all.py` on {name} "
+        f"(host {platform.node()}), torch {torch.__version__}, monai {monai.__version__}, Python "
+        f"{platform.python_version()}; 1-minute load average {load:.2f} at the start."
+    )
+
+
+def replace_section(document: str, device: str, body: str) -> str:
+    begin, end = f"<!-- run_all.py {device}: begin -->", f"<!-- run_all.py {device}: end -->"
+    section = f"{begin}\n{body}\n{end}"
+    if begin in document and end in document:
+        head, rest = document.split(begin, 1)
+        return head + section + rest.split(end, 1)[1]
+    title = "## All figures of one run: CPU" if device == "cpu" else "## All figures of one run: GPU"
+    return document.rstrip("\n") + f"\n\n{title}\n\n{section}\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--demo", action="store_true", help="also run the demo end to end (minutes on a CPU)")
+    args = parser.parse_args()
+    devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            parser.error("--device cuda asked for, but torch.cuda.is_available() is False")
+        devices.remove("cuda")
+    for device in devices:
+        scripts = cpu_scripts(args.demo) if device == "cpu" else cuda_scripts()
+        parts = [machine_line(device), ""] + [run_script(script) for script in scripts]
+        document = args.output.read_text() if args.output.is_file() else "# Benchmarks\n"
+        temporary = args.output.with_name(args.output.name + ".tmp")
+        temporary.write_text(replace_section(document, device, "\n".join(parts)))
+        os.replace(temporary, args.output)
+        print(f"wrote the {device} section of {args.output}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
