@@ -7,6 +7,8 @@ Commands:
     validate_data    open every file of a datalist and report all problems at once
     prepare_brats    BraTS folders -> segmentation datalist (finetune_brainseg)
     prepare_mmwhs    MM-WHS folders -> segmentation datalist with labels mapped to 1..7 (finetune_heart)
+    package_bundle   a bundle + its weights -> release zip, hashed weight files (large_files.yml) and a manifest
+    download_bundle  a release zip URL -> extracted bundle with its weights fetched, hash-checked and load-tested
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import fire
 from custom_nets.data.datalist import validate_datalist
 from custom_nets.data.make_datalist import make_datalist
 from custom_nets.datasets import brats, mmwhs
+from custom_nets.packaging import download_bundle, package_bundle
 from custom_nets.pretraining_demo import run_demo
 from custom_nets.weights import export_pretrained
 
@@ -30,6 +33,25 @@ def export(checkpoint: str, out: str, preset: str = "", datalist: str = "", whol
     (e.g. ``bundles/finetune_heart/models/pretrained.pt``), with ``<out>.json`` provenance."""
     provenance = {key: value for key, value in (("preset", preset), ("datalist", datalist)) if value}
     return str(export_pretrained(checkpoint, out, provenance=provenance, whole=whole))
+
+
+def package(
+    bundle: str,
+    weights: dict[str, str],
+    out_dir: str = "dist",
+    base_url: str | None = None,
+    inference_overrides: dict | None = None,
+) -> str:
+    """Pack ``bundle`` for release: ``--weights "{'models/model.pt': 'path/to/model.pt'}"``; the files go to
+    ``out_dir`` (upload them to ``base_url``, default ``$CUSTOM_NETS_RELEASE_URL``); ``--inference_overrides
+    "{'encoder_depth': 18}"`` sets keys of the released inference.json to the weights' network; returns the
+    manifest's path."""
+    return str(package_bundle(bundle, weights, out_dir, base_url, inference_overrides))
+
+
+def download(url: str, bundle_dir: str = "bundles", sha256: str | None = None, verify: bool = True) -> str:
+    """Download a released bundle zip, fetch and hash-check its weights, load-test them; returns the bundle folder."""
+    return str(download_bundle(url, bundle_dir, sha256, verify))
 
 
 def demo(
@@ -51,6 +73,8 @@ def main() -> None:
             "validate_data": validate_datalist,
             "prepare_brats": brats.prepare,
             "prepare_mmwhs": mmwhs.prepare,
+            "package_bundle": package,
+            "download_bundle": download,
         }
     )
 

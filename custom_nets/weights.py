@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -241,6 +242,27 @@ def save_weights(
 BACKBONE_PREFIXES = ("slice_encoder.", "slice_transformer.")
 
 
+def source_commit() -> str:
+    """The git commit of the installed ``custom_nets`` source (``+dirty`` with uncommitted changes), or ``unknown``
+    outside a git checkout: part of an export's provenance."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if status else "")
+
+
 def export_pretrained(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -251,7 +273,8 @@ def export_pretrained(
 
     The output is a flat state dict with keys ``slice_encoder.*`` (``f_intra``) and ``slice_transformer.*``
     (``f_inter``), or every key of the network with ``whole=True``, plus ``<out>.json`` with provenance: the source
-    checkpoint, its epoch and iteration when recorded, the package version and what the caller adds (preset, data).
+    checkpoint, its epoch and iteration when recorded, the package version and source commit, and what the caller
+    adds (preset, data).
     """
     from custom_nets import __version__
 
@@ -263,6 +286,7 @@ def export_pretrained(
         "epoch": trainer_state.get("epoch"),
         "iteration": trainer_state.get("iteration"),
         "custom_nets_version": __version__,
+        "commit": source_commit(),
         "contents": "whole JointSSLNet" if whole else "slice_encoder (f_intra) + slice_transformer (f_inter)",
         **dict(provenance or {}),
     }
