@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -167,14 +168,14 @@ def test_inference_and_export(corpus: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(np.linalg.norm(embeddings[volumes], axis=1), 1.0, rtol=1e-5)
 
 
-def run_module(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_module(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
 
 
@@ -197,12 +198,16 @@ def test_metadata_and_network_io_verify() -> None:
     assert net_io.returncode == 0, net_io.stderr[-2000:]
 
 
-@pytest.fixture
-def tiny_args(tmp_path: Path, corpus: Path) -> Path:
+def write_tiny_args(path: Path, corpus: Path) -> Path:
+    """The TINY run as a ``--args_file`` for command-line runs."""
     args = {**TINY, "dataset_dir": str(corpus.parent), "datalist": str(corpus), "bundle_root": str(BUNDLE)}
-    path = tmp_path / "tiny_args.json"
     path.write_text(json.dumps(args))
     return path
+
+
+@pytest.fixture
+def tiny_args(tmp_path: Path, corpus: Path) -> Path:
+    return write_tiny_args(tmp_path / "tiny_args.json", corpus)
 
 
 @pytest.mark.slow
@@ -221,29 +226,108 @@ def test_bundle_run_command_line(tmp_path: Path, tiny_args: Path) -> None:
     assert (tmp_path / "cli_run" / "model_final.pt").is_file()
 
 
-@pytest.mark.slow
-def test_two_process_ddp_trains_saves_once_logs_once(tmp_path: Path, tiny_args: Path) -> None:
-    output_dir = tmp_path / "ddp"
-    config = f"['{TRAIN}','{BUNDLE / 'configs' / 'multi_gpu_train.json'}']"
-    result = run_module(
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
+# CPU kernels round differently with another thread count: torchrun pins OMP_NUM_THREADS to 1 only when it starts
+# several processes per node, so every distributed run here pins it for bit-identical weights across launch layouts.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+DDP_CONFIG = f"['{TRAIN}','{BUNDLE / 'configs' / 'multi_gpu_train.json'}']"
+
+
+def bundle_run_args(args_file: Path, output_dir: Path) -> list[str]:
+    return [
         "-m",
         "monai.bundle",
         "run",
         "--config_file",
-        config,
+        DDP_CONFIG,
         "--args_file",
-        str(tiny_args),
+        str(args_file),
         "--output_dir",
         str(output_dir),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_node_ddp(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> tuple[Path, str]:
+    """One torchrun launcher, 2 gloo CPU processes: the output folder and the log."""
+    workdir = tmp_path_factory.mktemp("single_node")
+    output_dir = workdir / "ddp"
+    result = run_module(
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        *bundle_run_args(write_tiny_args(workdir / "tiny_args.json", corpus), output_dir),
         timeout=900,
+        env=ONE_THREAD,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
+    return output_dir, log
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_saves_once_logs_once(single_node_ddp: tuple[Path, str]) -> None:
+    output_dir, log = single_node_ddp
     assert (output_dir / "model_final.pt").is_file()
     assert len(list((output_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert log.count("Epoch: 1/1, Iter: 1/2") == 1  # StatsHandler on rank 0 only
     checkpoint = torch.load(output_dir / "model_final.pt", map_location="cpu", weights_only=True)
     assert not any(key.startswith("module.") for key in checkpoint["model"])
+
+
+def launch_nodes(commands: list[list[str]], log_dir: Path, timeout: int) -> list[tuple[int, str]]:
+    """Start every command at once (one torchrun launcher per "node"); their return codes and logs."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **ONE_THREAD}
+    logs = [log_dir / f"node{node}.log" for node in range(len(commands))]
+    processes = []
+    for command, log in zip(commands, logs, strict=True):
+        with log.open("w") as out:  # a file, not a pipe: a full pipe would stall one node while the other waits on it
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", *command], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env
+                )
+            )
+    try:
+        codes = [process.wait(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()  # torchrun stops its workers on SIGTERM
+                process.wait(timeout=30)
+    return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]
+
+
+@pytest.mark.slow
+def test_two_nodes_match_one_node_with_two_processes(
+    tmp_path: Path, corpus: Path, single_node_ddp: tuple[Path, str]
+) -> None:
+    """Two torchrun launchers of one process each meet by c10d rendezvous on 127.0.0.1, as two nodes would."""
+    args_file = write_tiny_args(tmp_path / "tiny_args.json", corpus)
+    output_dir = tmp_path / "two_nodes"
+    launcher = [
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        "--rdzv_id=pretrain_joint_two_nodes",
+        "--local_addr=127.0.0.1",
+        "--rdzv_conf=keep_alive_interval=1",  # the launchers exit on a keep-alive tick: 1 s instead of the 5 s default
+    ]
+    nodes = launch_nodes([launcher + bundle_run_args(args_file, output_dir)] * 2, tmp_path, timeout=600)
+
+    for node, (code, log) in enumerate(nodes):
+        assert code == 0, f"node {node}:\n{log[-4000:]}"
+    assert [log.count("Epoch: 1/1, Iter: 2/2") for _, log in nodes] in ([1, 0], [0, 1])  # one rank 0 over both nodes
+    reference_dir, _ = single_node_ddp
+    two_nodes = torch.load(output_dir / "model_final.pt", map_location="cpu", weights_only=True)
+    one_node = torch.load(reference_dir / "model_final.pt", map_location="cpu", weights_only=True)
+    assert two_nodes["trainer"]["iteration"] == one_node["trainer"]["iteration"] == 2
+    assert two_nodes["model"].keys() == one_node["model"].keys()
+    differing = [name for name, value in one_node["model"].items() if not torch.equal(two_nodes["model"][name], value)]
+    assert differing == []
