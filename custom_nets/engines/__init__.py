@@ -1,7 +1,16 @@
-"""MONAI engine pieces for joint image-volume pretraining: batch preparation, embedding inference, checkpoints."""
+"""MONAI engine pieces for joint image-volume pretraining: batch preparation, embedding inference, checkpoints,
+the optimiser."""
 
 from custom_nets.engines.checkpoints import latest_checkpoint
 from custom_nets.engines.embedding import EmbeddingInferer, EmbeddingPrepareBatch
+from custom_nets.engines.optimizers import build_sgd
 from custom_nets.engines.prepare_batch import JointItemIds, JointPrepareBatch
 
-__all__ = ["EmbeddingInferer", "EmbeddingPrepareBatch", "JointItemIds", "JointPrepareBatch", "latest_checkpoint"]
+__all__ = [
+    "EmbeddingInferer",
+    "EmbeddingPrepareBatch",
+    "JointItemIds",
+    "JointPrepareBatch",
+    "build_sgd",
+    "latest_checkpoint",
+]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import create_workflow
 
 from custom_nets.data import make_demo_corpus
@@ -52,7 +53,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_demo_corpus(tmp_path_factory.mktemp("corpus"), num_per_class=1, in_plane=32, image_size=32)
 
 
-def train(corpus: Path, output_dir: Path, config_files: list[str] | None = None, **overrides: object):
+def train(
+    corpus: Path,
+    output_dir: Path,
+    config_files: list[str] | None = None,
+    losses: list[float] | None = None,
+    **overrides: object,
+):
+    """Run the TINY training with ``overrides``; ``losses``, when given, receives the loss of every iteration."""
     workflow = create_workflow(
         config_file=config_files or [TRAIN],
         workflow_type="train",
@@ -63,6 +71,10 @@ def train(corpus: Path, output_dir: Path, config_files: list[str] | None = None,
         **{**TINY, **overrides},
     )
     assert workflow.check_properties() == []
+    if losses is not None:
+        workflow.trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item())
+        )
     workflow.run()
     workflow.finalize()
     return workflow
@@ -166,6 +178,45 @@ def test_inference_and_export(corpus: Path, tmp_path: Path) -> None:
     per_slice = np.load(tmp_path / "embeddings" / "slice_embeddings" / f"{volumes[0]}.npy")
     assert per_slice.ndim == 2 and per_slice.shape[1] == 32
     np.testing.assert_allclose(np.linalg.norm(embeddings[volumes], axis=1), 1.0, rtol=1e-5)
+
+
+# The plain path: every fast-path switch of train.json off (pin_memory acts only with CUDA: the GPU check covers it).
+# 64-pixel crops and no small crops give the 2D batch 2 x 2 stage-4 maps: batch norm over two 1 x 1 maps turns
+# rounding differences into sign flips, and the losses of two runs would then drift apart after one step.
+PLAIN_PATH = {
+    "num_workers": 1,
+    "persistent_workers": False,
+    "channels_last": False,
+    "fused_optimizer": False,
+    "image_size": 64,
+    "num_small_crops": 0,
+}
+SWITCH_IS_WIRED = {
+    "persistent_workers": lambda parser: parser.get_parsed_content("train#dataloader").persistent_workers,
+    "channels_last": lambda parser: parser.get_parsed_content("network_def").slice_encoder.channels_last,
+    "fused_optimizer": lambda parser: parser.get_parsed_content("optimizer").defaults["fused"],
+}
+
+
+@pytest.fixture(scope="module")
+def plain_path_losses(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    losses: list[float] = []
+    workflow = train(corpus, tmp_path_factory.mktemp("plain_path"), losses=losses, **PLAIN_PATH)
+    assert not any(wired(workflow.parser) for wired in SWITCH_IS_WIRED.values())
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", sorted(SWITCH_IS_WIRED))
+def test_fast_path_switch_keeps_the_losses(
+    corpus: Path, tmp_path: Path, plain_path_losses: list[float], switch: str
+) -> None:
+    losses: list[float] = []
+    workflow = train(corpus, tmp_path, losses=losses, **{**PLAIN_PATH, switch: True})
+    assert SWITCH_IS_WIRED[switch](workflow.parser)
+    assert len(losses) == len(plain_path_losses) == 2
+    assert losses[0] == pytest.approx(plain_path_losses[0], rel=1e-4)  # the same weights: rounding only
+    assert losses[1] == pytest.approx(plain_path_losses[1], rel=1e-2)  # after one step: ~0.2 % for channels_last
 
 
 def run_module(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
