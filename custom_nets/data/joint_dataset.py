@@ -226,6 +226,8 @@ def build_joint_dataloader(
     axcodes: str | None = "RAS",
     intensity: Mapping | None = None,
     shuffle: bool = True,
+    pin_memory: bool = False,
+    persistent_workers: bool = True,
 ) -> DataLoader:
     """The joint pretraining loader: batches in the batch format of COMMON.md.
 
@@ -258,6 +260,10 @@ def build_joint_dataloader(
         axcodes: orientation of volumes before slicing (slices along the last code's axis).
         intensity: keyword arguments of :class:`~custom_nets.data.intensity.ModalityNormalized` (e.g. ``ct_window``).
         shuffle: shuffle items each epoch.
+        pin_memory: collate batches into page-locked memory (a loader thread), so that host-to-GPU copies can run
+            asynchronously (``non_blocking``); only useful with a GPU.
+        persistent_workers: keep the worker processes (and their caches and random streams) alive between epochs
+            instead of starting them again each epoch; ignored when ``num_workers`` is 0.
 
     The loader's ``batch_sampler`` is a :class:`~custom_nets.data.sampler.JointBatchSampler`: call
     ``loader.batch_sampler.set_epoch(epoch)`` at each epoch start; ``num_images`` / ``num_volumes`` on it give the
@@ -290,7 +296,8 @@ def build_joint_dataloader(
         collate_fn=joint_collate,
         num_workers=num_workers,
         generator=generator,
-        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
     )
 
 

@@ -1,9 +1,10 @@
 """MONAI engine pieces for joint image-volume pretraining: batch preparation, embedding inference, checkpoints,
-mixed precision."""
+mixed precision, the optimiser."""
 
 from custom_nets.engines.amp import autocast_dtype
 from custom_nets.engines.checkpoints import latest_checkpoint
 from custom_nets.engines.embedding import EmbeddingInferer, EmbeddingPrepareBatch
+from custom_nets.engines.optimizers import build_sgd
 from custom_nets.engines.prepare_batch import JointItemIds, JointPrepareBatch
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "JointItemIds",
     "JointPrepareBatch",
     "autocast_dtype",
+    "build_sgd",
     "latest_checkpoint",
 ]

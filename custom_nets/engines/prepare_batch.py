@@ -72,6 +72,9 @@ def _to(value: object, device: torch.device | str | None, non_blocking: bool) ->
 class JointPrepareBatch(PrepareBatch):
     """``prepare_batch`` for :class:`monai.engines.SupervisedTrainer` on joint 2D + 3D batches.
 
+    Every tensor is copied to ``device`` with the trainer's ``non_blocking``: with batches in pinned memory (the
+    loader's ``pin_memory``) the host-to-GPU copies then run asynchronously.
+
     Returns ``(inputs, targets)`` where ``inputs`` holds ``image_views``, ``volume_views``, ``slice_valid``,
     ``slice_position`` and ``intra_slices`` on the device (what :class:`custom_nets.nets.JointSSLNet` takes in train
     mode) and ``targets`` holds ``intra_index`` ``(B2 + S,)`` and ``inter_index`` ``(B3,)`` (what the clustering losses
@@ -109,9 +112,10 @@ class JointPrepareBatch(PrepareBatch):
         intra_slices = slice_valid
         if self.intra_slices_per_volume is not None and slice_valid.numel():
             intra_slices = choose_slices(slice_valid, self.intra_slices_per_volume)
-            inputs["intra_slices"] = intra_slices.to(device)
+            inputs["intra_slices"] = intra_slices.to(device, non_blocking=non_blocking)
         targets = {
-            "intra_index": self.item_ids.intra_ids(image_index, volume_index, intra_slices).to(device),
-            "inter_index": self.item_ids.inter_ids(volume_index).to(device),
+            "intra_index": self.item_ids.intra_ids(image_index, volume_index, intra_slices),
+            "inter_index": self.item_ids.inter_ids(volume_index),
         }
+        targets = {key: value.to(device, non_blocking=non_blocking) for key, value in targets.items()}
         return inputs, targets

@@ -101,6 +101,7 @@ class JointSSLNet(nn.Module):
         mask_ratio: fraction of valid slices replaced by the mask token (at least one per volume); 0 disables masking.
         freeze_slice_encoder: keep ``f_intra`` fixed (no gradients, batch-norm statistics frozen), as in stage B of the
             staged schedule (masked prediction with ``f_intra`` frozen).
+        channels_last: the 2D encoder ``f_intra`` in channels-last memory format (see :class:`SliceEncoder`).
     """
 
     def __init__(
@@ -123,11 +124,14 @@ class JointSSLNet(nn.Module):
         inter_slice_scale: Sequence[float] | None = None,
         mask_ratio: float = 0.1,
         freeze_slice_encoder: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
-        self.slice_encoder = SliceEncoder(encoder_depth, in_channels, embed_dim, slice_chunk, gradient_checkpointing)
+        self.slice_encoder = SliceEncoder(
+            encoder_depth, in_channels, embed_dim, slice_chunk, gradient_checkpointing, channels_last
+        )
         self.slice_transformer = SliceTransformer(
             embed_dim, transformer_layers, num_heads, num_points, ffn_dim, dropout
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import create_workflow
 
 from custom_nets.data import make_demo_corpus
@@ -51,7 +53,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_demo_corpus(tmp_path_factory.mktemp("corpus"), num_per_class=1, in_plane=32, image_size=32)
 
 
-def train(corpus: Path, output_dir: Path, config_files: list[str] | None = None, **overrides: object):
+def train(
+    corpus: Path,
+    output_dir: Path,
+    config_files: list[str] | None = None,
+    losses: list[float] | None = None,
+    **overrides: object,
+):
+    """Run the TINY training with ``overrides``; ``losses``, when given, receives the loss of every iteration."""
     workflow = create_workflow(
         config_file=config_files or [TRAIN],
         workflow_type="train",
@@ -62,6 +71,10 @@ def train(corpus: Path, output_dir: Path, config_files: list[str] | None = None,
         **{**TINY, **overrides},
     )
     assert workflow.check_properties() == []
+    if losses is not None:
+        workflow.trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item())
+        )
     workflow.run()
     workflow.finalize()
     return workflow
@@ -167,14 +180,53 @@ def test_inference_and_export(corpus: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(np.linalg.norm(embeddings[volumes], axis=1), 1.0, rtol=1e-5)
 
 
-def run_module(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+# The plain path: every fast-path switch of train.json off (pin_memory acts only with CUDA: the GPU check covers it).
+# 64-pixel crops and no small crops give the 2D batch 2 x 2 stage-4 maps: batch norm over two 1 x 1 maps turns
+# rounding differences into sign flips, and the losses of two runs would then drift apart after one step.
+PLAIN_PATH = {
+    "num_workers": 1,
+    "persistent_workers": False,
+    "channels_last": False,
+    "fused_optimizer": False,
+    "image_size": 64,
+    "num_small_crops": 0,
+}
+SWITCH_IS_WIRED = {
+    "persistent_workers": lambda parser: parser.get_parsed_content("train#dataloader").persistent_workers,
+    "channels_last": lambda parser: parser.get_parsed_content("network_def").slice_encoder.channels_last,
+    "fused_optimizer": lambda parser: parser.get_parsed_content("optimizer").defaults["fused"],
+}
+
+
+@pytest.fixture(scope="module")
+def plain_path_losses(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    losses: list[float] = []
+    workflow = train(corpus, tmp_path_factory.mktemp("plain_path"), losses=losses, **PLAIN_PATH)
+    assert not any(wired(workflow.parser) for wired in SWITCH_IS_WIRED.values())
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", sorted(SWITCH_IS_WIRED))
+def test_fast_path_switch_keeps_the_losses(
+    corpus: Path, tmp_path: Path, plain_path_losses: list[float], switch: str
+) -> None:
+    losses: list[float] = []
+    workflow = train(corpus, tmp_path, losses=losses, **{**PLAIN_PATH, switch: True})
+    assert SWITCH_IS_WIRED[switch](workflow.parser)
+    assert len(losses) == len(plain_path_losses) == 2
+    assert losses[0] == pytest.approx(plain_path_losses[0], rel=1e-4)  # the same weights: rounding only
+    assert losses[1] == pytest.approx(plain_path_losses[1], rel=1e-2)  # after one step: ~0.2 % for channels_last
+
+
+def run_module(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
 
 
@@ -197,12 +249,16 @@ def test_metadata_and_network_io_verify() -> None:
     assert net_io.returncode == 0, net_io.stderr[-2000:]
 
 
-@pytest.fixture
-def tiny_args(tmp_path: Path, corpus: Path) -> Path:
+def write_tiny_args(path: Path, corpus: Path) -> Path:
+    """The TINY run as a ``--args_file`` for command-line runs."""
     args = {**TINY, "dataset_dir": str(corpus.parent), "datalist": str(corpus), "bundle_root": str(BUNDLE)}
-    path = tmp_path / "tiny_args.json"
     path.write_text(json.dumps(args))
     return path
+
+
+@pytest.fixture
+def tiny_args(tmp_path: Path, corpus: Path) -> Path:
+    return write_tiny_args(tmp_path / "tiny_args.json", corpus)
 
 
 @pytest.mark.slow
@@ -221,29 +277,108 @@ def test_bundle_run_command_line(tmp_path: Path, tiny_args: Path) -> None:
     assert (tmp_path / "cli_run" / "model_final.pt").is_file()
 
 
-@pytest.mark.slow
-def test_two_process_ddp_trains_saves_once_logs_once(tmp_path: Path, tiny_args: Path) -> None:
-    output_dir = tmp_path / "ddp"
-    config = f"['{TRAIN}','{BUNDLE / 'configs' / 'multi_gpu_train.json'}']"
-    result = run_module(
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
+# CPU kernels round differently with another thread count: torchrun pins OMP_NUM_THREADS to 1 only when it starts
+# several processes per node, so every distributed run here pins it for bit-identical weights across launch layouts.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+DDP_CONFIG = f"['{TRAIN}','{BUNDLE / 'configs' / 'multi_gpu_train.json'}']"
+
+
+def bundle_run_args(args_file: Path, output_dir: Path) -> list[str]:
+    return [
         "-m",
         "monai.bundle",
         "run",
         "--config_file",
-        config,
+        DDP_CONFIG,
         "--args_file",
-        str(tiny_args),
+        str(args_file),
         "--output_dir",
         str(output_dir),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_node_ddp(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> tuple[Path, str]:
+    """One torchrun launcher, 2 gloo CPU processes: the output folder and the log."""
+    workdir = tmp_path_factory.mktemp("single_node")
+    output_dir = workdir / "ddp"
+    result = run_module(
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        *bundle_run_args(write_tiny_args(workdir / "tiny_args.json", corpus), output_dir),
         timeout=900,
+        env=ONE_THREAD,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
+    return output_dir, log
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_saves_once_logs_once(single_node_ddp: tuple[Path, str]) -> None:
+    output_dir, log = single_node_ddp
     assert (output_dir / "model_final.pt").is_file()
     assert len(list((output_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert log.count("Epoch: 1/1, Iter: 1/2") == 1  # StatsHandler on rank 0 only
     checkpoint = torch.load(output_dir / "model_final.pt", map_location="cpu", weights_only=True)
     assert not any(key.startswith("module.") for key in checkpoint["model"])
+
+
+def launch_nodes(commands: list[list[str]], log_dir: Path, timeout: int) -> list[tuple[int, str]]:
+    """Start every command at once (one torchrun launcher per "node"); their return codes and logs."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **ONE_THREAD}
+    logs = [log_dir / f"node{node}.log" for node in range(len(commands))]
+    processes = []
+    for command, log in zip(commands, logs, strict=True):
+        with log.open("w") as out:  # a file, not a pipe: a full pipe would stall one node while the other waits on it
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", *command], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env
+                )
+            )
+    try:
+        codes = [process.wait(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()  # torchrun stops its workers on SIGTERM
+                process.wait(timeout=30)
+    return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]
+
+
+@pytest.mark.slow
+def test_two_nodes_match_one_node_with_two_processes(
+    tmp_path: Path, corpus: Path, single_node_ddp: tuple[Path, str]
+) -> None:
+    """Two torchrun launchers of one process each meet by c10d rendezvous on 127.0.0.1, as two nodes would."""
+    args_file = write_tiny_args(tmp_path / "tiny_args.json", corpus)
+    output_dir = tmp_path / "two_nodes"
+    launcher = [
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        "--rdzv_id=pretrain_joint_two_nodes",
+        "--local_addr=127.0.0.1",
+        "--rdzv_conf=keep_alive_interval=1",  # the launchers exit on a keep-alive tick: 1 s instead of the 5 s default
+    ]
+    nodes = launch_nodes([launcher + bundle_run_args(args_file, output_dir)] * 2, tmp_path, timeout=600)
+
+    for node, (code, log) in enumerate(nodes):
+        assert code == 0, f"node {node}:\n{log[-4000:]}"
+    assert [log.count("Epoch: 1/1, Iter: 2/2") for _, log in nodes] in ([1, 0], [0, 1])  # one rank 0 over both nodes
+    reference_dir, _ = single_node_ddp
+    two_nodes = torch.load(output_dir / "model_final.pt", map_location="cpu", weights_only=True)
+    one_node = torch.load(reference_dir / "model_final.pt", map_location="cpu", weights_only=True)
+    assert two_nodes["trainer"]["iteration"] == one_node["trainer"]["iteration"] == 2
+    assert two_nodes["model"].keys() == one_node["model"].keys()
+    differing = [name for name, value in one_node["model"].items() if not torch.equal(two_nodes["model"][name], value)]
+    assert differing == []

@@ -1,4 +1,4 @@
-"""SliceEncoder: shapes for images and volumes, chunking, input checks."""
+"""SliceEncoder: shapes for images and volumes, chunking, channels-last layout, input checks."""
 
 from __future__ import annotations
 
@@ -73,3 +73,18 @@ def test_resnet50_widths() -> None:
     encoder = SliceEncoder(depth=50)
     assert encoder.stage_channels == (64, 256, 512, 1024, 2048)
     assert encoder.embedding_proj.in_features == 3840 and encoder.embedding_proj.out_features == 640
+
+
+def test_channels_last_matches_default_layout() -> None:
+    torch.manual_seed(2)
+    plain = SliceEncoder(depth=18, embed_dim=16).train()
+    fast = SliceEncoder(depth=18, embed_dim=16, channels_last=True).train()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.trunk.layer4[1].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    volume = torch.randn(2, 1, 3, 32, 32)
+    outputs = [net(volume) for net in (plain, fast)]
+    assert outputs[1].features[2].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outputs[1].embedding, outputs[0].embedding, rtol=1e-4, atol=1e-5)
+    for out in outputs:
+        out.embedding.square().sum().backward()
+    torch.testing.assert_close(fast.trunk.conv1.weight.grad, plain.trunk.conv1.weight.grad, rtol=1e-4, atol=1e-5)
