@@ -62,7 +62,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from custom_nets.data import build_joint_dataloader, load_datalist, make_demo_corpus
-from custom_nets.engines import JointItemIds, JointPrepareBatch
+from custom_nets.engines import JointItemIds, JointPrepareBatch, build_sgd
 from custom_nets.losses import JointLoss, MaskedSlicePredictionLoss, SwAVLoss
 from custom_nets.nets import JointSSLNet
 
@@ -92,6 +92,9 @@ class StepShape:
     slice_chunk: int | None = None
     gradient_checkpointing: bool = False
     intra_slices_per_volume: int | None = None
+    channels_last: bool = False  # the fast-path switches of train.json (issue 11, goal 3)
+    fused_optimizer: bool = False
+    pin_memory: bool = False
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Training:
     device: torch.device
     amp_dtype: torch.dtype | None = None  # autocast dtype of forward + loss, None = float32
     scaler: torch.amp.GradScaler | None = None  # MONAI's SupervisedTrainer scales the loss whenever amp is on
+    non_blocking: bool = False  # asynchronous host-to-device copies (with a pinned batch)
 
 
 def synchronize(device: torch.device) -> None:
@@ -124,6 +128,7 @@ def build_training(
         gradient_checkpointing=shape.gradient_checkpointing,
         intra_prototypes=(shape.intra_prototypes,),
         inter_prototypes=(shape.inter_prototypes,),
+        channels_last=shape.channels_last,
     ).to(device)
     network.train()
     loss = JointLoss(
@@ -131,10 +136,11 @@ def build_training(
         inter=SwAVLoss(prototypes=network.inter_prototypes),
         mask=MaskedSlicePredictionLoss(positions="masked"),
     ).to(device)
-    optimizer = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-6)
+    optimizer = build_sgd(network.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-6, fused=shape.fused_optimizer)
     prepare_batch = JointPrepareBatch(item_ids, shape.intra_slices_per_volume)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is not None else None
-    return Training(network, loss, optimizer, prepare_batch, device, amp_dtype, scaler)
+    non_blocking = shape.pin_memory and device.type == "cuda"
+    return Training(network, loss, optimizer, prepare_batch, device, amp_dtype, scaler, non_blocking)
 
 
 def synthetic_item_ids(shape: StepShape) -> JointItemIds:
@@ -185,7 +191,7 @@ def training_step(training: Training, batch: dict[str, object], phase_marks: boo
             marks.append(time.perf_counter())
 
     with record_function("prepare_batch"):
-        inputs, targets = training.prepare_batch(batch, device)
+        inputs, targets = training.prepare_batch(batch, device, non_blocking=training.non_blocking)
     mark()
     training.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=training.amp_dtype, enabled=training.amp_dtype is not None):
@@ -210,11 +216,13 @@ def training_step(training: Training, batch: dict[str, object], phase_marks: boo
     return {phase: end - start for phase, start, end in zip(PHASES, marks[:-1], marks[1:], strict=True)}
 
 
-def plain_resnet(depth: int, device: torch.device) -> nn.Module:
-    """torchvision's ResNet of the encoder's depth with a 1-channel stem: the yardstick of the throughput ratio."""
+def plain_resnet(depth: int, device: torch.device, channels_last: bool = False) -> nn.Module:
+    """torchvision's ResNet of the encoder's depth with a 1-channel stem: the yardstick of the throughput ratio (in
+    channels-last memory format when the encoder is)."""
     network = getattr(torchvision.models, f"resnet{depth}")(weights=None)
     network.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return network.to(device).train()
+    network = network.to(device).train()
+    return network.to(memory_format=torch.channels_last) if channels_last else network
 
 
 def encoder_stacks(inputs: dict[str, object]) -> list[torch.Tensor]:
@@ -274,9 +282,11 @@ def describe_shape(shape: StepShape) -> str:
     )
     volumes = f"{shape.volumes_per_batch} volumes x 2 views x {shape.num_slices} x {shape.volume_size}^2"
     clustered = shape.intra_slices_per_volume
+    switches = ("channels_last", "fused_optimizer", "pin_memory")
     return (
         f"ResNet-{shape.depth}, d={shape.embed_dim}, prototypes {shape.intra_prototypes}/{shape.inter_prototypes}; "
         f"batch: {images} + {volumes}; 2D clustering on {'all' if clustered is None else clustered} slices per volume"
+        f"; fast-path switches: {', '.join(s for s in switches if getattr(shape, s)) or 'none'}"
     )
 
 
@@ -306,10 +316,16 @@ def measure_step_vs_encoder(
     """
     training = build_training(shape, synthetic_item_ids(shape), device, amp_dtype=amp_dtype)
     batch = synthetic_batch(shape)
+    if training.non_blocking:  # as the loader's pin_memory leaves it
+        batch = {
+            k: [v.pin_memory() for v in vs] if isinstance(vs, list) else vs.pin_memory() for k, vs in batch.items()
+        }
     inputs, _ = training.prepare_batch(batch, device)
     encoder = training.network.slice_encoder
-    resnet = plain_resnet(shape.depth, device)
+    resnet = plain_resnet(shape.depth, device, shape.channels_last)
     stacks = encoder_stacks(inputs)
+    if shape.channels_last:
+        stacks = [images.contiguous(memory_format=torch.channels_last) for images in stacks]
     runs = [
         lambda: training_step(training, batch),
         lambda: encoder_forward_backward(encoder, inputs, amp_dtype),
@@ -594,6 +610,9 @@ def shape_for(args: argparse.Namespace, device: torch.device) -> StepShape:
         num_slices=args.num_slices,
         volume_size=args.image_size,
         intra_slices_per_volume=args.intra_slices_per_volume,
+        channels_last=args.channels_last,
+        fused_optimizer=args.fused_optimizer,
+        pin_memory=args.pin_memory,
     )
 
 
@@ -662,6 +681,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--amp", choices=("off", "bfloat16", "float16"), default="off", help="autocast dtype of (a) (default: off)"
     )
+    parser.add_argument("--channels-last", action="store_true", help="2D encoder in channels-last memory format")
+    parser.add_argument("--fused-optimizer", action="store_true", help="torch's fused SGD (build_sgd)")
+    parser.add_argument("--pin-memory", action="store_true", help="pinned batch + non_blocking copies (CUDA)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the step")
     args = parser.parse_args(argv)
     args.sections = [section.strip() for section in args.sections.split(",") if section.strip()]

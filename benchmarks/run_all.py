@@ -3,8 +3,8 @@
 Issue 11, goal 4. The CPU section runs the slice attention, joint step (encoder share, loader headroom, memory, plain
 ResNet throughput), SwAV-loss, segmentation-throughput and DDP-scaling scripts, and with ``--demo`` the embedded demo
 end to end (its wall time). Where CUDA is present (``--device auto`` or ``cuda``), the GPU section runs the CUDA slice
-attention benchmark (fused Triton sampling vs PyTorch reference vs dense, per dtype), the joint step at demo and paper
-sizes (bfloat16 autocast and float32) and the segmentation throughput. Every ratio is measured inside one script run.
+attention benchmark (fused Triton sampling vs PyTorch reference vs dense, per dtype) and the joint step at demo and
+paper sizes under bfloat16 autocast, the latter also with every fast-path switch of train.json and a profile. Every ratio is measured inside one script run.
 
 Each section is written between its own markers (``<!-- run_all.py <device>: begin -->`` ... ``end``) in the output
 file, replacing what a former run wrote there and leaving the hand-written text and the other device's section alone
@@ -62,11 +62,15 @@ def cpu_scripts(demo: bool) -> list[Script]:
 
 def cuda_scripts() -> list[Script]:
     step = ["benchmarks/pretrain_step.py", "--device", "cuda", "--sections", "a"]
+    fast = ["--channels-last", "--fused-optimizer", "--pin-memory"]
     return [
         Script("Slice attention (CUDA)", ["benchmarks/slice_attention_gpu.py"]),
         Script("Joint step, demo size, bfloat16 autocast (CUDA)", [*step, "--amp", "bfloat16"]),
         Script("Joint step, paper size, bfloat16 autocast (CUDA)", [*step, "--amp", "bfloat16", *PAPER]),
-        Script("Joint step, paper size, float32 (CUDA)", [*step, *PAPER]),
+        Script(
+            "Joint step, paper size, bfloat16 autocast, every fast-path switch, with a profile (CUDA)",
+            [*step, "--amp", "bfloat16", *PAPER, *fast, "--profile"],
+        ),
     ]
 
 
