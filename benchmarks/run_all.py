@@ -4,7 +4,8 @@ Issue 11, goal 4. The CPU section runs the slice attention, joint step (encoder 
 ResNet throughput), SwAV-loss, segmentation-throughput and DDP-scaling scripts, and with ``--demo`` the embedded demo
 end to end (its wall time). Where CUDA is present (``--device auto`` or ``cuda``), the GPU section runs the CUDA slice
 attention benchmark (fused Triton sampling vs PyTorch reference vs dense, per dtype) and the joint step at demo and
-paper sizes under bfloat16 autocast, the latter also with every fast-path switch of train.json and a profile. Every ratio is measured inside one script run.
+paper sizes under bfloat16 autocast, the latter also with every fast-path switch of train.json and a profile. Every
+ratio is measured inside one script run.
 
 Each section is written between its own markers (``<!-- run_all.py <device>: begin -->`` ... ``end``) in the output
 file, replacing what a former run wrote there and leaving the hand-written text and the other device's section alone
