@@ -47,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("pretrain_smoke"))
     parser.add_argument("--amp", type=int, default=1, help="1: amp on (bf16 where supported), 0: float32")
+    parser.add_argument("--fast-path", action="store_true", help="channels_last and fused_optimizer on as well")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     stages: dict[str, float] = {}
@@ -66,6 +67,8 @@ def main() -> None:
         epochs=1,
         amp=bool(args.amp),
         num_workers=4,
+        channels_last=args.fast_path,
+        fused_optimizer=args.fast_path,
     )
     workflow.run()
     workflow.finalize()
@@ -102,7 +105,7 @@ def main() -> None:
     print(
         f"pretrain_joint smoke on {device} (amp {dtype or 'off'}): {trainer.state.iteration} iterations, "
         f"losses finite: {finite}, last terms { ({k: round(v, 4) for k, v in history[-1].items()}) }; "
-        f"{len(embeddings)} embeddings {embeddings.shape[1]}-d, finite: {bool(np.isfinite(embeddings).all())}; "
+        f"fast-path switches {'on' if args.fast_path else 'off'}; {len(embeddings)} embeddings {embeddings.shape[1]}-d, finite: {bool(np.isfinite(embeddings).all())}; "
         f"DICOM items left out (no ITK): {left_out}"
     )
     print("stage seconds: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items()))
