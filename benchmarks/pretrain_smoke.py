@@ -105,7 +105,8 @@ def main() -> None:
     print(
         f"pretrain_joint smoke on {device} (amp {dtype or 'off'}): {trainer.state.iteration} iterations, "
         f"losses finite: {finite}, last terms { ({k: round(v, 4) for k, v in history[-1].items()}) }; "
-        f"fast-path switches {'on' if args.fast_path else 'off'}; {len(embeddings)} embeddings {embeddings.shape[1]}-d, finite: {bool(np.isfinite(embeddings).all())}; "
+        f"fast-path switches {'on' if args.fast_path else 'off'}; {len(embeddings)} embeddings "
+        f"{embeddings.shape[1]}-d, finite: {bool(np.isfinite(embeddings).all())}; "
         f"DICOM items left out (no ITK): {left_out}"
     )
     print("stage seconds: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items()))
