@@ -436,7 +436,7 @@ def describe_device(args: argparse.Namespace) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:<index>, or auto: cpu, then cuda when available (default)"
+        "--device", default="auto", help="cpu or auto (default); cuda runs slice_attention_gpu.py (in-process timing)"
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="numbers of slices N")
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per case at most (default: 10)")
@@ -471,10 +471,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(measure_memory(args)))
         return
     sizes = sorted(set(args.sizes))
-    if args.device == "auto":
-        devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    else:
-        devices = [args.device]
+    if args.device.startswith("cuda"):  # in-process, per dtype, with the fused sampling: see slice_attention_gpu.py
+        import slice_attention_gpu
+
+        sys.exit(
+            slice_attention_gpu.main(["--sizes", *map(str, sizes), "--batch", str(args.batch), "--dim", str(args.dim)])
+        )
+    devices = ["cpu"]  # auto: the CPU; CUDA figures come from slice_attention_gpu.py (run_all.py runs both)
     for device in devices:
         args.device = device
         load_before = os.getloadavg()[0]
