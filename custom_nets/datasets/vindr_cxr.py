@@ -154,7 +154,8 @@ def scale_boxes(boxes: np.ndarray | torch.Tensor, from_size: Sequence[int], to_s
 
 
 def check_boxes_inside(boxes: np.ndarray, size: Sequence[int], image_id: str) -> None:
-    """Raise a ``ValueError`` naming ``image_id`` unless every ``xyxy`` box is non-empty and inside ``size = (W, H)``."""
+    """Raise a ``ValueError`` naming ``image_id`` unless every ``xyxy`` box is non-empty and inside ``size``
+    ``(width, height)``."""
     for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         x_min, y_min, x_max, y_max = box.tolist()
         if not (0 <= x_min < x_max <= size[0] and 0 <= y_min < y_max <= size[1]):

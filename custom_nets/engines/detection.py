@@ -32,13 +32,14 @@ def detection_prepare_batch(
 
     Targets are ``None`` when the items have no boxes (inference).
     """
-    images = [item["image"].to(device=device, non_blocking=non_blocking, **kwargs) for item in batchdata]
+    move = {"device": device, "non_blocking": non_blocking}
+    images = [item["image"].to(**move, **kwargs) for item in batchdata]
     if box_key not in batchdata[0]:
         return images, None, (), {}
     targets = [
         {
-            box_key: torch.as_tensor(item[box_key], dtype=torch.float32).reshape(-1, 4).to(device, non_blocking),
-            label_key: torch.as_tensor(item[label_key], dtype=torch.long).reshape(-1).to(device, non_blocking),
+            box_key: torch.as_tensor(item[box_key], dtype=torch.float32).reshape(-1, 4).to(**move),
+            label_key: torch.as_tensor(item[label_key], dtype=torch.long).reshape(-1).to(**move),
         }
         for item in batchdata
     ]

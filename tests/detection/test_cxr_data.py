@@ -62,9 +62,7 @@ def test_any_bit_depth_gives_the_same_image(cxr, tmp_path, bits_stored):
 def test_rescale_slope_and_intercept_are_applied(cxr, tmp_path):
     display = _display(cxr)
     # a negative slope turns the stored values around: the modality values are dense = high again
-    path = cxr.write_dicom(
-        tmp_path / "r.dcm", np.round((1.0 - display) * 4095), RescaleSlope=-1, RescaleIntercept=4095
-    )
+    path = cxr.write_dicom(tmp_path / "r.dcm", np.round((1.0 - display) * 4095), RescaleSlope=-1, RescaleIntercept=4095)
     assert _lesion_brighter(read_dicom_radiograph(path))
 
 
