@@ -19,7 +19,7 @@ depth) are read; no DICOM tag is ever logged or written, and every output file i
 
 CLI (fire)::
 
-    python -m custom_nets.cli prepare_vindr_cxr --src_dir /data/vindr/train --csv /data/vindr/train.csv \
+    python -m custom_nets.cli prepare_vindr_cxr --src_dir /data/vindr/train --csv_path /data/vindr/train.csv \
         --out_dir /data/vindr_prepared --image_size 1024
 """
 

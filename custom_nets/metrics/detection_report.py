@@ -57,7 +57,9 @@ def save_box_figure(
     """Draw an ``(W, H)`` radiograph (MONAI layout, x first) with true (green) and predicted (red) ``xyxy`` boxes."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 5))
-    axis.imshow(np.asarray(image).T, cmap="gray", vmin=0.0, vmax=1.0)
+    width, height = np.asarray(image).shape
+    # extent: pixel (i, j) covers [i, i + 1) x [j, j + 1), the convention of the box coordinates
+    axis.imshow(np.asarray(image).T, cmap="gray", vmin=0.0, vmax=1.0, extent=(0, width, height, 0))
     drawn = [(b, int(c), None, "lime") for b, c in zip(true_boxes.reshape(-1, 4), true_labels.reshape(-1), strict=True)]
     drawn += [
         (b, int(c), float(s), "red")

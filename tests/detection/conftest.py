@@ -76,7 +76,7 @@ def make_vindr_folder(root: Path, num_images: int = 8, identifiers: dict[str, st
     truth = {}
     for index in range(num_images):
         image_id = f"{index:04d}a1b2c3d4e5f6"
-        boxes = [] if index % 4 == 3 else [(10 + 4 * index, 12, 40 + 4 * index, 38)]
+        boxes = [] if index % 4 == 3 else [(10 + 4 * (index % 8), 12, 40 + 4 * (index % 8), 38)]
         if index % 2 == 0 and boxes:
             boxes.append((60, 44, 84, 70))
         display = chest_phantom(rng, boxes)
