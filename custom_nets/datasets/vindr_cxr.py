@@ -263,6 +263,8 @@ class LoadChestXrayd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
         self.box_keys = [box_keys] if isinstance(box_keys, str) else list(box_keys)
+        if self.box_keys and len(self.keys) != 1:
+            raise ValueError(f"box_keys need exactly one image key to scale with, got keys {list(self.keys)}.")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -367,7 +369,7 @@ def prepare(
         _write_png(resize_radiograph(pixels, size), out / "images" / f"{image_id}.png")
         entries[image_id] = {
             "image": f"images/{image_id}.png",
-            "box": np.round(scale_boxes(fused, original, size), 3).tolist(),
+            "box": np.round(scale_boxes(fused.astype(np.float64), original, size), 3).tolist(),
             "label": labels.tolist(),
             "image_id": image_id,
             "original_size": list(original),
