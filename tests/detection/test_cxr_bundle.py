@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, run
+from monai.bundle import ConfigParser, ConfigWorkflow, run
 from PIL import Image
 
 from custom_nets.datasets import vindr_cxr
@@ -134,6 +134,20 @@ def test_workflow_properties_and_metadata(cxr, tmp_path):
         workflow.initialize()
         assert workflow.check_properties() == [], configs
     assert '"%' not in (root / "configs" / "inference.json").read_text()  # no macro pulling another file
+    # the way MONAI Label's BundleInferTask runs a detection bundle: inference.json alone, `detector` and
+    # `detector_ops` parsed, preprocessing applied, then detector(batched image, use_inferer=True) in eval mode
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(root), **TINY})
+    detector = parser.get_parsed_content("detector")
+    parser.get_parsed_content("detector_ops")
+    image_path = str(dataset_dir / json.loads((dataset_dir / "datalist.json").read_text())["testing"][0]["image"])
+    item = parser.get_parsed_content("preprocessing")({"image": image_path})
+    detector.network = parser.get_parsed_content("network_def").eval()
+    detector.eval()
+    with torch.no_grad():
+        (detections,) = detector(item["image"][None], use_inferer=True)
+    assert set(detections) == {"box", "label", "label_scores"} and detections["box"].shape[1] == 4
     metadata = json.loads(Path(meta).read_text())
     schema = json.loads((BUNDLE.parent / "metadata_schema.json").read_text())
     assert set(schema.get("required", [])) <= set(metadata)
