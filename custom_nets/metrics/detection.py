@@ -115,7 +115,8 @@ class DetectionMAP(Metric):
     0.0 when no class has ground truth) of the predictions and targets gathered over an epoch.
 
     ``output_transform`` must give ``(predictions, targets)``: lists with one dict per image, as produced by
-    ``RetinaNetDetector`` in eval mode and :func:`custom_nets.engines.detection.detection_prepare_batch`.
+    ``RetinaNetDetector`` in eval mode and :func:`custom_nets.engines.detection.detection_prepare_batch`. Under
+    ``torch.distributed`` the images of all processes are gathered before scoring.
     """
 
     def __init__(
@@ -140,5 +141,11 @@ class DetectionMAP(Metric):
         self._targets.extend({k: _numpy(v) for k, v in t.items()} for t in targets)
 
     def compute(self) -> float:
-        report = detection_report(self._predictions, self._targets, self.class_names, **self.keys)
+        predictions, targets = self._predictions, self._targets
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (predictions, targets))  # each rank saw its shard
+            predictions = [p for shard, _ in gathered for p in shard]
+            targets = [t for _, shard in gathered for t in shard]
+        report = detection_report(predictions, targets, self.class_names, **self.keys)
         return report[MAP50] if report[MAP50] is not None else 0.0

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +165,27 @@ def test_workflow_properties_and_metadata(cxr, tmp_path):
     for name in ("LICENSE", "large_files.yml", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
         assert (root / name).is_file(), name
     assert not (BUNDLE / "models" / "model.pt").exists()  # no faked weights in the repository
+
+
+@pytest.mark.slow
+def test_multi_gpu_overlay_trains_with_two_cpu_processes(cxr, tmp_path):
+    """torchrun with 2 processes on the gloo backend: DistributedSampler, DDP around the RetinaNet, the validation
+    mAP gathered over both processes, rank-0 checkpoints."""
+    folder = cxr.make_vindr_folder(tmp_path / "raw", num_images=12)
+    vindr_cxr.prepare(str(folder.images), str(folder.csv), str(tmp_path / "data"), 64, val_fraction=0.2)
+    root = _copy_bundle(tmp_path)
+    configs = json.dumps([str(root / "configs" / c) for c in ("train.json", "multi_gpu_train.json")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "monai.bundle", "run", "--config_file", configs]
+    command += ["--meta_file", str(root / "configs" / "metadata.json"), "--bundle_root", str(root)]
+    command += ["--logging_file", str(root / "configs" / "logging.conf"), "--dataset_dir", str(tmp_path / "data")]
+    command += ["--epochs", "1", "--batch_size", "2"]
+    for key, value in TINY.items():
+        command += [f"--{key}", json.dumps(value)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val_map50" in result.stdout + result.stderr
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert "classification_head.cls_logits.weight" in state  # saved without DDP's "module." prefix
+    checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 2  # 7 training images padded to 8, over 2 processes, batch 2
