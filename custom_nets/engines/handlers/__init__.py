@@ -1,7 +1,8 @@
 """Ignite / MONAI handlers: prototype upkeep, k-means, collapse and effective-rank monitoring, gradients, loss terms,
-embeddings."""
+embeddings, detection boxes."""
 
 from custom_nets.engines.handlers.collapse import ClusterCollapseMonitor, assignment_statistics
+from custom_nets.engines.handlers.detection_writer import DetectionWriter
 from custom_nets.engines.handlers.effective_rank import EffectiveRankMonitor
 from custom_nets.engines.handlers.embedding_writer import EmbeddingWriter
 from custom_nets.engines.handlers.engine_state import CheckpointEngineState
@@ -15,6 +16,7 @@ __all__ = [
     "CheckpointEngineState",
     "ClusterCollapseMonitor",
     "DeepClusterKMeansHandler",
+    "DetectionWriter",
     "EffectiveRankMonitor",
     "EmbeddingWriter",
     "GradientControl",

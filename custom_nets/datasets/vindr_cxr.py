@@ -1,0 +1,394 @@
+"""VinDr-CXR preparation, radiograph reading and box handling for the chest X-ray detection bundle (``finetune_cxr``).
+
+VinDr-CXR (Nguyen et al., Scientific Data 2022) gives one DICOM per image (``<image_id>.dicom``) and a CSV with one row
+per finding per radiologist: ``image_id, class_name, class_id, rad_id, x_min, y_min, x_max, y_max``. Classes 0-13 are
+findings with a box in pixel coordinates of the DICOM (x = column, y = row); class 14 "No finding" has no box.
+
+Box fusion: the boxes of the radiologists for one finding of one image are clustered greedily by IoU (a box joins the
+first cluster of the same class whose mean box it overlaps by at least ``iou_threshold``, boxes taken in reading
+order) and each cluster becomes the mean of its boxes. This is weighted box fusion (Solovyev et al., 2021) with equal
+weights: radiologists' boxes carry no confidence, so WBF's score weighting has nothing to weigh, and the mean keeps a
+box that two readers drew slightly apart where NMS would keep one reader's box and drop the other. A finding marked
+by a single radiologist is kept (its cluster has one vote); ``min_votes`` drops clusters with fewer readers.
+
+Coordinates: images become tensors ``(1, W, H)`` (x first), the layout MONAI's PNG reader gives 2D images, so a box
+``(x_min, y_min, x_max, y_max)`` of the CSV is a MONAI ``xyxy`` box of the tensor without reordering.
+
+Privacy: only pixel data and the tags that decode it (photometric interpretation, rescale, VOI LUT / window, bit
+depth) are read; no DICOM tag is ever logged or written, and every output file is named by ``image_id``.
+
+CLI (fire)::
+
+    python -m custom_nets.cli prepare_vindr_cxr --src_dir /data/vindr/train --csv_path /data/vindr/train.csv \
+        --out_dir /data/vindr_prepared --image_size 1024
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.apps.detection.transforms.box_ops import zoom_boxes
+from monai.config import KeysCollection
+from monai.data import MetaTensor, load_decathlon_datalist
+from monai.data.box_utils import box_iou
+from monai.transforms import MapTransform
+from PIL import Image
+
+from custom_nets.data.segmentation import split_cases, write_datalist
+
+__all__ = [
+    "NO_FINDING_CLASS_ID",
+    "VINDR_CLASS_NAMES",
+    "BoxAnnotation",
+    "LoadChestXrayd",
+    "check_boxes_inside",
+    "fuse_boxes",
+    "inference_items",
+    "load_detection_datalist",
+    "prepare",
+    "read_annotations",
+    "read_chest_xray",
+    "read_dicom_radiograph",
+    "resize_radiograph",
+    "scale_boxes",
+]
+
+VINDR_CLASS_NAMES: tuple[str, ...] = (
+    "Aortic enlargement",
+    "Atelectasis",
+    "Calcification",
+    "Cardiomegaly",
+    "Consolidation",
+    "ILD",
+    "Infiltration",
+    "Lung Opacity",
+    "Nodule/Mass",
+    "Other lesion",
+    "Pleural effusion",
+    "Pleural thickening",
+    "Pneumothorax",
+    "Pulmonary fibrosis",
+)
+NO_FINDING_CLASS_ID = 14
+DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", *DICOM_SUFFIXES)
+
+
+def read_dicom_radiograph(path: str | os.PathLike) -> np.ndarray:
+    """A radiograph DICOM as a float32 ``(rows, cols)`` array in [0, 1], bright = dense (bone white).
+
+    Order (DICOM PS3.4 grayscale pipeline): stored values of any bit depth -> modality LUT or rescale slope /
+    intercept -> VOI LUT or window centre / width when present -> MONOCHROME1 inverted, exactly once -> min-max to
+    [0, 1]. A Presentation LUT is not applied, so nothing can invert a second time.
+    """
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    path = Path(path)
+    try:
+        dataset = pydicom.dcmread(path)
+        stored = dataset.pixel_array
+    except Exception as error:  # pydicom raises several types for unreadable files; the message names the file only
+        raise ValueError(f"{path.name}: not a readable DICOM image ({type(error).__name__}).") from error
+    if stored.ndim != 2:
+        raise ValueError(f"{path.name}: expected one grayscale frame, got pixel data of shape {stored.shape}.")
+    values = apply_voi_lut(apply_modality_lut(stored, dataset), dataset).astype(np.float64)
+    values = _unit_range(values)
+    if str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        values = 1.0 - values
+    return values.astype(np.float32)
+
+
+def _unit_range(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:132] == b"DICM"
+
+
+def read_chest_xray(path: str | os.PathLike) -> np.ndarray:
+    """A DICOM (``.dcm`` / ``.dicom`` or a DICOM preamble) or PNG radiograph as float32 ``(rows, cols)`` in [0, 1].
+
+    PNGs are taken as displayed (8 or 16 bit, grayscale or RGB averaged); DICOMs go through
+    :func:`read_dicom_radiograph`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    if _is_dicom(path):
+        return read_dicom_radiograph(path)
+    with Image.open(path) as image:
+        pixels = np.asarray(image)
+    if pixels.ndim == 3:
+        pixels = pixels[..., :3].mean(axis=-1)
+    maximum = 255.0 if pixels.dtype == np.uint8 else 65535.0 if pixels.dtype == np.uint16 else float(pixels.max() or 1)
+    return (pixels.astype(np.float64) / maximum).astype(np.float32)
+
+
+def resize_radiograph(pixels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize ``(rows, cols)`` to ``size = (width, height)`` (bilinear, antialiased), float32."""
+    tensor = torch.as_tensor(np.ascontiguousarray(pixels), dtype=torch.float32)[None, None]
+    resized = F.interpolate(tensor, size=(int(size[1]), int(size[0])), mode="bilinear", antialias=True)
+    return resized[0, 0].clamp(0.0, 1.0).numpy()
+
+
+def scale_boxes(boxes: np.ndarray | torch.Tensor, from_size: Sequence[int], to_size: Sequence[int]):
+    """Scale ``xyxy`` boxes ``(N, 4)`` from an image of ``from_size = (width, height)`` to ``to_size`` (MONAI's
+    ``zoom_boxes``); the inverse call with the sizes swapped gives the boxes back."""
+    zoom = [float(t) / float(f) for t, f in zip(to_size, from_size, strict=True)]
+    return zoom_boxes(boxes, zoom)
+
+
+def check_boxes_inside(boxes: np.ndarray, size: Sequence[int], image_id: str) -> None:
+    """Raise a ``ValueError`` naming ``image_id`` unless every ``xyxy`` box is non-empty and inside ``size``
+    ``(width, height)``."""
+    for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        x_min, y_min, x_max, y_max = box.tolist()
+        if not (0 <= x_min < x_max <= size[0] and 0 <= y_min < y_max <= size[1]):
+            raise ValueError(
+                f"image {image_id}: box (x_min, y_min, x_max, y_max) = {tuple(box.tolist())} is empty or outside the "
+                f"image of width {size[0]} and height {size[1]}. Fix or drop this row of the annotation CSV."
+            )
+
+
+def fuse_boxes(
+    boxes: np.ndarray, labels: np.ndarray, iou_threshold: float = 0.5, min_votes: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fuse several readers' boxes per class by IoU clustering with mean coordinates (equal-weight WBF).
+
+    Args:
+        boxes: ``(N, 4)`` ``xyxy`` boxes in reading order.
+        labels: ``(N,)`` class ids.
+        iou_threshold: a box joins a cluster of its class when its IoU with the cluster's mean box is at least this.
+        min_votes: clusters built from fewer boxes are dropped.
+
+    Returns:
+        fused boxes ``(M, 4)`` float32, their labels ``(M,)`` int64 and votes (boxes per cluster) ``(M,)`` int64,
+        sorted by class then by order of the cluster's first box.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    fused, fused_labels, votes = [], [], []
+    for label in np.unique(labels):
+        clusters: list[list[np.ndarray]] = []
+        for box in boxes[labels == label]:
+            means = np.array([np.mean(c, axis=0) for c in clusters]).reshape(-1, 4)
+            overlaps = box_iou(box[None], means)[0] if len(means) else np.zeros(0)
+            best = int(np.argmax(overlaps)) if len(overlaps) else -1
+            if best >= 0 and overlaps[best] >= iou_threshold:
+                clusters[best].append(box)
+            else:
+                clusters.append([box])
+        for cluster in clusters:
+            if len(cluster) >= min_votes:
+                fused.append(np.mean(cluster, axis=0))
+                fused_labels.append(int(label))
+                votes.append(len(cluster))
+    return (
+        np.array(fused, dtype=np.float32).reshape(-1, 4),
+        np.array(fused_labels, dtype=np.int64),
+        np.array(votes, dtype=np.int64),
+    )
+
+
+@dataclass(frozen=True)
+class BoxAnnotation:
+    """One finding of one reader: class id 0-13 and its ``xyxy`` box in original pixels."""
+
+    class_id: int
+    box: tuple[float, float, float, float]
+
+
+def read_annotations(csv_path: str | os.PathLike) -> dict[str, list[BoxAnnotation]]:
+    """Read a VinDr-CXR annotation CSV into ``{image_id: [BoxAnnotation, ...]}`` (empty list = "No finding" only).
+
+    Raises:
+        ValueError: naming the image and the CSV line for an unknown class id or a finding without a box.
+    """
+    csv_path = Path(csv_path)
+    required = {"image_id", "class_id", "x_min", "y_min", "x_max", "y_max"}
+    annotations: dict[str, list[BoxAnnotation]] = {}
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = required - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{csv_path}: missing columns {sorted(missing)} (VinDr-CXR annotation CSV expected).")
+        for line, row in enumerate(reader, start=2):
+            image_id = row["image_id"].strip()
+            class_id = int(float(row["class_id"]))
+            findings = annotations.setdefault(image_id, [])
+            if class_id == NO_FINDING_CLASS_ID:
+                continue
+            if not 0 <= class_id < len(VINDR_CLASS_NAMES):
+                raise ValueError(f"{csv_path}, line {line}, image {image_id}: unknown class_id {class_id} (0-14).")
+            coordinates = [row[k].strip() for k in ("x_min", "y_min", "x_max", "y_max")]
+            if any(not c or math.isnan(float(c)) for c in coordinates):
+                raise ValueError(f"{csv_path}, line {line}, image {image_id}: finding {class_id} has no box.")
+            findings.append(BoxAnnotation(class_id, tuple(float(c) for c in coordinates)))
+    if not annotations:
+        raise ValueError(f"{csv_path}: no annotation rows.")
+    return annotations
+
+
+class LoadChestXrayd(MapTransform):
+    """Read DICOM or PNG radiographs (:func:`read_chest_xray`) into ``(1, W, H)`` float32 MetaTensors in [0, 1],
+    resized to ``image_size = (width, height)`` when given, with the boxes under ``box_keys`` (``xyxy`` in the pixels of
+    the file read) scaled the same way.
+
+    The meta dict keeps ``filename_or_obj``, ``original_size`` ``(W, H)`` and ``spatial_shape`` so that predicted boxes
+    can be scaled back to original pixels (:func:`scale_boxes`).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_size: Sequence[int] | None = None,
+        box_keys: KeysCollection = (),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
+        self.box_keys = [box_keys] if isinstance(box_keys, str) else list(box_keys)
+        if self.box_keys and len(self.keys) != 1:
+            raise ValueError(f"box_keys need exactly one image key to scale with, got keys {list(self.keys)}.")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            pixels = read_chest_xray(path)
+            original = (pixels.shape[1], pixels.shape[0])
+            if self.image_size is not None and self.image_size != original:
+                pixels = resize_radiograph(pixels, self.image_size)
+            image = torch.as_tensor(np.ascontiguousarray(pixels.T))[None]
+            meta = {"filename_or_obj": path, "original_size": list(original), "spatial_shape": list(image.shape[1:])}
+            d[key] = MetaTensor(image, meta=meta)
+            for box_key in self.box_keys:
+                boxes = np.asarray(d[box_key], dtype=np.float64).reshape(-1, 4)
+                d[box_key] = scale_boxes(boxes, original, image.shape[1:]).astype(np.float32)
+        return d
+
+
+def load_detection_datalist(datalist: str | os.PathLike, split: str, dataset_dir: str | os.PathLike) -> list[dict]:
+    """The ``split`` section of a detection datalist, ``image`` paths joined to ``dataset_dir`` (boxes untouched)."""
+    items = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=split, base_dir=dataset_dir)
+    if not items:
+        raise ValueError(f"section '{split}' of {datalist} is empty.")
+    return items
+
+
+def inference_items(
+    dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None = None, split: str = "testing"
+) -> list[dict]:
+    """Inputs for inference: the images of ``split`` in ``datalist`` (with their ``image_id``) when given, else every
+    ``.png`` / ``.dcm`` / ``.dicom`` file directly in ``dataset_dir`` (items ``{"image": path}``)."""
+    if datalist is not None:
+        return [
+            {k: item[k] for k in ("image", "image_id") if k in item}
+            for item in load_detection_datalist(datalist, split, dataset_dir)
+        ]
+    items = [
+        {"image": str(p)}
+        for p in sorted(Path(dataset_dir).iterdir())
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not items:
+        raise FileNotFoundError(f"no .png / .dcm / .dicom images in {dataset_dir}.")
+    return items
+
+
+def _find_images(src_dir: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(src_dir.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.stem in found:
+                raise ValueError(f"image id {path.stem} appears twice under {src_dir}: {found[path.stem]} and {path}.")
+            found[path.stem] = path
+    return found
+
+
+def _write_png(pixels: np.ndarray, target: Path) -> None:
+    temporary = target.with_name(target.stem + ".tmp.png")
+    Image.fromarray(np.round(pixels * 255.0).astype(np.uint8)).save(temporary)
+    os.replace(temporary, target)
+
+
+def prepare(
+    src_dir: str,
+    csv_path: str,
+    out_dir: str,
+    image_size: int | Sequence[int] = 1024,
+    iou_threshold: float = 0.5,
+    min_votes: int = 1,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> str:
+    """Read VinDr-CXR DICOMs (or PNGs) and their CSV, write resized 8-bit PNGs and a MONAI detection datalist.
+
+    Writes ``<out_dir>/images/<image_id>.png`` at ``image_size`` (an int for square, or ``(width, height)``) and
+    ``<out_dir>/datalist.json`` with ``training`` / ``validation`` / ``testing`` entries ``{"image", "box", "label",
+    "image_id", "original_size", "votes"}``: ``box`` holds the fused ``xyxy`` boxes scaled to ``image_size``, ``label``
+    their class ids 0-13 (empty for "No finding"), ``original_size`` the DICOM's ``(width, height)``. Every image of the
+    CSV must be under ``src_dir`` as ``<image_id>.dicom`` / ``.dcm`` / ``.png``; a box outside its image is an error
+    naming the image.
+
+    Returns:
+        The datalist path.
+    """
+    src, out = Path(src_dir), Path(out_dir)
+    size = (int(image_size), int(image_size)) if isinstance(image_size, (int, float)) else tuple(map(int, image_size))
+    annotations = read_annotations(csv_path)
+    images = _find_images(src)
+    missing = sorted(set(annotations) - set(images))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images of {csv_path} are not under {src}, e.g. {missing[:5]}.")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for image_id in sorted(annotations):
+        pixels = read_chest_xray(images[image_id])
+        original = (pixels.shape[1], pixels.shape[0])
+        findings = annotations[image_id]
+        boxes = np.array([f.box for f in findings], dtype=np.float64).reshape(-1, 4)
+        check_boxes_inside(boxes, original, image_id)
+        fused, labels, votes = fuse_boxes(boxes, [f.class_id for f in findings], iou_threshold, min_votes)
+        _write_png(resize_radiograph(pixels, size), out / "images" / f"{image_id}.png")
+        entries[image_id] = {
+            "image": f"images/{image_id}.png",
+            "box": np.round(scale_boxes(fused.astype(np.float64), original, size), 3).tolist(),
+            "label": labels.tolist(),
+            "image_id": image_id,
+            "original_size": list(original),
+            "votes": votes.tolist(),
+        }
+    splits = split_cases(list(entries), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    datalist = write_datalist(
+        out / "datalist.json",
+        {name: [entries[i] for i in ids] for name, ids in splits.items()},
+        name="VinDr-CXR",
+        labels={str(i): n for i, n in enumerate(VINDR_CLASS_NAMES)},
+        image_size=list(size),
+        box_mode="xyxy",
+        fusion={"method": "IoU clustering, mean box (equal-weight WBF)", "iou_threshold": iou_threshold},
+    )
+    return str(datalist)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"prepare": prepare})

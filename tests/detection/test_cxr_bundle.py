@@ -1,0 +1,191 @@
+"""End to end through ``monai.bundle.run``: prepare_vindr_cxr -> train (2 iterations) -> evaluate -> infer for
+finetune_cxr on generated DICOMs full of patient identifiers, none of which may reach an output; plus the
+ConfigWorkflow properties and the metadata."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow, run
+from PIL import Image
+
+from custom_nets.datasets import vindr_cxr
+from custom_nets.nets.slice_encoder import SliceEncoder
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "finetune_cxr"
+TINY = {
+    "encoder_depth": 18,
+    "fpn_channels": 16,
+    "image_size": [64, 64],
+    "anchor_sizes": [[8], [16], [32], [64]],
+    "anchor_aspect_ratios": [1.0],
+    "num_workers": 0,
+    "score_threshold": 0.0,
+}
+
+
+def _copy_bundle(tmp_path: Path) -> Path:
+    root = tmp_path / "finetune_cxr"
+    shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("models", "outputs"))
+    return root
+
+
+def _run(root: Path, configs: list[str], **overrides) -> None:
+    run(
+        config_file=[str(root / "configs" / c) for c in configs],
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=str(root / "configs" / "logging.conf"),
+        bundle_root=str(root),
+        **overrides,
+    )
+
+
+def _assert_no_identifier(texts: dict[str, bytes], identifiers: dict[str, str]) -> None:
+    for where, content in texts.items():
+        for tag, value in identifiers.items():
+            for token in {value, *value.replace("^", " ").split()}:
+                leaked = len(token) >= 6 and token.lower().encode() in content.lower()
+                assert not leaked, f"{tag} found in {where}"
+
+
+@pytest.mark.slow
+def test_prepare_train_evaluate_infer_without_identifier_leaks(cxr, tmp_path, capfd):
+    folder = cxr.make_vindr_folder(tmp_path / "raw", num_images=8, identifiers=cxr.PATIENT_IDENTIFIERS)
+    dataset_dir = tmp_path / "data"
+    vindr_cxr.prepare(str(folder.images), str(folder.csv), str(dataset_dir), image_size=64)
+    root = _copy_bundle(tmp_path)
+    encoder = SliceEncoder(depth=18, embed_dim=16)
+    torch.save({f"slice_encoder.{k}": v for k, v in encoder.state_dict().items()}, tmp_path / "export.pt")
+
+    common = {"dataset_dir": str(dataset_dir), **TINY}
+    _run(root, ["train.json"], epochs=1, batch_size=3, pretrained_ckpt=str(tmp_path / "export.pt"), **common)
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert state["classification_head.cls_logits.weight"].shape[0] == 14  # 1 anchor x 14 findings
+    assert not torch.equal(state["feature_extractor.body.conv1.weight"], encoder.trunk.conv1.weight)  # it trained
+    checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 2  # 6 training images, batch 3, 1 epoch
+
+    _run(root, ["train.json", "evaluate.json"], **common)
+    metrics = json.loads((root / "outputs" / "eval" / "metrics.json").read_text())
+    (test_entry,) = json.loads((dataset_dir / "datalist.json").read_text())["testing"]
+    assert metrics["num_images"] == 1 and [i["image_id"] for i in metrics["images"]] == [test_entry["image_id"]]
+    assert set(metrics) >= {"map50", "coco_map", "ap50_per_class", "coco_ap_per_class", "image_auc"}
+    assert len(metrics["ap50_per_class"]) == 14
+    scored = {n for n, v in metrics["ap50_per_class"].items() if v is not None}
+    true_names = {vindr_cxr.VINDR_CLASS_NAMES[c] for c in test_entry["label"]}
+    assert scored == true_names and (metrics["map50"] is None) == (not true_names)
+    figures = list((root / "outputs" / "eval" / "figures").glob("*.png"))
+    assert [f.stem for f in figures] == [test_entry["image_id"]]
+
+    infer_dir = tmp_path / "infer_in"
+    infer_dir.mkdir()
+    dicom = sorted(folder.images.iterdir())[0]
+    shutil.copy(dicom, infer_dir / dicom.name)
+    Image.fromarray(np.full((50, 70), 128, dtype=np.uint8)).save(infer_dir / "plain.png")  # 70 wide, 50 high
+    _run(root, ["inference.json"], **{**common, "dataset_dir": str(infer_dir)})
+    results = {p.stem: json.loads(p.read_text()) for p in (root / "outputs" / "inference").glob("*.json")}
+    assert set(results) == {dicom.stem, "plain"}
+    for name, size in ((dicom.stem, [cxr.COLS, cxr.ROWS]), ("plain", [70, 50])):
+        result = results[name]
+        assert result["original_size"] == size and result["box_mode"] == "xyxy" and result["boxes"]
+        boxes = np.array([[b[k] for k in ("x_min", "y_min", "x_max", "y_max")] for b in result["boxes"]])
+        assert (boxes >= 0).all() and (boxes[:, 2] <= size[0]).all() and (boxes[:, 3] <= size[1]).all()
+        assert {b["class_name"] for b in result["boxes"]} <= set(vindr_cxr.VINDR_CLASS_NAMES)
+
+    captured = capfd.readouterr()
+    outputs = {"stdout": captured.out.encode(), "stderr": captured.err.encode()}
+    for path in [*dataset_dir.rglob("*"), *root.rglob("*")]:
+        outputs[f"name {path}"] = str(path.relative_to(tmp_path)).encode()
+        if path.is_file():
+            outputs[str(path)] = path.read_bytes()
+    assert len(outputs) > 20
+    _assert_no_identifier(outputs, cxr.PATIENT_IDENTIFIERS)
+    # the check itself can fail: the raw DICOMs do hold the identifiers
+    with pytest.raises(AssertionError, match="found in raw"):
+        _assert_no_identifier({"raw": dicom.read_bytes()}, cxr.PATIENT_IDENTIFIERS)
+
+
+def test_workflow_properties_and_metadata(cxr, tmp_path):
+    folder = cxr.make_vindr_folder(tmp_path / "raw", num_images=8)
+    dataset_dir = tmp_path / "data"
+    vindr_cxr.prepare(str(folder.images), str(folder.csv), str(dataset_dir), image_size=64)
+    root = _copy_bundle(tmp_path)
+    meta = str(root / "configs" / "metadata.json")
+    for configs, workflow_type in (
+        (["train.json"], "train"),
+        (["train.json", "evaluate.json"], "train"),
+        (["inference.json"], "inference"),  # self-contained: MONAI Label reads this file alone
+    ):
+        workflow = ConfigWorkflow(
+            config_file=[str(root / "configs" / c) for c in configs],
+            meta_file=meta,
+            logging_file=str(root / "configs" / "logging.conf"),
+            workflow_type=workflow_type,
+            bundle_root=str(root),
+            dataset_dir=str(dataset_dir),
+            datalist=str(dataset_dir / "datalist.json"),  # inference from the datalist's testing split
+            **TINY,
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], configs
+    assert '"%' not in (root / "configs" / "inference.json").read_text()  # no macro pulling another file
+    # the way MONAI Label's BundleInferTask runs a detection bundle: inference.json alone, `detector` and
+    # `detector_ops` parsed, preprocessing applied, then detector(batched image, use_inferer=True) in eval mode
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(root), **TINY})
+    detector = parser.get_parsed_content("detector")
+    parser.get_parsed_content("detector_ops")
+    image_path = str(dataset_dir / json.loads((dataset_dir / "datalist.json").read_text())["testing"][0]["image"])
+    item = parser.get_parsed_content("preprocessing")({"image": image_path})
+    detector.network = parser.get_parsed_content("network_def").eval()
+    detector.eval()
+    with torch.no_grad():
+        (detections,) = detector(item["image"][None], use_inferer=True)
+    assert set(detections) == {"box", "label", "label_scores"} and detections["box"].shape[1] == 4
+    metadata = json.loads(Path(meta).read_text())
+    schema = json.loads((BUNDLE.parent / "metadata_schema.json").read_text())
+    assert set(schema.get("required", [])) <= set(metadata)
+    assert metadata["version"] in metadata["changelog"]
+    assert "custom_nets" in metadata["required_packages_version"]
+    channels = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert list(channels.values()) == list(vindr_cxr.VINDR_CLASS_NAMES)
+    config = json.loads((root / "configs" / "train.json").read_text())
+    assert config["class_names"] == list(vindr_cxr.VINDR_CLASS_NAMES)
+    vocabulary = ["bundle_root", "dataset_dir", "datalist", "output_dir", "device", "epochs", "batch_size",
+                  "num_workers", "amp", "image_size", "pretrained_ckpt", "resume", "seed"]  # fmt: skip
+    assert list(config)[1 : 1 + len(vocabulary)] == vocabulary
+    for name in ("LICENSE", "large_files.yml", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
+        assert (root / name).is_file(), name
+    assert not (BUNDLE / "models" / "model.pt").exists()  # no faked weights in the repository
+
+
+@pytest.mark.slow
+def test_multi_gpu_overlay_trains_with_two_cpu_processes(cxr, tmp_path):
+    """torchrun with 2 processes on the gloo backend: DistributedSampler, DDP around the RetinaNet, the validation
+    mAP gathered over both processes, rank-0 checkpoints."""
+    folder = cxr.make_vindr_folder(tmp_path / "raw", num_images=12)
+    vindr_cxr.prepare(str(folder.images), str(folder.csv), str(tmp_path / "data"), 64, val_fraction=0.2)
+    root = _copy_bundle(tmp_path)
+    configs = json.dumps([str(root / "configs" / c) for c in ("train.json", "multi_gpu_train.json")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "monai.bundle", "run", "--config_file", configs]
+    command += ["--meta_file", str(root / "configs" / "metadata.json"), "--bundle_root", str(root)]
+    command += ["--logging_file", str(root / "configs" / "logging.conf"), "--dataset_dir", str(tmp_path / "data")]
+    command += ["--epochs", "1", "--batch_size", "2"]
+    for key, value in TINY.items():
+        command += [f"--{key}", json.dumps(value)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val_map50" in result.stdout + result.stderr
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert "classification_head.cls_logits.weight" in state  # saved without DDP's "module." prefix
+    checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 2  # 7 training images padded to 8, over 2 processes, batch 2
