@@ -7,6 +7,7 @@ Commands:
     validate_data    open every file of a datalist and report all problems at once
     prepare_brats    BraTS folders -> segmentation datalist (finetune_brainseg)
     prepare_mmwhs    MM-WHS folders -> segmentation datalist with labels mapped to 1..7 (finetune_heart)
+    prepare_luna16   LUNA16 scans + candidate CSVs -> cached candidate cubes + fold datalist (finetune_nodule)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import fire
 
 from custom_nets.data.datalist import validate_datalist
 from custom_nets.data.make_datalist import make_datalist
-from custom_nets.datasets import brats, mmwhs
+from custom_nets.datasets import brats, luna16, mmwhs
 from custom_nets.pretraining_demo import run_demo
 from custom_nets.weights import export_pretrained
 
@@ -51,6 +52,7 @@ def main() -> None:
             "validate_data": validate_datalist,
             "prepare_brats": brats.prepare,
             "prepare_mmwhs": mmwhs.prepare,
+            "prepare_luna16": luna16.prepare,
         }
     )
 

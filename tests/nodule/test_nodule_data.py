@@ -1,0 +1,123 @@
+"""LUNA16 adapter: world <-> voxel conversion against ITK and MONAI's reader, cube cutting, preparation and its
+errors, on generated MetaImage scans with a rotated direction matrix and anisotropic spacing."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from custom_nets.datasets import luna16
+
+
+def test_world_voxel_round_trip_matches_itk(tmp_path, luna_data):
+    import itk
+
+    path = luna_data.write_scan(tmp_path / "subset0" / "scan.mhd", np.zeros(luna_data.SIZE[::-1], np.int16))
+    array, geometry = luna16.read_scan(path)
+    assert array.shape == luna_data.SIZE[::-1] and geometry.size == luna_data.SIZE
+    np.testing.assert_allclose(geometry.direction, luna_data.DIRECTION)
+    indices = np.array([[0.0, 0.0, 0.0], [3.25, 17.5, 9.0], [27.0, 23.0, 11.0]])
+    world = luna16.voxel_to_world(indices, geometry)
+    np.testing.assert_allclose(luna16.world_to_voxel(world, geometry), indices, atol=1e-9)
+    image = itk.imread(str(path))
+    for index, point in zip(indices, world, strict=True):
+        continuous = itk.ContinuousIndex[itk.D, 3]()
+        for axis, value in enumerate(index):
+            continuous.SetElement(axis, float(value))
+        np.testing.assert_allclose(point, list(image.TransformContinuousIndexToPhysicalPoint(continuous)), atol=1e-9)
+    # hand-computed: x runs along -j, y along +i (DIRECTION), scaled by the spacing, from the origin
+    np.testing.assert_allclose(world[1], [40.0 - 17.5 * 1.5, -30.0 + 3.25 * 1.2, -100.0 + 9.0 * 2.5])
+
+
+def test_monai_itk_reader_affine_is_ras_of_the_same_points(tmp_path, luna_data):
+    """MONAI's ITKReader gives a RAS affine: the LPS points of this module with x and y negated."""
+    from monai.transforms import LoadImage
+
+    path = luna_data.write_scan(tmp_path / "subset0" / "scan.mhd", np.zeros(luna_data.SIZE[::-1], np.int16))
+    image = LoadImage(reader="ITKReader", image_only=True)(str(path))
+    _, geometry = luna16.read_scan(path)
+    index = np.array([3.0, 17.0, 9.0])
+    ras = (np.asarray(image.affine) @ np.append(index, 1.0))[:3]
+    np.testing.assert_allclose(ras * [-1, -1, 1], luna16.voxel_to_world(index, geometry), atol=1e-6)
+
+
+def test_candidate_cube_centres_the_planted_nodule(tmp_path, luna_data):
+    rng = np.random.default_rng(0)
+    nodule = (10, 14, 6)
+    path = luna_data.write_scan(tmp_path / "scan.mhd", luna_data.planted_scan([nodule], rng))
+    array, geometry = luna16.read_scan(path)
+    world = luna_data.index_to_world(nodule)
+    cube = luna16.candidate_cube(array, geometry, world, cube_size=(5, 9, 9), spacing_mm=(2.5, 1.0, 1.0))
+    assert cube.shape == (5, 9, 9) and cube.dtype == np.float32
+    assert cube[2, 4, 4] == pytest.approx(40.0)  # the centre voxel is on the grid: exact
+    assert cube[0, 0, 0] < -600  # 4 mm + off the centre diagonally: lung
+    far = luna16.candidate_cube(array, geometry, luna16.voxel_to_world(np.zeros(3), geometry), (4, 4, 4), (5, 5, 5))
+    assert far[0, 0, 0] == luna16.AIR_HU  # outside the scan reads air
+
+
+def test_prepare_writes_folds_and_cuts_each_cube_once(tmp_path, luna_data):
+    raw = luna_data.make_luna_folder(tmp_path / "raw", num_scans=3)
+    out = tmp_path / "prepared"
+    datalist = luna16.prepare(str(raw.root), str(out), cube_size=(4, 8, 8), spacing_mm=(2.0, 1.0, 1.0))
+    content = json.loads(open(datalist).read())
+    assert content["cube_size"] == [4, 8, 8] and sorted(content["scans"]) == raw.uids
+    assert [len(content[f"subset{s}"]) for s in range(10)] == [5, 5, 5, 0, 0, 0, 0, 0, 0, 0]
+    first = content["subset0"][0]
+    assert first["label"] == 1 and first["seriesuid"] == raw.uids[0] and first["candidate"] == 0
+    cube = np.load(out / first["image"])
+    assert cube.shape == (4, 8, 8) and cube.dtype == np.int16
+    items = luna16.load_folds(datalist, [1, 2], out)
+    assert len(items) == 10 and all(item["image"].startswith(str(out)) for item in items)
+    assert luna16.scan_ids(datalist, [0, 2]) == [raw.uids[0], raw.uids[2]]
+    assert luna16.annotation_file(datalist, "annotations_excluded") == str(raw.root / "annotations_excluded.csv")
+    stamp = (out / first["image"]).stat().st_mtime_ns
+    luna16.prepare(str(raw.root), str(out), cube_size=(4, 8, 8), spacing_mm=(2.0, 1.0, 1.0))
+    assert (out / first["image"]).stat().st_mtime_ns == stamp  # reused, not cut again
+
+
+def test_prepare_subsamples_negatives_and_subsets(tmp_path, luna_data):
+    raw = luna_data.make_luna_folder(tmp_path / "raw", num_scans=2)
+    datalist = luna16.prepare(str(raw.root), str(tmp_path / "out"), cube_size=(2, 4, 4), subsets=[1],
+                              allow_missing_scans=True, max_negatives_per_scan=1)  # fmt: skip
+    content = json.loads(open(datalist).read())
+    assert list(content["scans"]) == [raw.uids[1]] and content["subset0"] == []
+    assert [e["label"] for e in content["subset1"]] == [1, 1, 0]
+
+
+def _append_candidate(root, row) -> None:
+    with open(root / "candidates_V2.csv", "a", newline="") as handle:
+        csv.writer(handle).writerow(row)
+
+
+def test_prepare_errors_name_the_file(tmp_path, luna_data):
+    raw = luna_data.make_luna_folder(tmp_path / "raw", num_scans=2)
+    _append_candidate(raw.root, ["1.2.3.no.such.scan", 0.0, 0.0, 0.0, 0])
+    with pytest.raises(FileNotFoundError, match=r"candidates_V2.csv: seriesuid 1.2.3.no.such.scan \(row 10\)"):
+        luna16.prepare(str(raw.root), str(tmp_path / "out"), cube_size=(2, 4, 4))
+
+    raw = luna_data.make_luna_folder(tmp_path / "raw2", num_scans=2)
+    _append_candidate(raw.root, [raw.uids[1], 500.0, 0.0, 0.0, 0])
+    with pytest.raises(ValueError, match=rf"candidate row 10 of .*candidates_V2.csv.*{raw.uids[1]}.mhd lies outside"):
+        luna16.prepare(str(raw.root), str(tmp_path / "out2"), cube_size=(2, 4, 4))
+
+    raw = luna_data.make_luna_folder(tmp_path / "raw3", num_scans=2)
+    broken = raw.root / "subset1" / f"{raw.uids[1]}.raw"
+    broken.write_bytes(broken.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=rf"could not read the scan .*{raw.uids[1]}.mhd"):
+        luna16.prepare(str(raw.root), str(tmp_path / "out3"), cube_size=(2, 4, 4))
+
+
+def test_scan_candidates_cuts_like_prepare(tmp_path, luna_data):
+    raw = luna_data.make_luna_folder(tmp_path / "raw", num_scans=2)
+    out = tmp_path / "out"
+    datalist = luna16.prepare(str(raw.root), str(out), cube_size=(4, 8, 8), spacing_mm=(2.0, 1.0, 1.0))
+    items = luna16.scan_candidates(raw.root / "subset1" / f"{raw.uids[1]}.mhd", raw.root / "candidates_V2.csv",
+                                   cube_size=(4, 8, 8), spacing_mm=(2.0, 1.0, 1.0))  # fmt: skip
+    prepared = json.loads(open(datalist).read())["subset1"]
+    assert [i["candidate"] for i in items] == [e["candidate"] for e in prepared]
+    for item, entry in zip(items, prepared, strict=True):
+        assert item["image"].shape == (1, 4, 8, 8)
+        np.testing.assert_allclose(item["image"][0], np.load(out / entry["image"]), atol=0.5)
