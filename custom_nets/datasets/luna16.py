@@ -34,12 +34,15 @@ from typing import Any
 
 import numpy as np
 
+from custom_nets.data.segmentation import select_label_fraction
+
 __all__ = [
     "AIR_HU",
     "annotation_file",
     "ScanGeometry",
     "candidate_cube",
     "check_inside",
+    "class_balanced_weights",
     "cube_index_grid",
     "load_folds",
     "prepare",
@@ -47,6 +50,7 @@ __all__ = [
     "read_scan",
     "scan_candidates",
     "scan_ids",
+    "select_fraction_per_class",
     "voxel_to_world",
     "world_to_voxel",
 ]
@@ -374,6 +378,37 @@ def annotation_file(datalist: str | os.PathLike, key: str = "annotations") -> st
     datalist = Path(datalist)
     name = json.loads(datalist.read_text()).get(key)
     return None if name is None else str((datalist.parent / name).resolve())
+
+
+def select_fraction_per_class(
+    items: Sequence[Mapping[str, Any]], fraction: float = 1.0, seed: int = 0, key: str = "label"
+) -> list[Any]:
+    """The labelled subset of a label-efficiency run: ``ceil(fraction * n_c)`` candidates of each class ``c``, seeded
+    and nested across fractions (:func:`custom_nets.data.segmentation.select_label_fraction` per class), so the
+    nodule / non-nodule ratio of the folds is kept and no fraction loses every nodule. Keeps the order of ``items``."""
+    if fraction >= 1.0:
+        return list(items)
+    groups: dict[Any, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(item[key], []).append(index)
+    chosen = [i for group in groups.values() for i in select_label_fraction(group, fraction, seed)]
+    return [items[i] for i in sorted(chosen)]
+
+
+def class_balanced_weights(items: Sequence[Mapping[str, Any]], key: str = "label") -> list[float]:
+    """Per-item sampling weights ``1 / count(class)``: a ``WeightedRandomSampler`` with them draws nodules and
+    non-nodules equally often (LUNA16 has about 490 non-nodule candidates per nodule).
+
+    Raises:
+        ValueError: when the items hold a single class (nothing to balance, and nothing to learn).
+    """
+    labels = [int(item[key]) for item in items]
+    counts = {label: labels.count(label) for label in set(labels)}
+    if len(counts) < 2:
+        raise ValueError(
+            f"the training candidates hold only class {sorted(counts)}: they need nodules and non-nodules."
+        )
+    return [1.0 / counts[label] for label in labels]
 
 
 def scan_candidates(

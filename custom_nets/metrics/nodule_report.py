@@ -1,0 +1,122 @@
+"""Evaluation and inference output of the nodule bundle: scored candidates (LUNA16 submission CSV) and, given the
+annotations, the LUNA16 FROC / CPM report (arXiv 2212.01893, METHOD.md section 4).
+
+:class:`NoduleReport` is an ignite handler for a MONAI ``SupervisedEvaluator``. At every iteration it reads each
+candidate's nodule probability (the ``pred`` of the decollated output, after a sigmoid) and its ``seriesuid`` and world
+coordinates (the decollated batch, which keeps the datalist's fields), and when the run completes it writes, each file
+through a temporary name:
+
+* ``<submission_name>``: ``seriesuid, coordX, coordY, coordZ, probability`` in the original world coordinates;
+* with ``annotations``: ``froc.json`` (sensitivity at 1/8 ... 8 false positives per scan, CPM, bootstrap intervals,
+  candidate AUC, counts, the curve) and ``froc.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+from custom_nets.metrics.froc import luna16_froc, read_findings, save_froc_figure, write_json, write_submission
+
+__all__ = ["NoduleReport"]
+
+logger = logging.getLogger(__name__)
+
+_FIELDS = ("seriesuid", "coordX", "coordY", "coordZ")
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().reshape(-1)[0].item()
+    if isinstance(value, (list, tuple)):
+        return _scalar(value[0])
+    return value
+
+
+class NoduleReport:
+    """Collect scored candidates during an evaluation; write the submission CSV and, with annotations, the FROC.
+
+    Args:
+        output_dir: folder of the outputs.
+        annotations: ``annotations.csv`` (``None``: scores only, as in inference).
+        annotations_excluded: ``annotations_excluded.csv`` or ``None``.
+        seriesuids: the evaluated scans (all of the test folds, those without candidates included); default: the
+            scans of the scored candidates.
+        bootstrap_samples, confidence, seed: the bootstrap interval (0 samples: none).
+        submission_name: file name of the scored candidates.
+        pred_key: key of the probability in the decollated output (``(1,)`` after the sigmoid).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        annotations: str | os.PathLike | None = None,
+        annotations_excluded: str | os.PathLike | None = None,
+        seriesuids: Sequence[str] | None = None,
+        bootstrap_samples: int = 1000,
+        confidence: float = 0.95,
+        seed: int = 0,
+        submission_name: str = "submission.csv",
+        pred_key: str = "pred",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.annotations = annotations
+        self.annotations_excluded = annotations_excluded
+        self.seriesuids = None if seriesuids is None else list(seriesuids)
+        self.bootstrap_samples = bootstrap_samples
+        self.confidence = confidence
+        self.seed = seed
+        self.submission_name = submission_name
+        self.pred_key = pred_key
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def _started(self, engine: Engine) -> None:
+        self.rows = []
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        for item, output in zip(engine.state.batch, engine.state.output, strict=True):
+            missing = [f for f in _FIELDS if f not in item]
+            if missing:
+                raise KeyError(f"NoduleReport: the batch items lack {missing}; keep them in the datalist entries.")
+            row = {field: _scalar(item[field]) for field in _FIELDS}
+            row["seriesuid"] = str(row["seriesuid"])
+            row["probability"] = float(_scalar(output[self.pred_key]))
+            self.rows.append(row)
+
+    def _completed(self, engine: Engine) -> None:
+        write_submission(self.output_dir / self.submission_name, self.rows)
+        logger.info("wrote %d scored candidates to %s", len(self.rows), self.output_dir / self.submission_name)
+        if self.annotations is None:
+            return
+        excluded = read_findings(self.annotations_excluded) if self.annotations_excluded else []
+        result = luna16_froc(
+            self.rows,
+            read_findings(self.annotations),
+            excluded,
+            self.seriesuids,
+            bootstrap_samples=self.bootstrap_samples,
+            confidence=self.confidence,
+            seed=self.seed,
+        )
+        write_json(self.output_dir / "froc.json", result)
+        save_froc_figure(result, self.output_dir / "froc.png")
+        interval = result["cpm_ci"]
+        logger.info(
+            "LUNA16 CPM %.4f%s over %d nodules in %d scans, candidate AUC %s",
+            result["cpm"],
+            "" if interval is None else f" ({result['confidence']:.0%} CI {interval[0]:.4f}-{interval[1]:.4f})",
+            result["num_nodules"],
+            result["num_scans"],
+            "n/a" if result["auc"] is None else f"{result['auc']:.4f}",
+        )
