@@ -109,7 +109,7 @@ def read_scan(path: str | os.PathLike) -> tuple[np.ndarray, ScanGeometry]:
         ) from None
     if image.GetImageDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise RuntimeError(f"{path}: expected a 3D single-channel CT scan, got {image.GetImageDimension()}D.")
-    array = np.asarray(itk.array_view_from_image(image))
+    array = itk.array_from_image(image)  # a copy: a view would dangle once the ITK image is freed
     geometry = ScanGeometry(
         origin=np.array(image.GetOrigin(), dtype=np.float64),
         spacing=np.array(image.GetSpacing(), dtype=np.float64),

@@ -13,10 +13,15 @@ from custom_nets.datasets import luna16
 
 
 def test_world_voxel_round_trip_matches_itk(tmp_path, luna_data):
+    import gc
+
     import itk
 
-    path = luna_data.write_scan(tmp_path / "subset0" / "scan.mhd", np.zeros(luna_data.SIZE[::-1], np.int16))
+    values = np.arange(np.prod(luna_data.SIZE), dtype=np.int16).reshape(luna_data.SIZE[::-1])
+    path = luna_data.write_scan(tmp_path / "subset0" / "scan.mhd", values)
     array, geometry = luna16.read_scan(path)
+    gc.collect()
+    np.testing.assert_array_equal(array, values)  # the array owns its memory (no view of a freed ITK image)
     assert array.shape == luna_data.SIZE[::-1] and geometry.size == luna_data.SIZE
     np.testing.assert_allclose(geometry.direction, luna_data.DIRECTION)
     indices = np.array([[0.0, 0.0, 0.0], [3.25, 17.5, 9.0], [27.0, 23.0, 11.0]])
