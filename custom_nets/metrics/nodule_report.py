@@ -8,7 +8,8 @@ through a temporary name:
 
 * ``<submission_name>``: ``seriesuid, coordX, coordY, coordZ, probability`` in the original world coordinates;
 * with ``annotations``: ``froc.json`` (sensitivity at 1/8 ... 8 false positives per scan, CPM, bootstrap intervals,
-  candidate AUC, counts, the curve) and ``froc.png``.
+  candidate AUC, counts, the curve), ``froc.png`` and ``summary.json`` (``metrics -> name -> mean``, the layout the
+  label-efficiency runner :mod:`custom_nets.trials` reads: ``cpm``, ``auc`` and ``sensitivity_<rate>``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ignite.engine import Engine, Events
 
 from custom_nets.metrics.froc import luna16_froc, read_findings, save_froc_figure, write_json, write_submission
 
-__all__ = ["NoduleReport"]
+__all__ = ["NoduleReport", "froc_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,21 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return _scalar(value[0])
     return value
+
+
+def froc_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The FROC result in the evaluation-summary layout of the other bundles (``metrics -> name -> mean``).
+
+    CPM, AUC and the sensitivities are single values over the whole test set (not means over cases): ``mean`` holds
+    the value, ``ci`` the bootstrap interval where there is one."""
+    metrics: dict[str, dict[str, Any]] = {"cpm": {"mean": result["cpm"], "ci": result["cpm_ci"]}}
+    if result["auc"] is not None:
+        metrics["auc"] = {"mean": result["auc"], "ci": None}
+    intervals = result["sensitivity_ci"] or {}
+    for rate, value in result["sensitivity"].items():
+        metrics[f"sensitivity_{rate}"] = {"mean": value, "ci": intervals.get(rate)}
+    counts = ("num_scans", "num_nodules", "num_candidates", "num_false_positives", "num_ignored")
+    return {**{key: result[key] for key in counts}, "metrics": metrics}
 
 
 class NoduleReport:
@@ -110,6 +126,7 @@ class NoduleReport:
             seed=self.seed,
         )
         write_json(self.output_dir / "froc.json", result)
+        write_json(self.output_dir / "summary.json", froc_summary(result))
         save_froc_figure(result, self.output_dir / "froc.png")
         interval = result["cpm_ci"]
         logger.info(

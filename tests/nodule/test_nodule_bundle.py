@@ -131,3 +131,29 @@ def test_workflow_properties_and_metadata(tmp_path, luna_data):
     for name in ("LICENSE", "large_files.yml", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
         assert (root / name).is_file(), name
     assert not (BUNDLES / "finetune_nodule" / "models" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_label_efficiency_trials_read_the_cpm(tmp_path, luna_data):
+    from custom_nets import trials
+
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    rows = trials.run_trials(
+        bundle_root=str(BUNDLES / "finetune_nodule"),
+        output_dir=str(tmp_path / "trials"),
+        seeds=(0,),
+        label_fractions=(0.5,),
+        metric="cpm",
+        in_process=True,
+        dataset_dir=str(dataset_dir),
+        epochs=1,
+        samples_per_epoch=2,
+        bootstrap_samples=0,
+        **TINY,
+        **FOLDS,
+    )
+    assert len(rows) == 1 and rows[0]["label_fraction"] == 0.5 and 0.0 <= rows[0]["mean"] <= 1.0
+    trial = tmp_path / "trials" / "fraction_0.5" / "seed_0"
+    summary = json.loads((trial / "eval" / "summary.json").read_text())
+    assert summary["metrics"]["cpm"]["mean"] == rows[0]["mean"] and summary["num_nodules"] == 1
+    assert not (BUNDLES / "finetune_nodule" / "models").exists()  # trials never write into the bundle

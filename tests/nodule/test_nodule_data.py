@@ -126,3 +126,16 @@ def test_scan_candidates_cuts_like_prepare(tmp_path, luna_data):
     for item, entry in zip(items, prepared, strict=True):
         assert item["image"].shape == (1, 4, 8, 8)
         np.testing.assert_allclose(item["image"][0], np.load(out / entry["image"]), atol=0.5)
+
+
+def test_label_fraction_keeps_both_classes_and_is_nested():
+    items = [{"label": int(i % 10 == 0), "i": i} for i in range(40)]  # 4 nodules, 36 non-nodules
+    tenth = luna16.select_fraction_per_class(items, 0.1, seed=1)
+    half = luna16.select_fraction_per_class(items, 0.5, seed=1)
+    assert sorted(i["label"] for i in tenth) == [0, 0, 0, 0, 1]  # ceil(3.6) + ceil(0.4)
+    assert {i["i"] for i in tenth} <= {i["i"] for i in half}
+    weights = luna16.class_balanced_weights(half)
+    assert sum(w for w, i in zip(weights, half, strict=True) if i["label"]) == pytest.approx(1.0)
+    assert sum(w for w, i in zip(weights, half, strict=True) if not i["label"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="only class"):
+        luna16.class_balanced_weights([{"label": 0}])
