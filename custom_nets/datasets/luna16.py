@@ -397,7 +397,7 @@ def select_fraction_per_class(
 
 def class_balanced_weights(items: Sequence[Mapping[str, Any]], key: str = "label") -> list[float]:
     """Per-item sampling weights ``1 / count(class)``: a ``WeightedRandomSampler`` with them draws nodules and
-    non-nodules equally often (LUNA16 has about 490 non-nodule candidates per nodule).
+    non-nodules equally often (LUNA16 has some 500 non-nodule candidates per nodule).
 
     Raises:
         ValueError: when the items hold a single class (nothing to balance, and nothing to learn).
