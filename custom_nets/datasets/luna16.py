@@ -155,7 +155,7 @@ def candidate_cube(
     from scipy.ndimage import map_coordinates
 
     grid = cube_index_grid(world_to_voxel(np.asarray(world), geometry), geometry, cube_size, spacing_mm)
-    return map_coordinates(array, grid, order=1, mode="constant", cval=AIR_HU).astype(np.float32)
+    return map_coordinates(array, grid, output=np.float32, order=1, mode="constant", cval=AIR_HU)
 
 
 def read_candidates_csv(path: str | os.PathLike, extra_columns: Sequence[str] = ()) -> list[dict[str, Any]]:

@@ -86,3 +86,19 @@ def test_read_findings_names_the_file(tmp_path):
     path.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\na,1,2,x,4\n")
     with pytest.raises(ValueError, match="annotations.csv"):
         froc.read_findings(path)
+
+
+def test_curve_matches_monai_helper_on_random_scores():
+    from monai.metrics.froc import compute_froc_curve_data
+
+    rng = np.random.default_rng(0)
+    fp = np.round(rng.random(300), 2)  # ties between candidates
+    tp = np.where(rng.random(40) < 0.2, -np.inf, np.round(rng.random(40), 2))  # some nodules missed
+    rates, sensitivity = froc.froc_curve(fp, tp, num_scans=7, num_nodules=40)
+    # MONAI's helper skips the lowest distinct probability as a threshold: a -inf false positive is that one
+    monai_fps, monai_sens = compute_froc_curve_data(np.append(fp, -np.inf), tp, 40, 7)
+    expected = {}
+    for rate, sens in zip(monai_fps.tolist(), monai_sens.tolist(), strict=True):
+        expected[rate] = max(expected.get(rate, 0.0), sens)
+    np.testing.assert_allclose(rates, sorted(expected))
+    np.testing.assert_allclose(sensitivity, [expected[r] for r in sorted(expected)])
