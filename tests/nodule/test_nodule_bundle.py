@@ -157,3 +157,34 @@ def test_label_efficiency_trials_read_the_cpm(tmp_path, luna_data):
     summary = json.loads((trial / "eval" / "summary.json").read_text())
     assert summary["metrics"]["cpm"]["mean"] == rows[0]["mean"] and summary["num_nodules"] == 1
     assert not (BUNDLES / "finetune_nodule" / "models").exists()  # trials never write into the bundle
+
+
+@pytest.mark.slow
+def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, luna_data):
+    """torchrun with 2 processes on the gloo backend: DistributedWeightedRandomSampler, DDP, rank-0 checkpoints."""
+    import subprocess
+    import sys
+
+    root = _copy_bundle(tmp_path)
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    configs = json.dumps([str(root / "configs" / c) for c in ("train.json", "multi_gpu_train.json")])
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+    ]
+    command += ["run", "--config_file", configs, "--meta_file", str(root / "configs" / "metadata.json")]
+    command += ["--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root)]
+    command += ["--dataset_dir", str(dataset_dir), "--epochs", "1", "--samples_per_epoch", "4"]
+    for key, value in {**TINY, **FOLDS}.items():
+        command += [f"--{key}", json.dumps(value)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert "head.1.weight" in state  # DDP's "module." prefix is not saved
+    checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 1  # 4 draws shared by 2 processes, batch 2
