@@ -217,6 +217,24 @@ def _save_cube(path: Path, cube: np.ndarray) -> None:
     os.replace(temporary, path)
 
 
+def _claim_cube_folder(folder: Path, cube_size: tuple[int, ...], spacing_mm: tuple[float, ...]) -> None:
+    """Record the cube geometry in ``<folder>/geometry.json``, or check it against the cubes already there: cubes of
+    another size or spacing must never be reused."""
+    record = folder / "geometry.json"
+    wanted = {"cube_size": list(cube_size), "spacing_mm": list(spacing_mm)}
+    if record.is_file():
+        found = json.loads(record.read_text())
+        if found != wanted:
+            raise ValueError(
+                f"{folder} holds cubes of {found}, not {wanted}: prepare into another out_dir or delete {folder}."
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = record.with_name(record.name + ".tmp")
+    temporary.write_text(json.dumps(wanted))
+    os.replace(temporary, record)
+
+
 def _select_negatives(rows: list[dict[str, Any]], limit: int | None, rng: np.random.Generator) -> list[dict[str, Any]]:
     if limit is None:
         return rows
@@ -266,7 +284,8 @@ def prepare(
 
     Raises:
         FileNotFoundError: a CSV file is missing, or (unless ``allow_missing_scans``) a seriesuid has no scan.
-        ValueError: a candidate lies outside its scan (the message names the scan and the CSV row).
+        ValueError: a candidate lies outside its scan (the message names the scan and the CSV row), or ``out_dir``
+            holds cubes of another size or spacing.
         RuntimeError: a scan cannot be read (naming the file).
     """
     src, out = Path(src_dir), Path(out_dir)
@@ -298,6 +317,7 @@ def prepare(
             "Pass --allow_missing_scans to prepare only the scans present."
         )
 
+    _claim_cube_folder(out / "cubes", cube_size, spacing_mm)
     rng = np.random.default_rng(seed)
     folds: dict[str, list[dict[str, Any]]] = {f"subset{s}": [] for s in range(10)}
     cut = reused = 0

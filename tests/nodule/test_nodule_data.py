@@ -81,6 +81,8 @@ def test_prepare_writes_folds_and_cuts_each_cube_once(tmp_path, luna_data):
     stamp = (out / first["image"]).stat().st_mtime_ns
     luna16.prepare(str(raw.root), str(out), cube_size=(4, 8, 8), spacing_mm=(2.0, 1.0, 1.0))
     assert (out / first["image"]).stat().st_mtime_ns == stamp  # reused, not cut again
+    with pytest.raises(ValueError, match="holds cubes of"):  # never reuse cubes of another geometry
+        luna16.prepare(str(raw.root), str(out), cube_size=(4, 8, 8), spacing_mm=(1.0, 1.0, 1.0))
 
 
 def test_prepare_subsamples_negatives_and_subsets(tmp_path, luna_data):
