@@ -1,6 +1,9 @@
 """Evaluation and inference output of the nodule bundle: scored candidates (LUNA16 submission CSV) and, given the
 annotations, the LUNA16 FROC / CPM report (arXiv 2212.01893, METHOD.md section 4).
 
+:class:`LUNA16CPM` is the same FROC as an ignite metric: the CPM of the candidates scored in one evaluation run,
+gathered across processes, for model selection (the validation key metric of the bundle).
+
 :class:`NoduleReport` is an ignite handler for a MONAI ``SupervisedEvaluator``. At every iteration it reads each
 candidate's nodule probability (the ``pred`` of the decollated output, after a sigmoid) and its ``seriesuid`` and world
 coordinates (the decollated batch, which keeps the datalist's fields), and when the run completes it writes, each file
@@ -16,16 +19,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 
 from custom_nets.metrics.froc import luna16_froc, read_findings, save_froc_figure, write_json, write_submission
 
-__all__ = ["NoduleReport", "froc_summary"]
+__all__ = ["LUNA16CPM", "NoduleReport", "froc_summary", "scored_candidates"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,75 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return _scalar(value[0])
     return value
+
+
+def scored_candidates(batch: Sequence[Mapping], output: Sequence[Mapping], pred_key: str = "pred") -> list[dict]:
+    """Rows ``seriesuid, coordX, coordY, coordZ, probability`` of one evaluator iteration, from the decollated batch
+    (the datalist's fields) and the decollated output (``pred_key``: the probability, ``(1,)``)."""
+    rows = []
+    for item, result in zip(batch, output, strict=True):
+        missing = [f for f in _FIELDS if f not in item]
+        if missing:
+            raise KeyError(f"the batch items lack {missing}: keep them in the datalist entries of the candidates.")
+        row = {field: _scalar(item[field]) for field in _FIELDS}
+        row["seriesuid"] = str(row["seriesuid"])
+        row["probability"] = float(_scalar(result[pred_key]))
+        rows.append(row)
+    return rows
+
+
+class LUNA16CPM(Metric):
+    """LUNA16 CPM (mean sensitivity at 1/8 ... 8 false positives per scan) of the candidates scored in an evaluation
+    run, as an ignite metric for a MONAI evaluator's ``key_val_metric`` (checkpoint selection by CPM).
+
+    It reads the engine's decollated batch and output itself (:func:`scored_candidates`), gathers the candidates of
+    every process, and computes :func:`custom_nets.metrics.froc.luna16_froc` without bootstrap.
+
+    Args:
+        annotations: ``annotations.csv``.
+        annotations_excluded: ``annotations_excluded.csv`` or ``None``.
+        seriesuids: the evaluated scans (scans without candidates count in false positives per scan).
+        pred_key: key of the probability in the decollated output.
+    """
+
+    def __init__(
+        self,
+        annotations: str | os.PathLike,
+        annotations_excluded: str | os.PathLike | None = None,
+        seriesuids: Sequence[str] | None = None,
+        pred_key: str = "pred",
+    ) -> None:
+        self.findings = read_findings(annotations)
+        self.excluded = read_findings(annotations_excluded) if annotations_excluded else []
+        self.seriesuids = None if seriesuids is None else list(seriesuids)
+        self.pred_key = pred_key
+        self.rows: list[dict[str, Any]] = []
+        super().__init__()
+
+    def reset(self) -> None:
+        self.rows = []
+
+    def iteration_completed(self, engine: Engine) -> None:
+        self.update((engine.state.batch, engine.state.output))
+
+    def update(self, output: tuple[Sequence[Mapping], Sequence[Mapping]]) -> None:
+        self.rows += scored_candidates(output[0], output[1], self.pred_key)
+
+    def compute(self) -> float:
+        import ignite.distributed as idist
+
+        rows = self.rows
+        if idist.get_world_size() > 1:
+            values = torch.tensor(
+                [[r["coordX"], r["coordY"], r["coordZ"], r["probability"]] for r in rows], dtype=torch.float64
+            ).reshape(-1, 4)
+            uids = string_list_all_gather([r["seriesuid"] for r in rows])
+            gathered = evenly_divisible_all_gather(values, concat=True).tolist()
+            keys = ("coordX", "coordY", "coordZ", "probability")
+            rows = [
+                {"seriesuid": uid, **dict(zip(keys, v, strict=True))} for uid, v in zip(uids, gathered, strict=True)
+            ]
+        return luna16_froc(rows, self.findings, self.excluded, self.seriesuids, bootstrap_samples=0)["cpm"]
 
 
 def froc_summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -101,14 +175,7 @@ class NoduleReport:
         self.rows = []
 
     def _iteration_completed(self, engine: Engine) -> None:
-        for item, output in zip(engine.state.batch, engine.state.output, strict=True):
-            missing = [f for f in _FIELDS if f not in item]
-            if missing:
-                raise KeyError(f"NoduleReport: the batch items lack {missing}; keep them in the datalist entries.")
-            row = {field: _scalar(item[field]) for field in _FIELDS}
-            row["seriesuid"] = str(row["seriesuid"])
-            row["probability"] = float(_scalar(output[self.pred_key]))
-            self.rows.append(row)
+        self.rows += scored_candidates(engine.state.batch, engine.state.output, self.pred_key)
 
     def _completed(self, engine: Engine) -> None:
         write_submission(self.output_dir / self.submission_name, self.rows)

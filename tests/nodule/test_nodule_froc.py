@@ -102,3 +102,35 @@ def test_curve_matches_monai_helper_on_random_scores():
         expected[rate] = max(expected.get(rate, 0.0), sens)
     np.testing.assert_allclose(rates, sorted(expected))
     np.testing.assert_allclose(sensitivity, [expected[r] for r in sorted(expected)])
+
+
+def _write_findings(path, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_cpm_metric_reads_batch_and_output_of_an_engine(tmp_path):
+    """The validation key metric: decollated batch (datalist fields) + decollated output (probabilities)."""
+    import torch
+    from ignite.engine import Engine
+
+    from custom_nets.metrics.nodule_report import LUNA16CPM
+
+    def step(engine, batch):
+        engine.state.batch = [{k: torch.tensor(p[k]) if k != "seriesuid" else p[k] for k in p} for p in batch]
+        return [{"pred": torch.tensor([p["probability"]])} for p in batch]
+
+    metric = LUNA16CPM(
+        _write_findings(tmp_path / "annotations.csv", ANNOTATIONS),
+        _write_findings(tmp_path / "excluded.csv", EXCLUDED),
+        seriesuids=SCANS,
+    )
+    engine = Engine(step)
+    metric.attach(engine, "val_cpm")
+    engine.run([PREDICTIONS[:4], PREDICTIONS[4:]])
+    assert engine.state.metrics["val_cpm"] == pytest.approx(5.75 / 7)
+    engine.run([PREDICTIONS])  # reset between runs
+    assert engine.state.metrics["val_cpm"] == pytest.approx(5.75 / 7)
