@@ -1,6 +1,7 @@
 """LUNA16 preparation for the nodule false-positive-reduction bundle (arXiv 2212.01893, METHOD.md section 4).
 
-LUNA16 ships 888 CT scans as MetaImage ``<seriesuid>.mhd`` + ``.raw`` in folders ``subset0`` ... ``subset9`` and CSV
+LUNA16 ships 888 CT scans as MetaImage ``<seriesuid>.mhd`` + ``.raw`` in folders ``subset0`` ... ``subset9`` (a DICOM
+series folder in a subset folder is read too, its seriesuid taken from its SeriesInstanceUID) and CSV
 files of world coordinates in mm: ``candidates_V2.csv`` (seriesuid, coordX, coordY, coordZ, class), ``annotations.csv``
 (seriesuid, coordX, coordY, coordZ, diameter_mm) and ``annotations_excluded.csv`` (findings that neither count as a
 nodule nor as a false positive). The coordinates are the physical space of the .mhd header, which is ITK's: LPS, with
@@ -50,6 +51,7 @@ __all__ = [
     "read_scan",
     "scan_candidates",
     "scan_ids",
+    "scan_seriesuid",
     "select_fraction_per_class",
     "voxel_to_world",
     "world_to_voxel",
@@ -92,8 +94,27 @@ def voxel_to_world(index: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
     return (np.asarray(index, dtype=np.float64) * geometry.spacing) @ geometry.direction.T + geometry.origin
 
 
+def scan_seriesuid(path: str | os.PathLike) -> str:
+    """The seriesuid of a scan: the SeriesInstanceUID of a DICOM series folder, else the file name without its suffix
+    (LUNA16 names ``<seriesuid>.mhd``; seriesuids hold dots, so only known image suffixes are stripped).
+
+    Raises:
+        ValueError: naming the folder when it holds no ``.dcm`` file or more than one series.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return next((path.name[: -len(x)] for x in _SCAN_SUFFIXES if path.name.endswith(x)), path.name)
+    import pydicom
+
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in sorted(path.glob("*.dcm"))}
+    if len(uids) != 1:
+        raise ValueError(f"{path}: a DICOM scan folder needs the .dcm files of exactly one series, found {len(uids)}.")
+    return uids.pop()
+
+
 def read_scan(path: str | os.PathLike) -> tuple[np.ndarray, ScanGeometry]:
-    """Read a MetaImage (or any ITK-readable) CT scan: array ``(k, j, i)`` in HU and its header geometry.
+    """Read a CT scan, a MetaImage (or any ITK-readable file) or a DICOM series folder (one series, rescaled to HU by
+    ITK): array ``(k, j, i)`` in HU and its header geometry.
 
     Raises:
         RuntimeError: naming the file when ITK cannot read it (e.g. a missing or truncated ``.raw``), or when it is
@@ -188,18 +209,21 @@ def read_candidates_csv(path: str | os.PathLike, extra_columns: Sequence[str] = 
 
 
 def _find_scans(src_dir: Path, subsets: Sequence[int]) -> dict[str, tuple[Path, int]]:
+    """``seriesuid -> (scan, subset)`` for the ``.mhd`` files and DICOM series folders under ``subset<N>`` folders."""
     scans: dict[str, tuple[Path, int]] = {}
-    for path in sorted(src_dir.rglob("*.mhd")):
+    candidates = sorted(src_dir.rglob("*.mhd")) + sorted({f.parent for f in src_dir.rglob("*.dcm")})
+    for path in candidates:
         subset = next((int(m.group(1)) for p in path.parts if (m := _SUBSET_PATTERN.match(p))), None)
         if subset is None:
             raise ValueError(f"{path} is not inside a 'subset<N>' folder: keep LUNA16's subset0 ... subset9 layout.")
         if subset not in subsets:
             continue
-        if path.stem in scans:
-            raise ValueError(f"seriesuid {path.stem} has two scans: {scans[path.stem][0]} and {path}.")
-        scans[path.stem] = (path, subset)
+        uid = scan_seriesuid(path)
+        if uid in scans:
+            raise ValueError(f"seriesuid {uid} has two scans: {scans[uid][0]} and {path}.")
+        scans[uid] = (path, subset)
     if not scans:
-        raise FileNotFoundError(f"no '.mhd' scans of subsets {list(subsets)} under {src_dir}.")
+        raise FileNotFoundError(f"no '.mhd' scans or DICOM series of subsets {list(subsets)} under {src_dir}.")
     return scans
 
 
@@ -262,7 +286,8 @@ def prepare(
     """Cut the candidate cubes of LUNA16 once and write ``<out_dir>/datalist.json``.
 
     Args:
-        src_dir: LUNA16 folder with ``subset0`` ... ``subset9`` (searched recursively for ``*.mhd``) and the CSV files.
+        src_dir: LUNA16 folder with ``subset0`` ... ``subset9`` (searched recursively for ``*.mhd`` files and folders of
+            ``*.dcm`` files, one series each) and the CSV files.
         out_dir: output folder (the bundle's ``dataset_dir``): ``cubes/`` and ``datalist.json``.
         candidates, annotations, annotations_excluded: CSV paths, relative to ``src_dir`` or absolute;
             ``annotations_excluded`` is optional (``None`` or a missing default file: no excluded findings).
@@ -313,7 +338,8 @@ def prepare(
     if unknown and not allow_missing_scans:
         raise FileNotFoundError(
             f"{candidates_path}: seriesuid {unknown[0]} (row {by_scan[unknown[0]][0]['row']}) has no scan "
-            f"'{unknown[0]}.mhd' in subsets {subsets} under {src} ({len(unknown)} such seriesuids). "
+            f"('{unknown[0]}.mhd' or a DICOM series) in subsets {subsets} under {src} "
+            f"({len(unknown)} such seriesuids). "
             "Pass --allow_missing_scans to prepare only the scans present."
         )
 
@@ -437,17 +463,18 @@ def scan_candidates(
     cube_size: Sequence[int] = (32, 64, 64),
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> list[dict[str, Any]]:
-    """Inference input: the cubes ``(1, S, R, C)`` (float32 HU) of one scan's candidates, cut in memory as
+    """Inference input: the cubes ``(1, S, R, C)`` (float32 HU) of one scan's candidates (a ``.mhd`` file or a DICOM
+    series folder), cut in memory as
     :func:`prepare` cuts them. Rows of other seriesuids in the CSV are ignored (a whole ``candidates_V2.csv`` works).
 
     Raises:
         ValueError: naming the scan and the row when no row belongs to the scan or a candidate lies outside it.
     """
     scan = Path(scan)
-    uid = next((scan.name[: -len(x)] for x in _SCAN_SUFFIXES if scan.name.endswith(x)), scan.name)
+    uid = scan_seriesuid(scan)
     rows = [r for r in read_candidates_csv(candidates_csv) if r["seriesuid"] == uid]
     if not rows:
-        raise ValueError(f"{candidates_csv} has no row with seriesuid {uid} (the scan's file name {scan.name}).")
+        raise ValueError(f"{candidates_csv} has no row with seriesuid {uid} (the seriesuid of the scan {scan}).")
     array, geometry = read_scan(scan)
     items = []
     for row in rows:

@@ -31,6 +31,37 @@ def write_scan(path: Path, array: np.ndarray, spacing=SPACING, origin=ORIGIN, di
     return path
 
 
+def write_dicom_series(folder: Path, array: np.ndarray, uid: str, spacing=SPACING, origin=ORIGIN) -> Path:
+    """Write ``array`` ``(k, j, i)`` HU as a CT DICOM series (one file per slice, stored value = HU + 1024 with
+    RescaleIntercept -1024), axial orientation (identity direction), SeriesInstanceUID ``uid``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study = generate_uid()
+    for k, plane in enumerate(array):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", "test", study, uid
+        ds.Rows, ds.Columns = plane.shape
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # row spacing (j), column spacing (i)
+        ds.SliceThickness = float(spacing[2])
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [float(origin[0]), float(origin[1]), float(origin[2]) + k * float(spacing[2])]
+        ds.InstanceNumber = k + 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = (plane.astype(np.int32) + 1024).astype(np.uint16).tobytes()
+        ds.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
 def index_to_world(index) -> np.ndarray:
     return np.asarray(ORIGIN) + DIRECTION @ (np.asarray(index, dtype=np.float64) * np.asarray(SPACING))
 
@@ -87,6 +118,7 @@ def luna_data() -> SimpleNamespace:
         DIRECTION=DIRECTION,
         ORIGIN=ORIGIN,
         write_scan=write_scan,
+        write_dicom_series=write_dicom_series,
         index_to_world=index_to_world,
         planted_scan=planted_scan,
         make_luna_folder=make_luna_folder,

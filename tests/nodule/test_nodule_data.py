@@ -141,3 +141,32 @@ def test_label_fraction_keeps_both_classes_and_is_nested():
     assert sum(w for w, i in zip(weights, half, strict=True) if not i["label"]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="only class"):
         luna16.class_balanced_weights([{"label": 0}])
+
+
+def test_dicom_series_reads_like_the_mhd_scan(tmp_path, luna_data):
+    """A DICOM series folder (seriesuid from its header) gives the same HU, geometry and cubes as the .mhd scan."""
+    uid = "1.2.826.0.1.3680043.8.498.777"
+    array = luna_data.planted_scan([(10, 12, 6)], np.random.default_rng(0))
+    axial = (luna_data.SPACING, luna_data.ORIGIN)  # DICOM axial slices: identity direction
+    mhd = luna_data.write_scan(tmp_path / "mhd" / f"{uid}.mhd", array, *axial, direction=np.eye(3))
+    root = tmp_path / "raw"
+    dicom = luna_data.write_dicom_series(root / "subset0" / "series", array, uid, *axial)
+    assert luna16.scan_seriesuid(dicom) == uid and luna16.scan_seriesuid(mhd) == uid
+    dicom_array, dicom_geometry = luna16.read_scan(dicom)
+    np.testing.assert_array_equal(dicom_array, array)
+    np.testing.assert_allclose(dicom_geometry.spacing, luna_data.SPACING)
+    np.testing.assert_allclose(dicom_geometry.origin, luna_data.ORIGIN)
+    np.testing.assert_allclose(dicom_geometry.direction, np.eye(3))
+    header = "seriesuid,coordX,coordY,coordZ"
+    points = [np.asarray(luna_data.ORIGIN) + np.asarray(i) * luna_data.SPACING for i in ((10, 12, 6), (3, 20, 2))]
+    rows = [f"{uid},{x},{y},{z}" for x, y, z in points]
+    (root / "candidates_V2.csv").write_text("\n".join([f"{header},class", f"{rows[0]},1", f"{rows[1]},0"]) + "\n")
+    (root / "annotations.csv").write_text(f"{header},diameter_mm\n{rows[0]},8.0\n")
+    from_mhd = luna16.scan_candidates(mhd, root / "candidates_V2.csv", (4, 8, 8))
+    from_dicom = luna16.scan_candidates(dicom, root / "candidates_V2.csv", (4, 8, 8))
+    assert len(from_dicom) == 2 and from_dicom[0]["seriesuid"] == uid
+    for a, b in zip(from_mhd, from_dicom, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    datalist = luna16.prepare(str(root), str(tmp_path / "out"), cube_size=(2, 4, 4))
+    content = json.loads(open(datalist).read())
+    assert content["scans"][uid]["image"].endswith("subset0/series") and len(content["subset0"]) == 2
