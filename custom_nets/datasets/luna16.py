@@ -43,6 +43,7 @@ __all__ = [
     "ScanGeometry",
     "candidate_cube",
     "check_inside",
+    "check_prepared",
     "class_balanced_weights",
     "cube_index_grid",
     "load_folds",
@@ -410,6 +411,19 @@ def load_folds(datalist: str | os.PathLike, subsets: int | Iterable[int], base_d
             str(datalist), is_segmentation=False, data_list_key=f"subset{subset}", base_dir=str(base_dir)
         )
     return items
+
+
+def check_prepared(datalist: str | os.PathLike, cube_size: Sequence[int], spacing_mm: Sequence[float]) -> None:
+    """Raise a ``ValueError`` naming ``datalist`` unless its cubes have this size and spacing (the bundle's
+    ``num_slices``, ``image_size`` and ``spacing_mm`` must describe the prepared cubes; inference cuts with them)."""
+    content = json.loads(Path(datalist).read_text())
+    found = (list(content["cube_size"]), [float(v) for v in content["spacing_mm"]])
+    wanted = ([int(v) for v in cube_size], [float(v) for v in spacing_mm])
+    if found != wanted:
+        raise ValueError(
+            f"{datalist} holds cubes of size {found[0]} at {found[1]} mm, but the bundle is set to {wanted[0]} at "
+            f"{wanted[1]} mm: set num_slices, image_size and spacing_mm to the prepared ones, or prepare again."
+        )
 
 
 def scan_ids(datalist: str | os.PathLike, subsets: int | Iterable[int]) -> list[str]:

@@ -112,6 +112,7 @@ def test_workflow_properties_and_metadata(tmp_path, luna_data):
             scan=str(scan),
             candidates_csv=str(raw.root / "candidates_V2.csv"),
             **NET,
+            **CUBE,
             **FOLDS,
         )
         workflow.initialize()

@@ -78,6 +78,9 @@ def test_prepare_writes_folds_and_cuts_each_cube_once(tmp_path, luna_data):
     assert len(items) == 10 and all(item["image"].startswith(str(out)) for item in items)
     assert luna16.scan_ids(datalist, [0, 2]) == [raw.uids[0], raw.uids[2]]
     assert luna16.annotation_file(datalist, "annotations_excluded") == str(raw.root / "annotations_excluded.csv")
+    luna16.check_prepared(datalist, [4, 8, 8], [2.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"holds cubes of size \[4, 8, 8\] at \[2.0, 1.0, 1.0\] mm"):
+        luna16.check_prepared(datalist, [32, 64, 64], [1.0, 1.0, 1.0])
     stamp = (out / first["image"]).stat().st_mtime_ns
     luna16.prepare(str(raw.root), str(out), cube_size=(4, 8, 8), spacing_mm=(2.0, 1.0, 1.0))
     assert (out / first["image"]).stat().st_mtime_ns == stamp  # reused, not cut again
