@@ -105,7 +105,8 @@ class LUNA16CPM(Metric):
             values = torch.tensor(
                 [[r["coordX"], r["coordY"], r["coordZ"], r["probability"]] for r in rows], dtype=torch.float64
             ).reshape(-1, 4)
-            uids = string_list_all_gather([r["seriesuid"] for r in rows])
+            # a process without candidates sends an empty string; seriesuids are never empty
+            uids = [uid for uid in string_list_all_gather([r["seriesuid"] for r in rows]) if uid]
             gathered = evenly_divisible_all_gather(values, concat=True).tolist()
             keys = ("coordX", "coordY", "coordZ", "probability")
             rows = [
