@@ -7,6 +7,7 @@ Commands:
     validate_data    open every file of a datalist and report all problems at once
     prepare_brats    BraTS folders -> segmentation datalist (finetune_brainseg)
     prepare_mmwhs    MM-WHS folders -> segmentation datalist with labels mapped to 1..7 (finetune_heart)
+    prepare_luna16   LUNA16 scans + candidate CSVs -> cached candidate cubes + fold datalist (finetune_nodule)
     prepare_vindr_cxr  VinDr-CXR DICOMs + CSV -> resized PNGs + detection datalist with fused boxes (finetune_cxr)
     package_bundle   a bundle + its weights -> release zip, hashed weight files (large_files.yml) and a manifest
     download_bundle  a release zip URL -> extracted bundle with its weights fetched, hash-checked and load-tested
@@ -21,7 +22,7 @@ import fire
 
 from custom_nets.data.datalist import validate_datalist
 from custom_nets.data.make_datalist import make_datalist
-from custom_nets.datasets import brats, mmwhs, vindr_cxr
+from custom_nets.datasets import brats, luna16, mmwhs, vindr_cxr
 from custom_nets.packaging import download_bundle, package_bundle
 from custom_nets.pretraining_demo import run_demo
 from custom_nets.weights import export_pretrained
@@ -74,6 +75,7 @@ def main() -> None:
             "validate_data": validate_datalist,
             "prepare_brats": brats.prepare,
             "prepare_mmwhs": mmwhs.prepare,
+            "prepare_luna16": luna16.prepare,
             "prepare_vindr_cxr": vindr_cxr.prepare,
             "package_bundle": package,
             "download_bundle": download,

@@ -1,4 +1,4 @@
-"""Repeated fine-tuning trials: train + evaluate a segmentation bundle over seeds and label fractions.
+"""Repeated fine-tuning trials: train + evaluate a fine-tune bundle over seeds and label fractions.
 
 The paper reports the mean +- standard deviation of 5 trials (arXiv 2212.01893, METHOD.md section 4), and label
 efficiency is studied by training on 10 / 25 / 50 / 100 % of the labelled volumes. For every (label fraction, seed)
@@ -10,6 +10,8 @@ CLI (fire; any further ``--key value`` is a bundle override)::
 
     python -m custom_nets.trials --bundle_root bundles/finetune_heart --output_dir runs/heart_trials \
         --seeds "[0,1,2,3,4]" --label_fractions "[0.1,0.25,0.5,1.0]" --dataset_dir /data/mmwhs_ct_prepared
+    python -m custom_nets.trials --bundle_root bundles/finetune_nodule --output_dir runs/nodule_trials \
+        --metric cpm --label_fractions "[0.1,1.0]" --dataset_dir /data/luna16_prepared
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def run_trial(
     in_process: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Train then evaluate one trial of a segmentation bundle (skipped when its summary exists); returns the summary.
+    """Train then evaluate one trial of a fine-tune bundle (skipped when its summary exists); returns the summary.
 
     Args:
         bundle_root: bundle folder with ``configs/train.json`` and ``configs/evaluate.json``.
@@ -122,14 +124,15 @@ def run_trials(
             the tables to ``<output_dir>/trials.json`` and ``trials.md``.
         seeds: one trial per seed (the bundle's ``seed``: initialisation, sampling and label subset).
         label_fractions: fractions of the training volumes that keep their labels (the bundle's ``label_fraction``).
-        metric: column of the evaluation summary to aggregate (``iou_mean`` = the paper's 3D IoU per volume).
+        metric: column of the evaluation summary to aggregate (``iou_mean`` = the paper's 3D IoU per volume;
+            ``cpm`` for finetune_nodule).
         in_process: run the bundles in this process (faster start) instead of one subprocess per run.
         presets: config files under ``configs/`` merged after ``train.json``.
         overrides: further bundle overrides, e.g. ``dataset_dir``, ``encoder_depth``, ``pretrained_ckpt``.
     """
     root, out = Path(bundle_root).resolve(), Path(output_dir).resolve()
     if not (root / "configs" / "evaluate.json").is_file():
-        raise FileNotFoundError(f"{root} has no configs/evaluate.json: is it a segmentation bundle folder?")
+        raise FileNotFoundError(f"{root} has no configs/evaluate.json: is it a fine-tune bundle folder?")
     results: dict[float, dict[int, float]] = {}
     for fraction in label_fractions:
         for seed in seeds:

@@ -1,0 +1,514 @@
+"""LUNA16 preparation for the nodule false-positive-reduction bundle (arXiv 2212.01893, METHOD.md section 4).
+
+LUNA16 ships 888 CT scans as MetaImage ``<seriesuid>.mhd`` + ``.raw`` in folders ``subset0`` ... ``subset9`` (a DICOM
+series folder in a subset folder is read too, its seriesuid taken from its SeriesInstanceUID) and CSV
+files of world coordinates in mm: ``candidates_V2.csv`` (seriesuid, coordX, coordY, coordZ, class), ``annotations.csv``
+(seriesuid, coordX, coordY, coordZ, diameter_mm) and ``annotations_excluded.csv`` (findings that neither count as a
+nodule nor as a false positive). The coordinates are the physical space of the .mhd header, which is ITK's: LPS, with
+``index = D^-1 (p - origin) / spacing`` (``D`` the direction matrix, its columns the voxel axes). MONAI's ITKReader
+converts the same header to a RAS affine (x and y negated); this module never goes through RAS, so LUNA16's numbers
+are used as they are.
+
+Preparation cuts one cube per candidate, ``cube_size`` = (slices, rows, columns) voxels (default 32 x 64 x 64) at
+``spacing_mm`` (same order, default 1 mm), centred on the candidate and aligned with the scan's own voxel axes (the
+slices of the cube are axial slices of the scan), by trilinear interpolation; outside the scan it reads air (-1024 HU).
+Cubes are stored as int16 Hounsfield units in ``<out_dir>/cubes/<seriesuid>/<row>.npy`` (``row``: the candidate's row in
+the candidates file) and reused on later runs, so they are cut once. The datalist keeps one key per subset
+(``subset0`` ... ``subset9``): the ten subsets are the cross-validation folds, chosen by key in the bundle.
+
+CLI (fire)::
+
+    python -m custom_nets.cli prepare_luna16 --src_dir /data/LUNA16 --out_dir /data/luna16_prepared
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from custom_nets.data.segmentation import select_label_fraction
+
+__all__ = [
+    "AIR_HU",
+    "annotation_file",
+    "ScanGeometry",
+    "candidate_cube",
+    "check_inside",
+    "check_prepared",
+    "class_balanced_weights",
+    "cube_index_grid",
+    "load_folds",
+    "prepare",
+    "read_candidates_csv",
+    "read_scan",
+    "scan_candidates",
+    "scan_ids",
+    "scan_seriesuid",
+    "select_fraction_per_class",
+    "voxel_to_world",
+    "world_to_voxel",
+]
+
+logger = logging.getLogger(__name__)
+
+AIR_HU = -1024.0
+CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ")
+_SCAN_SUFFIXES = (".mhd", ".mha", ".nii.gz", ".nii", ".nrrd")  # seriesuids hold dots: strip only these
+_SUBSET_PATTERN = re.compile(r"^subset(\d+)$")
+
+
+@dataclass(frozen=True)
+class ScanGeometry:
+    """The MetaImage header of a scan, in ITK's (LPS) convention.
+
+    Attributes:
+        origin: world position (mm) of voxel index (0, 0, 0), ``(3,)`` x, y, z.
+        spacing: voxel size (mm) along the index axes i, j, k, ``(3,)``.
+        direction: ``(3, 3)``; column ``a`` is the world direction of index axis ``a``.
+        size: voxels along i, j, k (the numpy array of the scan is ``(k, j, i)``).
+    """
+
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray
+    size: tuple[int, int, int]
+
+
+def world_to_voxel(world: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
+    """World points ``(..., 3)`` (x, y, z mm, LPS as in LUNA16's CSV files) -> continuous voxel indices ``(..., 3)``
+    in (i, j, k) order (index into the numpy array as ``[k, j, i]``)."""
+    offset = np.asarray(world, dtype=np.float64) - geometry.origin
+    return (offset @ np.linalg.inv(geometry.direction).T) / geometry.spacing
+
+
+def voxel_to_world(index: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
+    """Continuous voxel indices ``(..., 3)`` (i, j, k) -> world points ``(..., 3)`` (x, y, z mm, LPS)."""
+    return (np.asarray(index, dtype=np.float64) * geometry.spacing) @ geometry.direction.T + geometry.origin
+
+
+def scan_seriesuid(path: str | os.PathLike) -> str:
+    """The seriesuid of a scan: the SeriesInstanceUID of a DICOM series folder, else the file name without its suffix
+    (LUNA16 names ``<seriesuid>.mhd``; seriesuids hold dots, so only known image suffixes are stripped).
+
+    Raises:
+        ValueError: naming the folder when it holds no ``.dcm`` file or more than one series.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return next((path.name[: -len(x)] for x in _SCAN_SUFFIXES if path.name.endswith(x)), path.name)
+    import pydicom
+
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in sorted(path.glob("*.dcm"))}
+    if len(uids) != 1:
+        raise ValueError(f"{path}: a DICOM scan folder needs the .dcm files of exactly one series, found {len(uids)}.")
+    return uids.pop()
+
+
+def read_scan(path: str | os.PathLike) -> tuple[np.ndarray, ScanGeometry]:
+    """Read a CT scan, a MetaImage (or any ITK-readable file) or a DICOM series folder (one series, rescaled to HU by
+    ITK): array ``(k, j, i)`` in HU and its header geometry.
+
+    Raises:
+        RuntimeError: naming the file when ITK cannot read it (e.g. a missing or truncated ``.raw``), or when it is
+            not a 3D single-channel image.
+    """
+    import itk
+
+    try:
+        image = itk.imread(str(path))
+    except Exception as error:  # ITK raises plain RuntimeErrors with C++ text: name the file
+        raise RuntimeError(
+            f"could not read the scan {path}: {error}. Is its .raw file next to it and complete?"
+        ) from None
+    if image.GetImageDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise RuntimeError(f"{path}: expected a 3D single-channel CT scan, got {image.GetImageDimension()}D.")
+    array = itk.array_from_image(image)  # a copy: a view would dangle once the ITK image is freed
+    geometry = ScanGeometry(
+        origin=np.array(image.GetOrigin(), dtype=np.float64),
+        spacing=np.array(image.GetSpacing(), dtype=np.float64),
+        direction=np.array(itk.array_from_matrix(image.GetDirection()), dtype=np.float64),
+        size=tuple(int(s) for s in reversed(array.shape)),
+    )
+    return array, geometry
+
+
+def check_inside(index: np.ndarray, geometry: ScanGeometry, where: str) -> None:
+    """Raise a ``ValueError`` (naming ``where``) unless the continuous voxel index ``(3,)`` lies inside the scan."""
+    size = np.asarray(geometry.size)
+    if np.any(index < -0.5) or np.any(index > size - 0.5):
+        raise ValueError(
+            f"{where} lies outside its scan: voxel index (i, j, k) = {np.round(index, 1).tolist()} for a scan of "
+            f"{size.tolist()} voxels. Are the coordinates world mm (LUNA16's convention), and is it the right scan?"
+        )
+
+
+def cube_index_grid(
+    center_index: np.ndarray, geometry: ScanGeometry, cube_size: Sequence[int], spacing_mm: Sequence[float]
+) -> np.ndarray:
+    """Continuous scan indices ``(3, S, R, C)`` in array order (k, j, i) of a cube of ``cube_size`` = (S, R, C) voxels
+    at ``spacing_mm`` (same order) centred on ``center_index`` (i, j, k) and aligned with the scan's voxel axes."""
+    axes = []
+    for count, step, scan_step, center in zip(
+        cube_size, spacing_mm, geometry.spacing[::-1], center_index[::-1], strict=True
+    ):
+        axes.append(center + (np.arange(count) - (count - 1) / 2.0) * (step / scan_step))
+    return np.stack(np.meshgrid(*axes, indexing="ij"))
+
+
+def candidate_cube(
+    array: np.ndarray,
+    geometry: ScanGeometry,
+    world: Sequence[float],
+    cube_size: Sequence[int] = (32, 64, 64),
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """Resample the cube around a world point (x, y, z mm) of a scan: ``(S, R, C)`` float32 HU (trilinear, air outside).
+
+    The caller checks that the point is inside the scan (:func:`check_inside`)."""
+    from scipy.ndimage import map_coordinates
+
+    grid = cube_index_grid(world_to_voxel(np.asarray(world), geometry), geometry, cube_size, spacing_mm)
+    return map_coordinates(array, grid, output=np.float32, order=1, mode="constant", cval=AIR_HU)
+
+
+def read_candidates_csv(path: str | os.PathLike, extra_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Rows of a LUNA16 CSV (candidates, annotations or excluded findings) with float coordinates and their row number.
+
+    Returns dicts with ``seriesuid``, ``coordX``, ``coordY``, ``coordZ`` (floats), the ``extra_columns`` (floats, e.g.
+    ``class`` or ``diameter_mm``) and ``row`` (0-based data row).
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file, the row and the column that is missing or not a number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LUNA16 CSV file not found: {path}.")
+    rows = []
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        wanted = (*CANDIDATE_COLUMNS, *extra_columns)
+        missing = [c for c in wanted if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing} (found {reader.fieldnames}).")
+        for number, record in enumerate(reader):
+            try:
+                row = {"seriesuid": record["seriesuid"].strip(), "row": number}
+                row.update({c: float(record[c]) for c in wanted[1:]})
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}, data row {number}: non-numeric coordinate or value in {record}.") from None
+            rows.append(row)
+    return rows
+
+
+def _find_scans(src_dir: Path, subsets: Sequence[int]) -> dict[str, tuple[Path, int]]:
+    """``seriesuid -> (scan, subset)`` for the ``.mhd`` files and DICOM series folders under ``subset<N>`` folders."""
+    scans: dict[str, tuple[Path, int]] = {}
+    candidates = sorted(src_dir.rglob("*.mhd")) + sorted({f.parent for f in src_dir.rglob("*.dcm")})
+    for path in candidates:
+        subset = next((int(m.group(1)) for p in path.parts if (m := _SUBSET_PATTERN.match(p))), None)
+        if subset is None:
+            raise ValueError(f"{path} is not inside a 'subset<N>' folder: keep LUNA16's subset0 ... subset9 layout.")
+        if subset not in subsets:
+            continue
+        uid = scan_seriesuid(path)
+        if uid in scans:
+            raise ValueError(f"seriesuid {uid} has two scans: {scans[uid][0]} and {path}.")
+        scans[uid] = (path, subset)
+    if not scans:
+        raise FileNotFoundError(f"no '.mhd' scans or DICOM series of subsets {list(subsets)} under {src_dir}.")
+    return scans
+
+
+def _resolve(src_dir: Path, name: str | None) -> Path | None:
+    if not name:
+        return None
+    path = Path(name)
+    return path if path.is_absolute() else src_dir / path
+
+
+def _save_cube(path: Path, cube: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.stem + ".tmp.npy")
+    np.save(temporary, np.clip(np.rint(cube), -32768, 32767).astype(np.int16))
+    os.replace(temporary, path)
+
+
+def _claim_cube_folder(folder: Path, cube_size: tuple[int, ...], spacing_mm: tuple[float, ...]) -> None:
+    """Record the cube geometry in ``<folder>/geometry.json``, or check it against the cubes already there: cubes of
+    another size or spacing must never be reused."""
+    record = folder / "geometry.json"
+    wanted = {"cube_size": list(cube_size), "spacing_mm": list(spacing_mm)}
+    if record.is_file():
+        found = json.loads(record.read_text())
+        if found != wanted:
+            raise ValueError(
+                f"{folder} holds cubes of {found}, not {wanted}: prepare into another out_dir or delete {folder}."
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = record.with_name(record.name + ".tmp")
+    temporary.write_text(json.dumps(wanted))
+    os.replace(temporary, record)
+
+
+def _select_negatives(rows: list[dict[str, Any]], limit: int | None, rng: np.random.Generator) -> list[dict[str, Any]]:
+    if limit is None:
+        return rows
+    positives = [r for r in rows if r["class"] > 0]
+    negatives = [r for r in rows if r["class"] <= 0]
+    if len(negatives) > limit:
+        keep = np.sort(rng.choice(len(negatives), size=limit, replace=False))
+        negatives = [negatives[i] for i in keep]
+    return sorted(positives + negatives, key=lambda r: r["row"])
+
+
+def prepare(
+    src_dir: str,
+    out_dir: str,
+    candidates: str = "candidates_V2.csv",
+    annotations: str = "annotations.csv",
+    annotations_excluded: str | None = "annotations_excluded.csv",
+    cube_size: Sequence[int] = (32, 64, 64),
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    subsets: Sequence[int] = tuple(range(10)),
+    allow_missing_scans: bool = False,
+    max_negatives_per_scan: int | None = None,
+    seed: int = 0,
+) -> str:
+    """Cut the candidate cubes of LUNA16 once and write ``<out_dir>/datalist.json``.
+
+    Args:
+        src_dir: LUNA16 folder with ``subset0`` ... ``subset9`` (searched recursively for ``*.mhd`` files and folders of
+            ``*.dcm`` files, one series each) and the CSV files.
+        out_dir: output folder (the bundle's ``dataset_dir``): ``cubes/`` and ``datalist.json``.
+        candidates, annotations, annotations_excluded: CSV paths, relative to ``src_dir`` or absolute;
+            ``annotations_excluded`` is optional (``None`` or a missing default file: no excluded findings).
+        cube_size: (slices, rows, columns) voxels of each cube.
+        spacing_mm: (slice, row, column) spacing of the cubes in mm.
+        subsets: which subsets to prepare (a part of LUNA16 for a quick start).
+        allow_missing_scans: skip candidates whose seriesuid has no scan in ``subsets`` (otherwise an error): needed
+            when only some subsets are prepared.
+        max_negatives_per_scan: keep every nodule candidate and at most this many random non-nodules per scan (seeded).
+            The FROC then counts fewer false positives than LUNA16 would: use it for training folds or quick runs only.
+        seed: seed of that selection.
+
+    Returns:
+        The datalist path. Entries: ``image`` (cube ``.npy``, relative to ``out_dir``), ``label`` (1 nodule, 0 not),
+        ``seriesuid``, ``coordX``, ``coordY``, ``coordZ`` (world mm), ``candidate`` (row), ``subset``. The datalist
+        also lists every prepared scan (``scans``, needed to count false positives per scan, scans without
+        candidates included) and the annotation files (``annotations``, ``annotations_excluded``, relative to
+        ``out_dir``) for the FROC.
+
+    Raises:
+        FileNotFoundError: a CSV file is missing, or (unless ``allow_missing_scans``) a seriesuid has no scan.
+        ValueError: a candidate lies outside its scan (the message names the scan and the CSV row), or ``out_dir``
+            holds cubes of another size or spacing.
+        RuntimeError: a scan cannot be read (naming the file).
+    """
+    src, out = Path(src_dir), Path(out_dir)
+    cube_size, spacing_mm = tuple(int(c) for c in cube_size), tuple(float(s) for s in spacing_mm)
+    if len(cube_size) != 3 or len(spacing_mm) != 3 or min(cube_size) < 1 or min(spacing_mm) <= 0:
+        raise ValueError(f"cube_size and spacing_mm need three positive values, got {cube_size} and {spacing_mm}.")
+    subsets = [int(s) for s in ([subsets] if isinstance(subsets, int) else subsets)]
+    candidates_path = _resolve(src, candidates)
+    annotations_path = _resolve(src, annotations)
+    excluded_path = _resolve(src, annotations_excluded)
+    if excluded_path is not None and not excluded_path.is_file():
+        if annotations_excluded != "annotations_excluded.csv":
+            raise FileNotFoundError(f"annotations_excluded file not found: {excluded_path}.")
+        excluded_path = None
+    rows = read_candidates_csv(candidates_path, extra_columns=("class",))
+    read_candidates_csv(annotations_path, extra_columns=("diameter_mm",))  # fail now, not at evaluation time
+    if excluded_path is not None:
+        read_candidates_csv(excluded_path, extra_columns=("diameter_mm",))
+    scans = _find_scans(src, subsets)
+
+    by_scan: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_scan.setdefault(row["seriesuid"], []).append(row)
+    unknown = sorted(uid for uid in by_scan if uid not in scans)
+    if unknown and not allow_missing_scans:
+        raise FileNotFoundError(
+            f"{candidates_path}: seriesuid {unknown[0]} (row {by_scan[unknown[0]][0]['row']}) has no scan "
+            f"('{unknown[0]}.mhd' or a DICOM series) in subsets {subsets} under {src} "
+            f"({len(unknown)} such seriesuids). "
+            "Pass --allow_missing_scans to prepare only the scans present."
+        )
+
+    _claim_cube_folder(out / "cubes", cube_size, spacing_mm)
+    rng = np.random.default_rng(seed)
+    folds: dict[str, list[dict[str, Any]]] = {f"subset{s}": [] for s in range(10)}
+    cut = reused = 0
+    for uid, (scan_path, subset) in sorted(scans.items()):
+        selected = _select_negatives(by_scan.get(uid, []), max_negatives_per_scan, rng)
+        targets = [out / "cubes" / uid / f"{row['row']}.npy" for row in selected]
+        array = geometry = None
+        for row, target in zip(selected, targets, strict=True):
+            if array is None:
+                array, geometry = read_scan(scan_path)
+            world = np.array([row["coordX"], row["coordY"], row["coordZ"]])
+            where = f"candidate row {row['row']} of {candidates_path} (seriesuid {uid}, world {world.tolist()} mm)"
+            check_inside(world_to_voxel(world, geometry), geometry, f"{where} in scan {scan_path}")
+            if target.is_file():
+                reused += 1
+            else:
+                _save_cube(target, candidate_cube(array, geometry, world, cube_size, spacing_mm))
+                cut += 1
+            folds[f"subset{subset}"].append(
+                {
+                    "image": str(target.relative_to(out)),
+                    "label": int(row["class"] > 0),
+                    "seriesuid": uid,
+                    "coordX": row["coordX"],
+                    "coordY": row["coordY"],
+                    "coordZ": row["coordZ"],
+                    "candidate": row["row"],
+                    "subset": subset,
+                }
+            )
+    logger.info("LUNA16: %d scans, %d cubes cut, %d reused from %s", len(scans), cut, reused, out / "cubes")
+
+    def relative(path: Path | None) -> str | None:
+        return None if path is None else os.path.relpath(path.resolve(), out.resolve())
+
+    content = {
+        "name": "LUNA16",
+        "cube_size": list(cube_size),
+        "spacing_mm": list(spacing_mm),
+        "max_negatives_per_scan": max_negatives_per_scan,
+        "annotations": relative(annotations_path),
+        "annotations_excluded": relative(excluded_path),
+        "scans": {uid: {"image": relative(path), "subset": subset} for uid, (path, subset) in sorted(scans.items())},
+        **folds,
+    }
+    datalist = out / "datalist.json"
+    temporary = datalist.with_name(datalist.name + ".tmp")
+    temporary.write_text(json.dumps(content, indent=1))
+    os.replace(temporary, datalist)
+    return str(datalist)
+
+
+def _subset_list(subsets: int | Iterable[int]) -> list[int]:
+    return [int(subsets)] if isinstance(subsets, int) else [int(s) for s in subsets]
+
+
+def load_folds(datalist: str | os.PathLike, subsets: int | Iterable[int], base_dir: str | os.PathLike) -> list[dict]:
+    """The candidate entries of the given subsets (folds), cube paths joined to ``base_dir`` by MONAI's reader."""
+    from monai.data import load_decathlon_datalist
+
+    items: list[dict] = []
+    for subset in _subset_list(subsets):
+        items += load_decathlon_datalist(
+            str(datalist), is_segmentation=False, data_list_key=f"subset{subset}", base_dir=str(base_dir)
+        )
+    return items
+
+
+def check_prepared(datalist: str | os.PathLike, cube_size: Sequence[int], spacing_mm: Sequence[float]) -> None:
+    """Raise a ``ValueError`` naming ``datalist`` unless its cubes have this size and spacing (the bundle's
+    ``num_slices``, ``image_size`` and ``spacing_mm`` must describe the prepared cubes; inference cuts with them)."""
+    content = json.loads(Path(datalist).read_text())
+    found = (list(content["cube_size"]), [float(v) for v in content["spacing_mm"]])
+    wanted = ([int(v) for v in cube_size], [float(v) for v in spacing_mm])
+    if found != wanted:
+        raise ValueError(
+            f"{datalist} holds cubes of size {found[0]} at {found[1]} mm, but the bundle is set to {wanted[0]} at "
+            f"{wanted[1]} mm: set num_slices, image_size and spacing_mm to the prepared ones, or prepare again."
+        )
+
+
+def scan_ids(datalist: str | os.PathLike, subsets: int | Iterable[int]) -> list[str]:
+    """The seriesuids of every prepared scan of the given subsets (those without candidates included)."""
+    wanted = set(_subset_list(subsets))
+    scans: Mapping[str, Mapping[str, Any]] = json.loads(Path(datalist).read_text())["scans"]
+    return sorted(uid for uid, scan in scans.items() if scan["subset"] in wanted)
+
+
+def annotation_file(datalist: str | os.PathLike, key: str = "annotations") -> str | None:
+    """Absolute path of the datalist's ``annotations`` / ``annotations_excluded`` file (``None`` when absent)."""
+    datalist = Path(datalist)
+    name = json.loads(datalist.read_text()).get(key)
+    return None if name is None else str((datalist.parent / name).resolve())
+
+
+def select_fraction_per_class(
+    items: Sequence[Mapping[str, Any]], fraction: float = 1.0, seed: int = 0, key: str = "label"
+) -> list[Any]:
+    """The labelled subset of a label-efficiency run: ``ceil(fraction * n_c)`` candidates of each class ``c``, seeded
+    and nested across fractions (:func:`custom_nets.data.segmentation.select_label_fraction` per class), so the
+    nodule / non-nodule ratio of the folds is kept and no fraction loses every nodule. Keeps the order of ``items``."""
+    if fraction >= 1.0:
+        return list(items)
+    groups: dict[Any, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(item[key], []).append(index)
+    chosen = [i for group in groups.values() for i in select_label_fraction(group, fraction, seed)]
+    return [items[i] for i in sorted(chosen)]
+
+
+def class_balanced_weights(items: Sequence[Mapping[str, Any]], key: str = "label") -> list[float]:
+    """Per-item sampling weights ``1 / count(class)``: a ``WeightedRandomSampler`` with them draws nodules and
+    non-nodules equally often (LUNA16 has some 500 non-nodule candidates per nodule).
+
+    Raises:
+        ValueError: when the items hold a single class (nothing to balance, and nothing to learn).
+    """
+    labels = [int(item[key]) for item in items]
+    counts = {label: labels.count(label) for label in set(labels)}
+    if len(counts) < 2:
+        raise ValueError(
+            f"the training candidates hold only class {sorted(counts)}: they need nodules and non-nodules."
+        )
+    return [1.0 / counts[label] for label in labels]
+
+
+def scan_candidates(
+    scan: str | os.PathLike,
+    candidates_csv: str | os.PathLike,
+    cube_size: Sequence[int] = (32, 64, 64),
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+) -> list[dict[str, Any]]:
+    """Inference input: the cubes ``(1, S, R, C)`` (float32 HU) of one scan's candidates (a ``.mhd`` file or a DICOM
+    series folder), cut in memory as
+    :func:`prepare` cuts them. Rows of other seriesuids in the CSV are ignored (a whole ``candidates_V2.csv`` works).
+
+    Raises:
+        ValueError: naming the scan and the row when no row belongs to the scan or a candidate lies outside it.
+    """
+    scan = Path(scan)
+    uid = scan_seriesuid(scan)
+    rows = [r for r in read_candidates_csv(candidates_csv) if r["seriesuid"] == uid]
+    if not rows:
+        raise ValueError(f"{candidates_csv} has no row with seriesuid {uid} (the seriesuid of the scan {scan}).")
+    array, geometry = read_scan(scan)
+    items = []
+    for row in rows:
+        world = np.array([row["coordX"], row["coordY"], row["coordZ"]])
+        check_inside(world_to_voxel(world, geometry), geometry, f"row {row['row']} of {candidates_csv} in scan {scan}")
+        cube = candidate_cube(array, geometry, world, cube_size, spacing_mm)
+        items.append(
+            {
+                "image": cube[None],
+                "seriesuid": uid,
+                "coordX": row["coordX"],
+                "coordY": row["coordY"],
+                "coordZ": row["coordZ"],
+                "candidate": row["row"],
+            }
+        )
+    return items
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"prepare": prepare})

@@ -1,0 +1,191 @@
+"""End-to-end finetune_nodule: prepare_luna16 on generated .mhd/.raw scans with planted nodules -> train 2 iterations
+from a pretrain_joint export -> evaluate (FROC JSON / PNG, submission CSV) -> infer one scan from its candidate CSV,
+all through ``monai.bundle.run``; plus the ConfigWorkflow properties and metadata checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, run, verify_net_in_out
+
+from custom_nets.datasets import luna16
+from custom_nets.nets import JointSSLNet
+from custom_nets.weights import export_pretrained
+
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+NET = {"encoder_depth": 18, "embed_dim": 32, "transformer_layers": 1, "num_heads": 4, "ffn_dim": 40}
+CUBE = {"num_slices": 8, "image_size": [32, 32], "spacing_mm": [2.0, 1.0, 1.0]}
+TINY = {**NET, **CUBE, "num_workers": 0, "batch_size": 2}
+FOLDS = {"train_subsets": [0, 1], "val_subsets": [2], "test_subsets": [3]}
+
+
+def _copy_bundle(tmp_path: Path) -> Path:
+    root = tmp_path / "finetune_nodule"
+    shutil.copytree(BUNDLES / "finetune_nodule", root, ignore=shutil.ignore_patterns("models", "outputs"))
+    return root
+
+
+def _prepare(tmp_path: Path, luna_data):
+    raw = luna_data.make_luna_folder(tmp_path / "raw", num_scans=4)
+    cube = [CUBE["num_slices"], *CUBE["image_size"]]
+    luna16.prepare(str(raw.root), str(tmp_path / "data"), cube_size=cube, spacing_mm=CUBE["spacing_mm"])
+    return raw, tmp_path / "data"
+
+
+def _run(root: Path, configs: list[str], **overrides) -> None:
+    run(
+        config_file=[str(root / "configs" / c) for c in configs],
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=str(root / "configs" / "logging.conf"),
+        bundle_root=str(root),
+        **overrides,
+    )
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_train_evaluate_infer(tmp_path, luna_data):
+    root = _copy_bundle(tmp_path)
+    raw, dataset_dir = _prepare(tmp_path, luna_data)
+    pretraining = JointSSLNet(**NET, projection_hidden_dim=32, projection_dim=16, intra_prototypes=(8,),
+                              inter_prototypes=(4,))  # fmt: skip
+    torch.save({"model": pretraining.state_dict()}, tmp_path / "checkpoint.pt")
+    export = export_pretrained(tmp_path / "checkpoint.pt", tmp_path / "pretrained.pt")
+    common = {"dataset_dir": str(dataset_dir), **TINY, **FOLDS}
+
+    _run(root, ["train.json"], epochs=1, samples_per_epoch=4, pretrained_ckpt=str(export), **common)
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert state["head.1.weight"].shape == (1, 32)
+    assert not torch.equal(state["slice_encoder.trunk.conv1.weight"], pretraining.slice_encoder.trunk.conv1.weight)
+    checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 2  # 4 balanced draws, batch 2
+
+    _run(root, ["train.json", "evaluate.json"], bootstrap_samples=20, **common)
+    eval_dir = root / "outputs" / "eval"
+    result = json.loads((eval_dir / "froc.json").read_text())
+    assert (result["num_scans"], result["num_nodules"], result["num_candidates"]) == (1, 1, 5)
+    assert 0.0 <= result["cpm"] <= 1.0 and list(result["sensitivity"]) == ["0.125", "0.25", "0.5", "1", "2", "4", "8"]
+    assert result["auc"] is not None and (eval_dir / "froc.png").stat().st_size > 1000
+    submission = _read_csv(eval_dir / "submission.csv")
+    test_uid = raw.uids[3]
+    candidates = [r for r in _read_csv(raw.root / "candidates_V2.csv") if r["seriesuid"] == test_uid]
+    assert [r["seriesuid"] for r in submission] == [test_uid] * 5
+    for scored, candidate in zip(submission, candidates, strict=True):  # original world coordinates
+        assert [float(scored[k]) for k in ("coordX", "coordY", "coordZ")] == pytest.approx(
+            [float(candidate[k]) for k in ("coordX", "coordY", "coordZ")], abs=1e-5
+        )
+
+    scan = raw.root / "subset3" / f"{test_uid}.mhd"
+    _run(root, ["inference.json"], scan=str(scan), candidates_csv=str(raw.root / "candidates_V2.csv"), **TINY)
+    inferred = _read_csv(root / "outputs" / "inference" / f"{test_uid}_scored.csv")
+    assert len(inferred) == 5
+    for a, b in zip(inferred, submission, strict=True):  # same model, same cubes (cached ones rounded to int16 HU)
+        assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=1e-3)
+
+
+def test_workflow_properties_and_metadata(tmp_path, luna_data):
+    root = _copy_bundle(tmp_path)
+    raw, dataset_dir = _prepare(tmp_path, luna_data)
+    meta = str(root / "configs" / "metadata.json")
+    scan = raw.root / "subset0" / f"{raw.uids[0]}.mhd"
+    for configs, workflow_type in (
+        (["train.json"], "train"),
+        (["train.json", "evaluate.json"], "train"),
+        (["inference.json"], "inference"),
+    ):
+        workflow = ConfigWorkflow(
+            config_file=[str(root / "configs" / c) for c in configs],
+            meta_file=meta,
+            logging_file=str(root / "configs" / "logging.conf"),
+            workflow_type=workflow_type,
+            bundle_root=str(root),
+            dataset_dir=str(dataset_dir),
+            scan=str(scan),
+            candidates_csv=str(raw.root / "candidates_V2.csv"),
+            **NET,
+            **CUBE,
+            **FOLDS,
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], configs
+    assert '"%' not in (root / "configs" / "inference.json").read_text()
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=str(root / "configs" / "inference.json"),
+                      bundle_root=str(root), **NET)  # fmt: skip
+    metadata = json.loads(Path(meta).read_text())
+    schema = json.loads((BUNDLES / "metadata_schema.json").read_text())
+    assert set(schema.get("required", [])) <= set(metadata)
+    assert metadata["version"] in metadata["changelog"]
+    assert "custom_nets" in metadata["required_packages_version"]
+    config = json.loads((root / "configs" / "train.json").read_text())
+    vocabulary = ["bundle_root", "dataset_dir", "datalist", "output_dir", "device", "epochs", "batch_size",
+                  "num_workers", "amp", "num_slices", "image_size", "pretrained_ckpt", "resume", "seed"]  # fmt: skip
+    assert list(config)[1 : 1 + len(vocabulary)] == vocabulary
+    for name in ("LICENSE", "large_files.yml", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
+        assert (root / name).is_file(), name
+    assert not (BUNDLES / "finetune_nodule" / "models" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_label_efficiency_trials_read_the_cpm(tmp_path, luna_data):
+    from custom_nets import trials
+
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    rows = trials.run_trials(
+        bundle_root=str(BUNDLES / "finetune_nodule"),
+        output_dir=str(tmp_path / "trials"),
+        seeds=(0,),
+        label_fractions=(0.5,),
+        metric="cpm",
+        in_process=True,
+        dataset_dir=str(dataset_dir),
+        epochs=1,
+        samples_per_epoch=2,
+        bootstrap_samples=0,
+        **TINY,
+        **FOLDS,
+    )
+    assert len(rows) == 1 and rows[0]["label_fraction"] == 0.5 and 0.0 <= rows[0]["mean"] <= 1.0
+    trial = tmp_path / "trials" / "fraction_0.5" / "seed_0"
+    summary = json.loads((trial / "eval" / "summary.json").read_text())
+    assert summary["metrics"]["cpm"]["mean"] == rows[0]["mean"] and summary["num_nodules"] == 1
+    assert not (BUNDLES / "finetune_nodule" / "models").exists()  # trials never write into the bundle
+
+
+@pytest.mark.slow
+def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, luna_data):
+    """torchrun with 2 processes on the gloo backend: DistributedWeightedRandomSampler, DDP, rank-0 checkpoints."""
+    import subprocess
+    import sys
+
+    root = _copy_bundle(tmp_path)
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    configs = json.dumps([str(root / "configs" / c) for c in ("train.json", "multi_gpu_train.json")])
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+    ]
+    command += ["run", "--config_file", configs, "--meta_file", str(root / "configs" / "metadata.json")]
+    command += ["--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root)]
+    command += ["--dataset_dir", str(dataset_dir), "--epochs", "1", "--samples_per_epoch", "4"]
+    for key, value in {**TINY, **FOLDS}.items():
+        command += [f"--{key}", json.dumps(value)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert "head.1.weight" in state  # DDP's "module." prefix is not saved
+    checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 1  # 4 draws shared by 2 processes, batch 2
