@@ -17,12 +17,12 @@ Usage::
 from __future__ import annotations
 
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from measure import seconds_per_call
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.utils.anchor_utils import AnchorGenerator
 
@@ -30,20 +30,6 @@ from custom_nets.datasets.vindr_cxr import LoadChestXrayd
 from custom_nets.nets.detection import SliceEncoderRetinaNet
 
 NUM_CLASSES = 14
-
-
-def _timed(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
-    """Seconds per call of ``step`` after ``warmup`` calls (CUDA synchronised)."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def build_detector(depth: int, image_size: int, device: torch.device) -> RetinaNetDetector:
@@ -89,7 +75,7 @@ def training_images_per_second(
         scaler.step(optimizer)
         scaler.update()
 
-    return batch / _timed(step, device, warmup=2, repeats=repeats)
+    return batch / seconds_per_call(step, device, warmup=2, repeats=repeats)
 
 
 def inference_images_per_second(
@@ -103,7 +89,7 @@ def inference_images_per_second(
         with torch.no_grad(), torch.autocast(device.type, enabled=amp):
             detector(images)
 
-    return batch / _timed(step, device, warmup=1, repeats=repeats)
+    return batch / seconds_per_call(step, device, warmup=1, repeats=repeats)
 
 
 def reading_images_per_second(dicom_size: Sequence[int], image_size: int, repeats: int) -> float:
@@ -127,7 +113,9 @@ def reading_images_per_second(dicom_size: Sequence[int], image_size: int, repeat
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "bench.dcm"
         dataset.save_as(path, enforce_file_format=True)
-        return 1.0 / _timed(lambda: load({"image": str(path)}), torch.device("cpu"), warmup=1, repeats=repeats)
+        return 1.0 / seconds_per_call(
+            lambda: load({"image": str(path)}), torch.device("cpu"), warmup=1, repeats=repeats
+        )
 
 
 def main(

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["TensorMemoryTracker", "timed"]
+__all__ = ["TensorMemoryTracker", "seconds_per_call", "timed"]
 
 
 def timed(run: Callable[[], object], device: torch.device) -> float:
@@ -22,6 +22,21 @@ def timed(run: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def seconds_per_call(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    """Mean seconds per call of ``step`` over ``repeats`` back-to-back calls after ``warmup`` calls (CUDA
+    synchronised before and after the timed calls only, so queued kernels overlap as in training)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
 
 
 class TensorMemoryTracker(TorchDispatchMode):

@@ -17,27 +17,14 @@ Usage::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+from measure import seconds_per_call
 
 from custom_nets.datasets.luna16 import ScanGeometry, candidate_cube
 from custom_nets.nets.nodule import NoduleClassifier
-
-
-def _timed(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
-    """Seconds per call of ``step`` after ``warmup`` calls (CUDA synchronised)."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def _network(depth: int, embed_dim: int, layers: int, frozen: bool, device: torch.device) -> NoduleClassifier:
@@ -64,7 +51,7 @@ def training_candidates_per_second(
         scaler.step(optimizer)
         scaler.update()
 
-    return batch / _timed(step, device, warmup=2, repeats=repeats)
+    return batch / seconds_per_call(step, device, warmup=2, repeats=repeats)
 
 
 def inference_candidates_per_second(
@@ -77,7 +64,7 @@ def inference_candidates_per_second(
         with torch.no_grad(), torch.autocast(device.type, enabled=amp):
             torch.sigmoid(net(cubes))
 
-    return batch / _timed(step, device, warmup=1, repeats=repeats)
+    return batch / seconds_per_call(step, device, warmup=1, repeats=repeats)
 
 
 def cutting_candidates_per_second(cube: Sequence[int], spacing_mm: Sequence[float], count: int) -> float:

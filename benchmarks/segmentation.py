@@ -14,30 +14,16 @@ Usage::
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+from measure import seconds_per_call
 from monai.inferers import SliceInferer
 from monai.losses import DiceCELoss
 from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
 
 from custom_nets.data.segmentation import RandForegroundSliced
 from custom_nets.nets.segmentation import SliceEncoderUNet
-
-
-def _timed(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
-    """Seconds per call of ``step`` after ``warmup`` calls (CUDA synchronised)."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def training_slices_per_second(
@@ -58,7 +44,7 @@ def training_slices_per_second(
         scaler.step(optimizer)
         scaler.update()
 
-    return batch / _timed(step, device, warmup=2, repeats=repeats)
+    return batch / seconds_per_call(step, device, warmup=2, repeats=repeats)
 
 
 def sampling_slices_per_second(volume_shape: Sequence[int], image_size: int, samples: int, repeats: int) -> float:
@@ -75,7 +61,7 @@ def sampling_slices_per_second(volume_shape: Sequence[int], image_size: int, sam
         for sample in sampler(volume):
             crop(sample)
 
-    return samples / _timed(step, torch.device("cpu"), warmup=1, repeats=repeats)
+    return samples / seconds_per_call(step, torch.device("cpu"), warmup=1, repeats=repeats)
 
 
 def inference_volumes_per_second(
@@ -96,7 +82,7 @@ def inference_volumes_per_second(
         with torch.no_grad(), torch.autocast(device.type, enabled=amp):
             inferer(volume, net).argmax(dim=1)
 
-    return 1.0 / _timed(step, device, warmup=1, repeats=repeats)
+    return 1.0 / seconds_per_call(step, device, warmup=1, repeats=repeats)
 
 
 def main(

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+from slice_attention import NUM_HEADS, NUM_POINTS, DenseSliceAttention
 from torch import nn
 
 from custom_nets.nets import DeformableSliceAttention
@@ -43,24 +43,6 @@ from custom_nets.nets import DeformableSliceAttention
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECK_BOUNDS = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
 METHODS = ("ours", "ours-torch", "dense")
-NUM_HEADS, NUM_POINTS = 8, 4
-
-
-class DenseSliceAttention(nn.Module):
-    """Dense multi-head self-attention over slices (the quadratic baseline): ``(B, N, d) -> (B, N, d)``."""
-
-    def __init__(self, embed_dim: int, num_heads: int = NUM_HEADS) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim)
-        self.output_proj = nn.Linear(embed_dim, embed_dim)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, num_slices, embed_dim = tokens.shape
-        qkv = self.qkv_proj(tokens).view(batch, num_slices, 3, self.num_heads, embed_dim // self.num_heads)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attended = F.scaled_dot_product_attention(query, key, value)
-        return self.output_proj(attended.transpose(1, 2).reshape(batch, num_slices, embed_dim))
 
 
 def build(method: str, dim: int, device: torch.device, seed: int = 0) -> nn.Module:
