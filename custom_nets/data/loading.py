@@ -12,6 +12,7 @@ Arrays come out channel-first in MONAI's index order: 2D images (C, X, Y), volum
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ __all__ = [
     "EnsureKindShaped",
     "CropOrPadToBackgroundd",
     "load_item_array",
+    "reader_failure",
 ]
 
 READERS: dict[str, type[ImageReader]] = {"itk": ITKReader, "nibabel": NibabelReader, "pil": PILReader}
@@ -60,6 +62,18 @@ def reader_name(path: str) -> str:
     if suffix in IMAGE_EXTENSIONS:
         return "pil"
     return "itk"
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception): ")
+
+
+def reader_failure(error: BaseException) -> str:
+    """One line on why a reader failed: the first exception line inside MONAI's message (which embeds the traceback
+    of every reader it tried), else the message's first line."""
+    lines = str(error).splitlines()
+    embedded = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip())]
+    first = embedded[0] if embedded else (lines[0] if lines else "")
+    return f"{type(error).__name__}: {first}" if not embedded else first
 
 
 def build_loader(reader: str) -> LoadImage:
@@ -108,7 +122,7 @@ class LoadMedicalImaged(MapTransform):
                 d[key] = loader(path)
             except Exception as error:  # MONAI/ITK/nibabel/PIL raise many types for unreadable files
                 raise ValueError(
-                    f"{path}: the {reader} reader cannot read it ({type(error).__name__}: {error}); the file is "
+                    f"{path}: the {reader} reader cannot read it ({reader_failure(error)}); the file is "
                     "corrupt or not of the type its name says: re-export it or remove it from the datalist"
                 ) from error
             d[f"source_{key}"] = path

@@ -390,6 +390,6 @@ def make_datalist(
 
 
 if __name__ == "__main__":
-    import fire
+    from custom_nets.command_line import fire_command
 
-    fire.Fire({"make_datalist": make_datalist})
+    fire_command({"make_datalist": make_datalist})
