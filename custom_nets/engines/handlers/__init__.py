@@ -9,6 +9,7 @@ from custom_nets.engines.handlers.gradients import GradientControl, trust_ratio
 from custom_nets.engines.handlers.kmeans import DeepClusterKMeansHandler
 from custom_nets.engines.handlers.loss_terms import LossTermsHandler
 from custom_nets.engines.handlers.prototypes import PrototypeHandler
+from custom_nets.engines.handlers.random_state import RandomStateCheckpoint, random_transforms
 from custom_nets.engines.handlers.sampler_epoch import SamplerEpochHandler
 
 __all__ = [
@@ -20,7 +21,9 @@ __all__ = [
     "GradientControl",
     "LossTermsHandler",
     "PrototypeHandler",
+    "RandomStateCheckpoint",
     "SamplerEpochHandler",
     "assignment_statistics",
+    "random_transforms",
     "trust_ratio",
 ]
