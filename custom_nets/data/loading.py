@@ -22,6 +22,7 @@ from monai.data import ImageReader, ITKReader, MetaTensor, NibabelReader, PILRea
 from monai.transforms import LoadImage, MapTransform, ResizeWithPadOrCrop
 
 from custom_nets.data.datalist import IMAGE_EXTENSIONS, file_suffix
+from custom_nets.data.file_checks import check_header_size, dicom_series_problems
 from custom_nets.data.intensity import assert_finite
 
 __all__ = [
@@ -116,6 +117,7 @@ class LoadMedicalImaged(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             path = str(d[key])
+            check_header_size(path)  # before any voxel is allocated
             reader = reader_name(path)
             loader = self.loader(reader, path)
             try:
@@ -166,6 +168,11 @@ class EnsureKindShaped(MapTransform):
         if kind == "volume" and image.shape[-1] < 2:
             raise ValueError(f'{source}: volume with a single slice; set "kind": "image" in the datalist')
         if image.shape[0] != self.channels:
+            if kind == "volume" and image.ndim == 4 and image.shape[0] > 1 and self.channels == 1:
+                raise ValueError(
+                    f"{source}: a 4D image ({image.shape[0]} frames or channels of {tuple(image.shape[1:])}) where "
+                    "one 3D volume is expected; split it into 3D files (e.g. one per time point) in the datalist"
+                )
             if self.channels == 1:
                 image = image.mean(dim=0, keepdim=True)
             elif image.shape[0] == 1:
@@ -204,9 +211,21 @@ class CropOrPadToBackgroundd(MapTransform):
 def load_item_array(item: Mapping, key: Hashable = "image", channels: int = 1) -> MetaTensor:
     """Read one datalist item and check it (readable, dimensionality of its kind, not empty, finite).
 
+    A DICOM series folder is first checked for gaps, duplicates and mixed series (:func:`dicom_series_problems`),
+    and a constant image (every voxel the same value, nothing to learn) is rejected too.
+
     Returns the channel-first image; raises ValueError naming the file otherwise.
     """
+    path = Path(str(item[key]))
+    if path.is_dir():
+        problems = dicom_series_problems(path)
+        if problems:
+            raise ValueError("; ".join(problems))
     d = LoadMedicalImaged(key)(item)
     d = EnsureKindShaped(key, channels=channels)(d)
-    assert_finite(d[key], d[f"source_{key}"])
+    source = d[f"source_{key}"]
+    assert_finite(d[key], source)
+    low, high = float(d[key].min()), float(d[key].max())
+    if low == high:
+        raise ValueError(f"{source}: constant image (every voxel is {low:g}); remove it from the datalist")
     return d[key]

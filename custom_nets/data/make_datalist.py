@@ -40,6 +40,7 @@ from custom_nets.data.datalist import (
     file_suffix,
     is_dicom_file,
 )
+from custom_nets.data.file_checks import text_header_shape
 from custom_nets.data.intensity import MODALITY_ALIASES, canonical_modality
 
 __all__ = ["scan_folder", "make_datalist"]
@@ -53,19 +54,8 @@ def _header_kind(path: Path) -> str:
     if suffix in (".nii", ".nii.gz"):
         shape = nib.load(path).shape
     else:
-        shape = _text_header_shape(path)
+        shape = text_header_shape(path)
     return "volume" if len(shape) >= 3 and shape[2] > 1 else "image"
-
-
-def _text_header_shape(path: Path) -> tuple[int, ...]:
-    """Dimensions from a MetaImage (``DimSize``) or NRRD (``sizes``) text header."""
-    with open(path, "rb") as handle:
-        header = handle.read(4096).decode("latin-1")
-    for line in header.splitlines():
-        name, _, value = line.partition("=" if file_suffix(path) in (".mhd", ".mha") else ":")
-        if name.strip().lower() in ("dimsize", "sizes"):
-            return tuple(int(v) for v in value.split())
-    raise DatalistError(f"{path}: no DimSize/sizes in the header; the file is corrupt or not MetaImage/NRRD")
 
 
 def _dicom_groups(files: list[Path]) -> list[tuple[list[Path], pydicom.Dataset]]:

@@ -99,7 +99,7 @@ def test_validate_reports_corrupt_nan_and_wrong_dims_in_one_error(tmp_path, nift
     lines = str(error.value).splitlines()[1:]
     expected = {
         "nan.nii.gz": "NaN/inf",
-        "corrupt.nii.gz": "cannot read",
+        "corrupt.nii.gz": "unreadable NIfTI header",
         "corrupt.png": "cannot read",
         "flat.png": "expected a 3D volume",
         "single_slice.nii.gz": "single slice",
@@ -146,8 +146,9 @@ def test_make_datalist_outside_root_resolves_from_the_datalist(tmp_path, nifti_w
     readers' default) and from root (a bundle's dataset_dir) alike."""
     root = tmp_path / "data"
     (root / "ct").mkdir(parents=True)
-    nifti_writer(root / "ct" / "a.nii.gz", np.zeros((6, 6, 4), np.float32))
-    Image.fromarray(np.zeros((8, 9), np.uint8)).save(root / "b.png")
+    rng = np.random.default_rng(0)
+    nifti_writer(root / "ct" / "a.nii.gz", rng.random((6, 6, 4)).astype(np.float32))
+    Image.fromarray(rng.integers(0, 255, (8, 9), dtype=np.uint8)).save(root / "b.png")
     out = make_datalist(str(root), str(tmp_path / out_folder / "list.json"))
     paths = [entry["image"] for entry in json.loads(open(out).read())["training"]]
     assert paths == [str((root / "b.png").resolve()), str((root / "ct" / "a.nii.gz").resolve())]
