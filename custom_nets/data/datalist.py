@@ -220,20 +220,42 @@ def load_datalist(
     return prepare_items(content[key], path.parent if base_dir is None else base_dir, source=f"{path} [{key}]")
 
 
+def _read_datalist_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DatalistError(
+            f"{path}: datalist file not found; create one with `python -m custom_nets.data.make_datalist`"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatalistError(f"{path}: not a readable JSON datalist ({error}); fix or regenerate it") from error
+
+
+def _is_segmentation_list(items: Any) -> bool:
+    return isinstance(items, list) and bool(items) and isinstance(items[0], dict) and "label" in items[0]
+
+
 def validate_datalist(
     path: str | os.PathLike,
     base_dir: str | os.PathLike | None = None,
     keys: Sequence[str] | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
     """Open every file of a datalist with the training readers and report all problems in one error.
 
-    Checks, per item: the file exists and has a known type, the reader can open it (corrupt files), it has the
-    dimensionality of its ``kind`` (2D image or 3D volume), it is not empty, and it holds no NaN/inf value.
+    Checks, per item of a pretraining datalist: the file exists and has a known type, its header announces a sane
+    size, the reader can open it (corrupt files), a DICOM series folder has no gap, duplicate or mixed series, the
+    image has the dimensionality of its ``kind`` (2D image or 3D volume; a 4D file is refused), it is not empty or
+    constant, and it holds no NaN/inf value. A segmentation datalist (items with ``label``) is checked pair by pair
+    (:func:`custom_nets.data.segmentation.segmentation_item_problems`: same grid, finite image, label values in
+    ``0..num_classes - 1``). A file listed more than once (in one list or across lists) is reported too.
 
     Args:
         path: the datalist JSON file.
         base_dir: folder that relative image paths are joined to; default: the datalist's folder.
         keys: lists to check; default: every list-valued key among ``training``, ``validation``, ``testing``, ``test``.
+        num_classes: for segmentation datalists, the number of label values allowed (background included);
+            ``None`` only requires non-negative integers.
 
     Returns:
         a summary ``{"items": n, "kinds": {...}, "modalities": {...}, "keys": [...]}`` when everything is usable.
@@ -242,37 +264,49 @@ def validate_datalist(
         DatalistError: listing every problem (one line per file) with its fix.
     """
     from custom_nets.data.loading import load_item_array
+    from custom_nets.data.segmentation import segmentation_item_problems
 
     path = Path(path)
+    content = _read_datalist_json(path)
     if keys is None:
-        if not path.is_file():
-            raise DatalistError(f"{path}: datalist file not found")
-        try:
-            content = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DatalistError(f"{path}: not a readable JSON datalist ({error}); fix or regenerate it") from error
-        keys = [k for k in ("training", "validation", "testing", "test") if isinstance(content.get(k), list)]
+        lists = content if isinstance(content, dict) else {}
+        keys = [k for k in ("training", "validation", "testing", "test") if isinstance(lists.get(k), list)]
         if not keys:
             raise DatalistError(f"{path}: no 'training', 'validation' or 'testing' list; regenerate the datalist")
+    base = Path(path.parent if base_dir is None else base_dir)
     problems: list[str] = []
     kinds: Counter = Counter()
     modalities: Counter = Counter()
-    count = 0
+    listed: dict[str, list[str]] = {}
     for key in keys:
+        if isinstance(content, dict) and _is_segmentation_list(content.get(key)):
+            for position, item in enumerate(content[key]):
+                kinds["image+label"] += 1
+                files, item_problems = segmentation_item_problems(item, position, base, num_classes)
+                problems.extend(f"[{key}] {problem}" for problem in item_problems)
+                for file in files:
+                    listed.setdefault(file, []).append(key)
+            continue
         try:
             items = load_datalist(path, base_dir, key)
         except DatalistError as error:
             problems.extend(f"[{key}] {problem}" for problem in error.problems)
             continue
         for item in items:
-            count += 1
             kinds[item["kind"]] += 1
             modalities[item["modality"] or "unspecified"] += 1
+            listed.setdefault(str(Path(item["image"]).resolve()), []).append(key)
             try:
                 load_item_array(item)
             except Exception as error:  # every reader failure becomes one line of the report
                 message = str(error) if item["image"] in str(error) else f"{item['image']}: {error}"
                 problems.append(f"[{key}] {message}")
+    for file, where in listed.items():
+        if len(where) > 1:
+            problems.append(
+                f"{file}: listed {len(where)} times (in {', '.join(sorted(set(where)))}); a duplicate weighs twice in "
+                "training and leaks between splits: keep one entry"
+            )
     if problems:
         raise DatalistError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), problems)
-    return {"items": count, "kinds": dict(kinds), "modalities": dict(modalities), "keys": list(keys)}
+    return {"items": sum(kinds.values()), "kinds": dict(kinds), "modalities": dict(modalities), "keys": list(keys)}

@@ -1,11 +1,12 @@
 """Check a datalist before training (fire CLI): every file opened with the training readers, all problems at once.
 
     python -m custom_nets.data.validate_data --path datalist.json [--base_dir DIR] [--keys "['training']"] \
-        [--report report.json]
+        [--report report.json] [--num_classes K]
 
 Prints a summary (items per kind and modality), or the list of problems (each missing, corrupt, NaN-holding or
 wrongly-dimensioned file with its fix) and exits with status 1, without a traceback. ``--report`` also writes the
-outcome as JSON. See :func:`custom_nets.data.datalist.validate_datalist`.
+outcome as JSON. Pretraining datalists (``image``) and segmentation datalists (``image`` + ``label``) are both
+checked. See :func:`custom_nets.data.datalist.validate_datalist`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def validate_data(
     base_dir: str | None = None,
     keys: Sequence[str] | None = None,
     report: str | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
-    """:func:`validate_datalist`, with the outcome also written to the JSON file ``report`` when given.
+    """:func:`validate_datalist` (``num_classes``: allowed label values of a segmentation datalist), with the outcome
+    also written to the JSON file ``report`` when given.
 
     The report holds ``{"datalist", "ok", "summary"}`` for a usable datalist, ``{"datalist", "ok": false,
     "problems": [one line per problem]}`` otherwise.
@@ -46,7 +49,7 @@ def validate_data(
         DatalistError: listing every problem, after the report is written.
     """
     try:
-        summary = validate_datalist(path, base_dir, keys)
+        summary = validate_datalist(path, base_dir, keys, num_classes)
     except DatalistError as error:
         if report is not None:
             write_report(report, {"datalist": str(path), "ok": False, "problems": error.problems})
