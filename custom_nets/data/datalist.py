@@ -26,7 +26,9 @@ modality into a path).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +47,7 @@ __all__ = [
     "is_dicom_file",
     "load_datalist",
     "prepare_items",
+    "usable_datalist",
     "validate_datalist",
 ]
 
@@ -58,6 +61,8 @@ DICOM_EXTENSIONS = (".dcm", ".dicom")
 """Suffixes of single DICOM files (2D images, read with ``ITKReader``)."""
 
 KINDS = ("image", "volume")
+
+logger = logging.getLogger(__name__)
 
 
 class DatalistError(ValueError):
@@ -310,3 +315,69 @@ def validate_datalist(
     if problems:
         raise DatalistError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), problems)
     return {"items": sum(kinds.values()), "kinds": dict(kinds), "modalities": dict(modalities), "keys": list(keys)}
+
+
+def _write_json_atomically(path: Path, content: Any) -> None:
+    """Write JSON through a uniquely named temporary file and a rename (several processes may write the same file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(handle, "w") as out:
+        json.dump(content, out, indent=2)
+    os.replace(tmp, path)
+
+
+def usable_datalist(
+    path: str | os.PathLike,
+    base_dir: str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    skip_bad: bool = False,
+    key: str = "training",
+) -> str:
+    """The start-up check of a pretraining run: the datalist to train on.
+
+    Without ``skip_bad``: :func:`validate_datalist` of the ``key`` list, then ``path`` itself. With ``skip_bad``
+    every item is checked on its own; the usable items are written (absolute paths, other fields kept) to
+    ``<output_dir>/datalist_usable.json``, whose path is returned, the skipped ones with their problem to
+    ``<output_dir>/skipped_items.json``, and a warning lists them (``path`` itself when nothing is skipped).
+
+    Raises:
+        DatalistError: an unreadable datalist, a bad item without ``skip_bad``, or no usable item at all.
+    """
+    from custom_nets.data.loading import load_item_array
+
+    path = Path(path)
+    if not skip_bad:
+        validate_datalist(path, base_dir, keys=[key])
+        return str(path)
+    content = _read_datalist_json(path)
+    if not isinstance(content, dict) or not isinstance(content.get(key), list):
+        raise DatalistError(f"{path}: no {key!r} list; pass the right key or regenerate the datalist")
+    base = Path(path.parent if base_dir is None else base_dir)
+    usable, skipped = [], []
+    for position, raw in enumerate(content[key]):
+        try:
+            (item,) = prepare_items([raw], base, source=f"{path} [{key}] item {position}")
+            load_item_array(item)
+        except Exception as error:  # every reader failure is one skipped item
+            problems = getattr(error, "problems", [str(error)])
+            skipped.append({"position": position, "item": raw, "problem": "; ".join(problems)})
+            continue
+        usable.append({**(raw if isinstance(raw, dict) else {}), "image": item["image"]})
+    if not skipped:
+        return str(path)
+    lines = [f"item {entry['position']}: {entry['problem']}" for entry in skipped]
+    if not usable:
+        raise DatalistError(f"{path}: no usable item in {key!r} ({len(skipped)} bad)", lines)
+    output = Path(output_dir)
+    _write_json_atomically(output / "skipped_items.json", {"datalist": str(path), "key": key, "skipped": skipped})
+    usable_path = output / "datalist_usable.json"
+    _write_json_atomically(usable_path, {**{k: v for k, v in content.items() if k != key}, key: usable})
+    logger.warning(
+        "skip_bad: training on %d of %d items of %s; skipped (also in %s):\n  %s",
+        len(usable),
+        len(usable) + len(skipped),
+        path,
+        output / "skipped_items.json",
+        "\n  ".join(lines),
+    )
+    return str(usable_path)

@@ -52,14 +52,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train(corpus: Path, output_dir: Path, config_files: list[str] | None = None, **overrides: object):
+    settings = {"dataset_dir": str(corpus.parent), "datalist": str(corpus), **TINY, **overrides}
     workflow = create_workflow(
         config_file=config_files or [TRAIN],
         workflow_type="train",
         bundle_root=str(BUNDLE),
-        dataset_dir=str(corpus.parent),
-        datalist=str(corpus),
         output_dir=str(output_dir),
-        **{**TINY, **overrides},
+        **settings,
     )
     assert workflow.check_properties() == []
     workflow.run()
@@ -247,3 +246,19 @@ def test_two_process_ddp_trains_saves_once_logs_once(tmp_path: Path, tiny_args: 
     assert log.count("Epoch: 1/1, Iter: 1/2") == 1  # StatsHandler on rank 0 only
     checkpoint = torch.load(output_dir / "model_final.pt", map_location="cpu", weights_only=True)
     assert not any(key.startswith("module.") for key in checkpoint["model"])
+
+
+@pytest.mark.slow
+def test_skip_bad_trains_past_a_corrupt_item_and_lists_it(corpus: Path, tmp_path: Path) -> None:
+    content = json.loads(corpus.read_text())
+    items = [{**item, "image": str(corpus.parent / item["image"])} for item in content["training"]]
+    (tmp_path / "broken.nii.gz").write_bytes(b"truncated")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({**content, "training": [*items, {"image": str(tmp_path / "broken.nii.gz")}]}))
+    with pytest.raises(Exception) as stopped:  # the start-up check stops a run by default
+        train(corpus, tmp_path / "strict", datalist=str(datalist))
+    assert "broken.nii.gz: unreadable NIfTI header" in str(stopped.value.__cause__ or stopped.value)
+    workflow = train(corpus, tmp_path / "lenient", datalist=str(datalist), skip_bad=True)
+    assert workflow.trainer.state.iteration == 2
+    skipped = json.loads((tmp_path / "lenient" / "skipped_items.json").read_text())["skipped"]
+    assert [entry["item"]["image"] for entry in skipped] == [str(tmp_path / "broken.nii.gz")]

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from custom_nets.data.datalist import DatalistError
+from custom_nets.data.datalist import DatalistError, usable_datalist
 from custom_nets.data.demo import _write_dicom_series
 from custom_nets.data.validate_data import validate_data
 
@@ -292,3 +292,23 @@ def test_bad_input_gives_one_clear_problem(tmp_path, case):
 
 def test_the_corpus_has_at_least_25_cases():
     assert len(CASES) >= 25 and len({case.__name__ for case in CASES}) == len(CASES)
+
+
+def test_skip_bad_trains_on_the_usable_items_and_lists_the_others(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    good = _nifti(root / "good.nii.gz", _volume())
+    (root / "corrupt.nii.gz").write_bytes(b"not a volume")
+    items = [{"image": good, "modality": "CT"}, {"image": "corrupt.nii.gz"}, {"image": "absent.nii.gz"}]
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps({"training": items, "classes": ["a"]}))
+    with pytest.raises(DatalistError, match="absent.nii.gz: file not found"):  # without skip_bad: stop
+        usable_datalist(datalist, None, tmp_path / "out")
+    usable = Path(usable_datalist(datalist, None, tmp_path / "out", skip_bad=True))
+    content = json.loads(usable.read_text())
+    assert content["classes"] == ["a"]
+    assert content["training"] == [{"image": str(root / "good.nii.gz"), "modality": "CT"}]
+    skipped = json.loads((tmp_path / "out" / "skipped_items.json").read_text())["skipped"]
+    assert [entry["position"] for entry in skipped] == [1, 2]
+    assert "unreadable NIfTI header" in skipped[0]["problem"] and "file not found" in skipped[1]["problem"]
+    assert usable_datalist(usable, None, tmp_path / "out2", skip_bad=True) == str(usable)  # nothing left to skip
