@@ -15,6 +15,15 @@ NAN_POLICIES = ("stop", "skip")
 logger = logging.getLogger(__name__)
 
 
+def _non_finite_anywhere(loss: torch.Tensor) -> bool:
+    """True when ``loss`` is NaN/inf here or, under ``torch.distributed``, on any process: DDP averages the gradients,
+    so one process's bad loss spoils every process's step and all must act alike (one small all-reduce a step)."""
+    bad = torch.tensor(0.0 if bool(torch.isfinite(loss).all()) else 1.0, device=loss.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bool(bad.item() > 0)
+
+
 class NonFiniteLossGuard:
     """Ignite handler on ``IterationEvents.BACKWARD_COMPLETED`` of a MONAI trainer, before the optimiser step.
 
@@ -28,8 +37,9 @@ class NonFiniteLossGuard:
       overflow. The learning-rate schedule still advances. Each skip is logged; ``max_consecutive_skips`` in a row
       stop the run (the model no longer recovers); the skipped iterations are listed at the end (``self.skipped``).
 
-    Attach it before handlers that read gradients on the same event (e.g. ``GradientControl``). State fed by the
-    forward pass (feature queues, batch-norm statistics) is not rolled back.
+    Attach it before handlers that read gradients on the same event (e.g. ``GradientControl``), on every process of
+    a distributed run: the decision is shared (a bad loss on one process skips or stops the step everywhere). State
+    fed by the forward pass (feature queues, batch-norm statistics) is not rolled back.
 
     Args:
         policy: ``"stop"`` or ``"skip"``.
@@ -53,7 +63,7 @@ class NonFiniteLossGuard:
     @torch.no_grad()
     def __call__(self, engine: Engine) -> None:
         loss = engine.state.output["loss"]
-        if torch.isfinite(loss).all():
+        if not _non_finite_anywhere(loss):
             self._consecutive = 0
             return
         where = f"iteration {engine.state.iteration} (epoch {engine.state.epoch})"
