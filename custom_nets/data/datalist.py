@@ -302,7 +302,7 @@ def validate_datalist(
             modalities[item["modality"] or "unspecified"] += 1
             listed.setdefault(str(Path(item["image"]).resolve()), []).append(key)
             try:
-                load_item_array(item)
+                load_item_array(item, reject_constant=True)
             except Exception as error:  # every reader failure becomes one line of the report
                 message = str(error) if item["image"] in str(error) else f"{item['image']}: {error}"
                 problems.append(f"[{key}] {message}")
@@ -357,7 +357,7 @@ def usable_datalist(
     for position, raw in enumerate(content[key]):
         try:
             (item,) = prepare_items([raw], base, source=f"{path} [{key}] item {position}")
-            load_item_array(item)
+            load_item_array(item, reject_constant=True)
         except Exception as error:  # every reader failure is one skipped item
             problems = getattr(error, "problems", [str(error)])
             skipped.append({"position": position, "item": raw, "problem": "; ".join(problems)})

@@ -208,11 +208,14 @@ class CropOrPadToBackgroundd(MapTransform):
         return d
 
 
-def load_item_array(item: Mapping, key: Hashable = "image", channels: int = 1) -> MetaTensor:
+def load_item_array(
+    item: Mapping, key: Hashable = "image", channels: int = 1, reject_constant: bool = False
+) -> MetaTensor:
     """Read one datalist item and check it (readable, dimensionality of its kind, not empty, finite).
 
-    A DICOM series folder is first checked for gaps, duplicates and mixed series (:func:`dicom_series_problems`),
-    and a constant image (every voxel the same value, nothing to learn) is rejected too.
+    A DICOM series folder is first checked for gaps, duplicates and mixed series (:func:`dicom_series_problems`);
+    with ``reject_constant`` (the datalist checks) a constant image (every voxel the same value, nothing to learn) is
+    rejected too.
 
     Returns the channel-first image; raises ValueError naming the file otherwise.
     """
@@ -226,6 +229,6 @@ def load_item_array(item: Mapping, key: Hashable = "image", channels: int = 1) -
     source = d[f"source_{key}"]
     assert_finite(d[key], source)
     low, high = float(d[key].min()), float(d[key].max())
-    if low == high:
+    if reject_constant and low == high:
         raise ValueError(f"{source}: constant image (every voxel is {low:g}); remove it from the datalist")
     return d[key]
