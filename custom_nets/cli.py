@@ -1,10 +1,13 @@
 """One command line for the project: ``python -m custom_nets.cli <command> --help``.
 
+A mistake in the input (a missing file, a corrupt image, a wrong setting) prints the list of problems and exits with
+status 1, without a traceback (see :mod:`custom_nets.command_line`).
+
 Commands:
     demo             demo corpora -> pretrain_joint -> few-label segmentation, pretrained vs random init -> report
     export           write f_intra (+ f_inter) weights from a pretraining checkpoint for the fine-tune bundles
     make_datalist    scan folders of PNG/JPG, DICOM, NIfTI and MetaImage files into a pretraining datalist
-    validate_data    open every file of a datalist and report all problems at once
+    validate_data    open every file of a datalist and report all problems at once (--report writes JSON)
     prepare_brats    BraTS folders -> segmentation datalist (finetune_brainseg)
     prepare_mmwhs    MM-WHS folders -> segmentation datalist with labels mapped to 1..7 (finetune_heart)
     prepare_luna16   LUNA16 scans + candidate CSVs -> cached candidate cubes + fold datalist (finetune_nodule)
@@ -18,10 +21,9 @@ from __future__ import annotations
 import logging
 import os
 
-import fire
-
-from custom_nets.data.datalist import validate_datalist
+from custom_nets.command_line import fire_command
 from custom_nets.data.make_datalist import make_datalist
+from custom_nets.data.validate_data import validate_data
 from custom_nets.datasets import brats, luna16, mmwhs, vindr_cxr
 from custom_nets.packaging import download_bundle, package_bundle
 from custom_nets.pretraining_demo import run_demo
@@ -67,12 +69,12 @@ def demo(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    fire.Fire(
+    fire_command(
         {
             "demo": demo,
             "export": export,
             "make_datalist": make_datalist,
-            "validate_data": validate_datalist,
+            "validate_data": validate_data,
             "prepare_brats": brats.prepare,
             "prepare_mmwhs": mmwhs.prepare,
             "prepare_luna16": luna16.prepare,

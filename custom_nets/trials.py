@@ -153,6 +153,6 @@ def run_trials(
 
 
 if __name__ == "__main__":
-    import fire
+    from custom_nets.command_line import fire_command
 
-    fire.Fire(run_trials)
+    fire_command(run_trials)

@@ -2,7 +2,14 @@
 2D multi-crop and slice-aligned 3D views, the mixed 2D+3D loader, inference datasets and the embedded demo corpus."""
 
 from custom_nets.data.collate import joint_collate
-from custom_nets.data.datalist import DatalistError, infer_kind, load_datalist, prepare_items, validate_datalist
+from custom_nets.data.datalist import (
+    DatalistError,
+    infer_kind,
+    load_datalist,
+    prepare_items,
+    usable_datalist,
+    validate_datalist,
+)
 from custom_nets.data.demo import make_demo_corpus
 from custom_nets.data.intensity import ModalityNormalized, canonical_modality
 from custom_nets.data.joint_dataset import (
@@ -44,6 +51,7 @@ __all__ = [
     "load_item_array",
     "make_demo_corpus",
     "prepare_items",
+    "usable_datalist",
     "validate_datalist",
     "volume_base_transforms",
 ]

@@ -26,7 +26,9 @@ modality into a path).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +47,7 @@ __all__ = [
     "is_dicom_file",
     "load_datalist",
     "prepare_items",
+    "usable_datalist",
     "validate_datalist",
 ]
 
@@ -58,6 +61,8 @@ DICOM_EXTENSIONS = (".dcm", ".dicom")
 """Suffixes of single DICOM files (2D images, read with ``ITKReader``)."""
 
 KINDS = ("image", "volume")
+
+logger = logging.getLogger(__name__)
 
 
 class DatalistError(ValueError):
@@ -220,20 +225,42 @@ def load_datalist(
     return prepare_items(content[key], path.parent if base_dir is None else base_dir, source=f"{path} [{key}]")
 
 
+def _read_datalist_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DatalistError(
+            f"{path}: datalist file not found; create one with `python -m custom_nets.data.make_datalist`"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatalistError(f"{path}: not a readable JSON datalist ({error}); fix or regenerate it") from error
+
+
+def _is_segmentation_list(items: Any) -> bool:
+    return isinstance(items, list) and bool(items) and isinstance(items[0], dict) and "label" in items[0]
+
+
 def validate_datalist(
     path: str | os.PathLike,
     base_dir: str | os.PathLike | None = None,
     keys: Sequence[str] | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
     """Open every file of a datalist with the training readers and report all problems in one error.
 
-    Checks, per item: the file exists and has a known type, the reader can open it (corrupt files), it has the
-    dimensionality of its ``kind`` (2D image or 3D volume), it is not empty, and it holds no NaN/inf value.
+    Checks, per item of a pretraining datalist: the file exists and has a known type, its header announces a sane
+    size, the reader can open it (corrupt files), a DICOM series folder has no gap, duplicate or mixed series, the
+    image has the dimensionality of its ``kind`` (2D image or 3D volume; a 4D file is refused), it is not empty or
+    constant, and it holds no NaN/inf value. A segmentation datalist (items with ``label``) is checked pair by pair
+    (:func:`custom_nets.data.segmentation.segmentation_item_problems`: same grid, finite image, label values in
+    ``0..num_classes - 1``). A file listed more than once (in one list or across lists) is reported too.
 
     Args:
         path: the datalist JSON file.
         base_dir: folder that relative image paths are joined to; default: the datalist's folder.
         keys: lists to check; default: every list-valued key among ``training``, ``validation``, ``testing``, ``test``.
+        num_classes: for segmentation datalists, the number of label values allowed (background included);
+            ``None`` only requires non-negative integers.
 
     Returns:
         a summary ``{"items": n, "kinds": {...}, "modalities": {...}, "keys": [...]}`` when everything is usable.
@@ -242,37 +269,115 @@ def validate_datalist(
         DatalistError: listing every problem (one line per file) with its fix.
     """
     from custom_nets.data.loading import load_item_array
+    from custom_nets.data.segmentation import segmentation_item_problems
 
     path = Path(path)
+    content = _read_datalist_json(path)
     if keys is None:
-        if not path.is_file():
-            raise DatalistError(f"{path}: datalist file not found")
-        try:
-            content = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DatalistError(f"{path}: not a readable JSON datalist ({error}); fix or regenerate it") from error
-        keys = [k for k in ("training", "validation", "testing", "test") if isinstance(content.get(k), list)]
+        lists = content if isinstance(content, dict) else {}
+        keys = [k for k in ("training", "validation", "testing", "test") if isinstance(lists.get(k), list)]
         if not keys:
             raise DatalistError(f"{path}: no 'training', 'validation' or 'testing' list; regenerate the datalist")
+    base = Path(path.parent if base_dir is None else base_dir)
     problems: list[str] = []
     kinds: Counter = Counter()
     modalities: Counter = Counter()
-    count = 0
+    listed: dict[str, list[str]] = {}
     for key in keys:
+        if isinstance(content, dict) and _is_segmentation_list(content.get(key)):
+            for position, item in enumerate(content[key]):
+                kinds["image+label"] += 1
+                files, item_problems = segmentation_item_problems(item, position, base, num_classes)
+                problems.extend(f"[{key}] {problem}" for problem in item_problems)
+                for file in files:
+                    listed.setdefault(file, []).append(key)
+            continue
         try:
             items = load_datalist(path, base_dir, key)
         except DatalistError as error:
             problems.extend(f"[{key}] {problem}" for problem in error.problems)
             continue
         for item in items:
-            count += 1
             kinds[item["kind"]] += 1
             modalities[item["modality"] or "unspecified"] += 1
+            listed.setdefault(str(Path(item["image"]).resolve()), []).append(key)
             try:
-                load_item_array(item)
+                load_item_array(item, reject_constant=True)
             except Exception as error:  # every reader failure becomes one line of the report
                 message = str(error) if item["image"] in str(error) else f"{item['image']}: {error}"
                 problems.append(f"[{key}] {message}")
+    for file, where in listed.items():
+        if len(where) > 1:
+            problems.append(
+                f"{file}: listed {len(where)} times (in {', '.join(sorted(set(where)))}); a duplicate weighs twice in "
+                "training and leaks between splits: keep one entry"
+            )
     if problems:
         raise DatalistError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), problems)
-    return {"items": count, "kinds": dict(kinds), "modalities": dict(modalities), "keys": list(keys)}
+    return {"items": sum(kinds.values()), "kinds": dict(kinds), "modalities": dict(modalities), "keys": list(keys)}
+
+
+def _write_json_atomically(path: Path, content: Any) -> None:
+    """Write JSON through a uniquely named temporary file and a rename (several processes may write the same file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(handle, "w") as out:
+        json.dump(content, out, indent=2)
+    os.replace(tmp, path)
+
+
+def usable_datalist(
+    path: str | os.PathLike,
+    base_dir: str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    skip_bad: bool = False,
+    key: str = "training",
+) -> str:
+    """The start-up check of a pretraining run: the datalist to train on.
+
+    Without ``skip_bad``: :func:`validate_datalist` of the ``key`` list, then ``path`` itself. With ``skip_bad``
+    every item is checked on its own; the usable items are written (absolute paths, other fields kept) to
+    ``<output_dir>/datalist_usable.json``, whose path is returned, the skipped ones with their problem to
+    ``<output_dir>/skipped_items.json``, and a warning lists them (``path`` itself when nothing is skipped).
+
+    Raises:
+        DatalistError: an unreadable datalist, a bad item without ``skip_bad``, or no usable item at all.
+    """
+    from custom_nets.data.loading import load_item_array
+
+    path = Path(path)
+    if not skip_bad:
+        validate_datalist(path, base_dir, keys=[key])
+        return str(path)
+    content = _read_datalist_json(path)
+    if not isinstance(content, dict) or not isinstance(content.get(key), list):
+        raise DatalistError(f"{path}: no {key!r} list; pass the right key or regenerate the datalist")
+    base = Path(path.parent if base_dir is None else base_dir)
+    usable, skipped = [], []
+    for position, raw in enumerate(content[key]):
+        try:
+            (item,) = prepare_items([raw], base, source=f"{path} [{key}] item {position}")
+            load_item_array(item, reject_constant=True)
+        except Exception as error:  # every reader failure is one skipped item
+            problems = getattr(error, "problems", [str(error)])
+            skipped.append({"position": position, "item": raw, "problem": "; ".join(problems)})
+            continue
+        usable.append({**(raw if isinstance(raw, dict) else {}), "image": item["image"]})
+    if not skipped:
+        return str(path)
+    lines = [f"item {entry['position']}: {entry['problem']}" for entry in skipped]
+    if not usable:
+        raise DatalistError(f"{path}: no usable item in {key!r} ({len(skipped)} bad)", lines)
+    output = Path(output_dir)
+    _write_json_atomically(output / "skipped_items.json", {"datalist": str(path), "key": key, "skipped": skipped})
+    usable_path = output / "datalist_usable.json"
+    _write_json_atomically(usable_path, {**{k: v for k, v in content.items() if k != key}, key: usable})
+    logger.warning(
+        "skip_bad: training on %d of %d items of %s; skipped (also in %s):\n  %s",
+        len(usable),
+        len(usable) + len(skipped),
+        path,
+        output / "skipped_items.json",
+        "\n  ".join(lines),
+    )
+    return str(usable_path)

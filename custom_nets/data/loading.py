@@ -12,6 +12,7 @@ Arrays come out channel-first in MONAI's index order: 2D images (C, X, Y), volum
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from monai.data import ImageReader, ITKReader, MetaTensor, NibabelReader, PILRea
 from monai.transforms import LoadImage, MapTransform, ResizeWithPadOrCrop
 
 from custom_nets.data.datalist import IMAGE_EXTENSIONS, file_suffix
+from custom_nets.data.file_checks import check_header_size, dicom_series_problems
 from custom_nets.data.intensity import assert_finite
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "EnsureKindShaped",
     "CropOrPadToBackgroundd",
     "load_item_array",
+    "reader_failure",
 ]
 
 READERS: dict[str, type[ImageReader]] = {"itk": ITKReader, "nibabel": NibabelReader, "pil": PILReader}
@@ -60,6 +63,18 @@ def reader_name(path: str) -> str:
     if suffix in IMAGE_EXTENSIONS:
         return "pil"
     return "itk"
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception): ")
+
+
+def reader_failure(error: BaseException) -> str:
+    """One line on why a reader failed: the first exception line inside MONAI's message (which embeds the traceback
+    of every reader it tried), else the message's first line."""
+    lines = str(error).splitlines()
+    embedded = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip())]
+    first = embedded[0] if embedded else (lines[0] if lines else "")
+    return f"{type(error).__name__}: {first}" if not embedded else first
 
 
 def build_loader(reader: str) -> LoadImage:
@@ -102,13 +117,14 @@ class LoadMedicalImaged(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             path = str(d[key])
+            check_header_size(path)  # before any voxel is allocated
             reader = reader_name(path)
             loader = self.loader(reader, path)
             try:
                 d[key] = loader(path)
             except Exception as error:  # MONAI/ITK/nibabel/PIL raise many types for unreadable files
                 raise ValueError(
-                    f"{path}: the {reader} reader cannot read it ({type(error).__name__}: {error}); the file is "
+                    f"{path}: the {reader} reader cannot read it ({reader_failure(error)}); the file is "
                     "corrupt or not of the type its name says: re-export it or remove it from the datalist"
                 ) from error
             d[f"source_{key}"] = path
@@ -152,6 +168,11 @@ class EnsureKindShaped(MapTransform):
         if kind == "volume" and image.shape[-1] < 2:
             raise ValueError(f'{source}: volume with a single slice; set "kind": "image" in the datalist')
         if image.shape[0] != self.channels:
+            if kind == "volume" and image.ndim == 4 and image.shape[0] > 1 and self.channels == 1:
+                raise ValueError(
+                    f"{source}: a 4D image ({image.shape[0]} frames or channels of {tuple(image.shape[1:])}) where "
+                    "one 3D volume is expected; split it into 3D files (e.g. one per time point) in the datalist"
+                )
             if self.channels == 1:
                 image = image.mean(dim=0, keepdim=True)
             elif image.shape[0] == 1:
@@ -187,12 +208,27 @@ class CropOrPadToBackgroundd(MapTransform):
         return d
 
 
-def load_item_array(item: Mapping, key: Hashable = "image", channels: int = 1) -> MetaTensor:
+def load_item_array(
+    item: Mapping, key: Hashable = "image", channels: int = 1, reject_constant: bool = False
+) -> MetaTensor:
     """Read one datalist item and check it (readable, dimensionality of its kind, not empty, finite).
+
+    A DICOM series folder is first checked for gaps, duplicates and mixed series (:func:`dicom_series_problems`);
+    with ``reject_constant`` (the datalist checks) a constant image (every voxel the same value, nothing to learn) is
+    rejected too.
 
     Returns the channel-first image; raises ValueError naming the file otherwise.
     """
+    path = Path(str(item[key]))
+    if path.is_dir():
+        problems = dicom_series_problems(path)
+        if problems:
+            raise ValueError("; ".join(problems))
     d = LoadMedicalImaged(key)(item)
     d = EnsureKindShaped(key, channels=channels)(d)
-    assert_finite(d[key], d[f"source_{key}"])
+    source = d[f"source_{key}"]
+    assert_finite(d[key], source)
+    low, high = float(d[key].min()), float(d[key].max())
+    if reject_constant and low == high:
+        raise ValueError(f"{source}: constant image (every voxel is {low:g}); remove it from the datalist")
     return d[key]

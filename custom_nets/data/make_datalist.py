@@ -11,10 +11,14 @@ Found under ``root`` (recursively):
 - NIfTI, MetaImage (``.mhd``/``.mha``) and NRRD files -> volumes, or 2D images when their header says so
   (fewer than 3 dimensions or one slice).
 
-Each entry records ``image`` (relative to ``root``), ``kind``, ``modality`` (``--modality``, else the DICOM
+Each entry records ``image``, ``kind``, ``modality`` (``--modality``, else the DICOM
 ``Modality`` tag when it is a known one) and, with ``class_from_folder``, ``class_label``: the index of the item's
 top-level folder under ``root`` in sorted order (the names are stored in the datalist's ``classes``). Used to prepare
 data for joint image-volume pretraining (arXiv 2212.01893).
+
+Image paths resolve wherever the datalist is written: relative (portable) when the datalist is written directly in
+``root``, where a relative path means the same from the datalist's folder (the readers' default ``base_dir``) and from
+``root`` (a bundle's ``dataset_dir``); absolute otherwise, since no relative path can be right for both then.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from custom_nets.data.datalist import (
     file_suffix,
     is_dicom_file,
 )
+from custom_nets.data.file_checks import text_header_shape
 from custom_nets.data.intensity import MODALITY_ALIASES, canonical_modality
 
 __all__ = ["scan_folder", "make_datalist"]
@@ -49,19 +54,8 @@ def _header_kind(path: Path) -> str:
     if suffix in (".nii", ".nii.gz"):
         shape = nib.load(path).shape
     else:
-        shape = _text_header_shape(path)
+        shape = text_header_shape(path)
     return "volume" if len(shape) >= 3 and shape[2] > 1 else "image"
-
-
-def _text_header_shape(path: Path) -> tuple[int, ...]:
-    """Dimensions from a MetaImage (``DimSize``) or NRRD (``sizes``) text header."""
-    with open(path, "rb") as handle:
-        header = handle.read(4096).decode("latin-1")
-    for line in header.splitlines():
-        name, _, value = line.partition("=" if file_suffix(path) in (".mhd", ".mha") else ":")
-        if name.strip().lower() in ("dimsize", "sizes"):
-            return tuple(int(v) for v in value.split())
-    raise DatalistError(f"{path}: no DimSize/sizes in the header; the file is corrupt or not MetaImage/NRRD")
 
 
 def _dicom_groups(files: list[Path]) -> list[tuple[list[Path], pydicom.Dataset]]:
@@ -133,8 +127,9 @@ def make_datalist(
     """Scan ``root`` and write a decathlon-style datalist JSON to ``out``; return the path written.
 
     Args:
-        root: folder to scan recursively; written paths are relative to it (use it as ``base_dir``/``dataset_dir``).
-        out: output JSON path.
+        root: folder to scan recursively (use it as the bundle's ``dataset_dir``).
+        out: output JSON path. Directly in ``root``: image paths are written relative to it; anywhere else: absolute,
+            so that they resolve from the datalist's folder and from ``root`` alike.
         modality: modality of every item (CT, MR, XR or an alias); default: the DICOM tag, else unspecified.
         class_from_folder: add ``class_label`` from each item's top-level folder under ``root``.
         key: name of the list in the JSON.
@@ -147,17 +142,21 @@ def make_datalist(
     entries = scan_folder(root_path, modality)
     if not entries:
         raise DatalistError(f"{root_path}: no PNG/JPG, DICOM, NIfTI, MetaImage or NRRD file found; check --root")
+    out_path = Path(out)
+    relative_paths = out_path.resolve().parent == root_path
     items = []
     for entry in entries:
-        relative = Path(entry["image"]).resolve().relative_to(root_path)
-        item = {"image": relative.as_posix(), "kind": entry["kind"]}
+        image = Path(entry["image"]).resolve()
+        written = image.relative_to(root_path).as_posix() if relative_paths else str(image)
+        item = {"image": written, "kind": entry["kind"]}
         if entry["modality"] is not None:
             item["modality"] = entry["modality"]
         items.append(item)
-    content: dict = {"name": root_path.name, "description": f"scanned from {root_path}; paths relative to it"}
+    paths = "relative to the datalist's folder" if relative_paths else "absolute"
+    content: dict = {"name": root_path.name, "description": f"scanned from {root_path}; image paths {paths}"}
     if class_from_folder:
-        tops = [Path(item["image"]).parts for item in items]
-        flat = [item["image"] for item, parts in zip(items, tops, strict=True) if len(parts) < 2]
+        tops = [Path(entry["image"]).resolve().relative_to(root_path).parts for entry in entries]
+        flat = ["/".join(parts) for parts in tops if len(parts) < 2]
         if flat:
             raise DatalistError(
                 f"{root_path}: {len(flat)} item(s) lie directly in root (e.g. {flat[0]}); with --class_from_folder "
@@ -168,7 +167,6 @@ def make_datalist(
             item["class_label"] = classes.index(parts[0])
         content["classes"] = classes
     content[key] = items
-    out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text(json.dumps(content, indent=2))
@@ -178,6 +176,6 @@ def make_datalist(
 
 
 if __name__ == "__main__":
-    import fire
+    from custom_nets.command_line import fire_command
 
-    fire.Fire(make_datalist)
+    fire_command(make_datalist)

@@ -36,6 +36,7 @@ __all__ = [
     "inference_datalist",
     "load_segmentation_datalist",
     "make_datalist",
+    "segmentation_item_problems",
     "select_label_fraction",
     "select_stratified",
     "split_cases",
@@ -94,8 +95,8 @@ class CheckSegmentationPaird(MapTransform):
         if isinstance(image, MetaTensor) and isinstance(label, MetaTensor):
             if not torch.allclose(image.affine.double(), label.affine.double(), atol=self.affine_atol):
                 raise ValueError(
-                    f"{pair} have different affines (origin/spacing/orientation):\n{image.affine}\nvs\n{label.affine}. "
-                    "Resample the label onto the image grid or fix the header."
+                    f"{pair} have different affines (origin/spacing/orientation): {_rounded(image.affine)} vs "
+                    f"{_rounded(label.affine)}. Resample the label onto the image grid or fix the header."
                 )
         if not torch.isfinite(torch.as_tensor(image)).all():
             raise ValueError(f"image {image_file} contains NaN or infinite values; fix or exclude this case.")
@@ -108,6 +109,11 @@ class CheckSegmentationPaird(MapTransform):
                     f"(image {image_file}). Map the raw labels first (see custom_nets.datasets.mmwhs / brats)."
                 )
         return d
+
+
+def _rounded(affine: torch.Tensor) -> list:
+    """An affine as nested lists rounded to 0.001 mm, for one-line messages."""
+    return np.round(torch.as_tensor(affine).double().cpu().numpy(), 3).tolist()
 
 
 def _stack_neighbours(x: torch.Tensor, num_slices: int) -> torch.Tensor:
@@ -325,6 +331,69 @@ def inference_datalist(
     return items
 
 
+def segmentation_item_problems(
+    item: Any, position: int, base_dir: str | os.PathLike, num_classes: int | None = None
+) -> tuple[list[str], list[str]]:
+    """Check one image / label pair of a segmentation datalist with the bundles' readers; never raises.
+
+    ``item`` is ``{"image": path or [paths of the channels], "label": path}``, relative paths joined to ``base_dir``.
+    Checks that every file exists and announces a sane size, reads the pair with MONAI's ``LoadImaged`` (channels
+    stacked) and applies :class:`CheckSegmentationPaird` (same grid and affine, finite image, label values in
+    ``0..num_classes - 1``; without ``num_classes``: non-negative integers), then rejects a constant image.
+
+    Returns:
+        ``(files, problems)``: the resolved file paths (for duplicate detection) and one line per problem, each naming
+        the file.
+    """
+    from monai.transforms import LoadImaged
+
+    from custom_nets.data.file_checks import check_header_size
+    from custom_nets.data.loading import reader_failure
+
+    if not isinstance(item, dict) or "image" not in item or "label" not in item:
+        return [], [f"item {position}: {item!r} is not a dict with 'image' and 'label' (a segmentation pair)"]
+    base = Path(base_dir)
+    images = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
+    paths = {"image": [base / str(p) for p in images], "label": [base / str(item["label"])]}
+    files = [str(p.resolve()) for group in paths.values() for p in group]
+    missing = [
+        f"{p}: file not found (item {position}, {key}); fix the path or the base_dir ({base})"
+        for key, group in paths.items()
+        for p in group
+        if not p.exists()
+    ]
+    if missing:
+        return files, missing
+    for group in paths.values():
+        for file in group:
+            try:
+                check_header_size(file)
+            except ValueError as error:
+                return files, [str(error)]
+    data = {"image": [str(p) for p in paths["image"]], "label": str(paths["label"][0])}
+    if len(data["image"]) == 1:
+        data["image"] = data["image"][0]
+    try:
+        data = LoadImaged(["image", "label"], ensure_channel_first=True, image_only=True)(data)
+    except Exception as error:  # MONAI/nibabel/ITK raise many types for unreadable files
+        return files, [
+            f"{data['image']} / {data['label']}: the pair cannot be read ({reader_failure(error)}); a file is "
+            "corrupt or not of the type its name says"
+        ]
+    label_values = torch.unique(torch.as_tensor(data["label"])).tolist()
+    negative = [v for v in label_values if v != int(v) or v < 0]
+    if num_classes is None and negative:
+        return files, [f"{paths['label'][0]}: label values {negative[:10]} are not class indices (integers >= 0)"]
+    try:
+        CheckSegmentationPaird(num_label_values=num_classes)(data)
+    except ValueError as error:
+        return files, [str(error)]
+    image = torch.as_tensor(data["image"])
+    if float(image.min()) == float(image.max()):
+        return files, [f"{paths['image'][0]}: constant image (every voxel is {float(image.min()):g}); remove the case"]
+    return files, []
+
+
 def check_header_geometry(image_path: str | os.PathLike, label_path: str | os.PathLike, atol: float = 1e-3) -> None:
     """Compare the NIfTI headers (shape and affine) of an image and its label without reading the voxels."""
     import nibabel as nib
@@ -336,7 +405,8 @@ def check_header_geometry(image_path: str | os.PathLike, label_path: str | os.Pa
         )
     if not np.allclose(image.affine, label.affine, atol=atol):
         raise ValueError(
-            f"image {image_path} and label {label_path} have different affines:\n{image.affine}\nvs\n{label.affine}."
+            f"image {image_path} and label {label_path} have different affines: "
+            f"{np.round(image.affine, 3).tolist()} vs {np.round(label.affine, 3).tolist()}."
         )
 
 
@@ -390,6 +460,6 @@ def make_datalist(
 
 
 if __name__ == "__main__":
-    import fire
+    from custom_nets.command_line import fire_command
 
-    fire.Fire({"make_datalist": make_datalist})
+    fire_command({"make_datalist": make_datalist})

@@ -159,6 +159,6 @@ def prepare(
 
 
 if __name__ == "__main__":
-    import fire
+    from custom_nets.command_line import fire_command
 
-    fire.Fire({"prepare": prepare})
+    fire_command({"prepare": prepare})

@@ -1,12 +1,25 @@
-"""Find the checkpoint to resume from in a training output folder."""
+"""Checkpoints that survive a crash, and finding the one to resume from.
+
+:class:`AtomicCheckpointSaver` is MONAI's ``CheckpointSaver`` with every file written to a temporary name, ``fsync``-ed
+and renamed into place (:func:`atomic_torch_save`), and superseded files deleted only after their successor exists;
+:func:`latest_checkpoint` picks the newest one in an output folder.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["latest_checkpoint"]
+import ignite.distributed as idist
+import torch
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointSaver
+
+__all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "atomic_torch_save", "latest_checkpoint"]
 
 _NUMBERED = re.compile(r"=(\d+)\.pt$")
 
@@ -35,3 +48,83 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str:
             "Start without --resume, or point output_dir at the folder of the run to continue."
         )
     return str(candidates[-1])
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` that never leaves a partial file under ``path``.
+
+    The bytes go to a temporary file in the same folder, are flushed and ``fsync``-ed, then ``os.replace`` renames it
+    over ``path`` (atomic on POSIX) and the folder is ``fsync``-ed so that the rename survives a power cut. A process
+    killed at any point leaves either the old file or the new one, plus at worst a ``.*.tmp`` file.
+    """
+    path = Path(path)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            torch.save(obj, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; checkpoints are shared like any output
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return path
+
+
+class AtomicDiskSaver(BaseSaveHandler):
+    """ignite save handler that writes with :func:`atomic_torch_save` and deletes superseded files only afterwards.
+
+    ignite's ``Checkpoint`` asks its handler to remove the oldest file *before* saving the new one, and MONAI's
+    ``CheckpointSaver`` writes in place (``DiskSaver(atomic=False)``): a run killed in between would keep no valid
+    checkpoint. Here ``remove`` only marks a file; it is deleted once the next save has been renamed into place.
+
+    Args:
+        dirname: folder of the checkpoints (created if missing).
+        filename: fixed file name that replaces ignite's (MONAI's ``final_filename`` / ``key_metric_filename``).
+        save_on_rank: the only process that writes (the others ignore the calls).
+    """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None, save_on_rank: int = 0) -> None:
+        self.dirname = Path(dirname)
+        self.dirname.mkdir(parents=True, exist_ok=True)
+        self.filename = filename
+        self.save_on_rank = save_on_rank
+        self._superseded: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if idist.get_rank() != self.save_on_rank:
+            return
+        name = self.filename or filename
+        atomic_torch_save(checkpoint, self.dirname / name)
+        for old in self._superseded:
+            if old != name:
+                (self.dirname / old).unlink(missing_ok=True)
+        self._superseded = []
+
+    def remove(self, filename: str) -> None:
+        if idist.get_rank() == self.save_on_rank:
+            self._superseded.append(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's :class:`~monai.handlers.CheckpointSaver` (same arguments and file names) writing through
+    :class:`AtomicDiskSaver`: every checkpoint is replaced atomically and a superseded one is deleted only after its
+    successor is complete, so a killed run always leaves loadable checkpoints."""
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
+        super().__init__(save_dir, save_dict, **kwargs)
+        fixed_names = {
+            "_final_checkpoint": kwargs.get("final_filename"),
+            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
+            "_interval_checkpoint": None,
+        }
+        for attribute, filename in fixed_names.items():  # the three ignite Checkpoint objects MONAI builds
+            checkpoint = getattr(self, attribute)
+            if checkpoint is not None:
+                checkpoint.save_handler = AtomicDiskSaver(save_dir, filename=filename)

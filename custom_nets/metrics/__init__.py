@@ -2,6 +2,23 @@
 RankMe effective rank of embeddings."""
 
 from custom_nets.metrics.embedding import effective_rank
-from custom_nets.metrics.segmentation import HD95Metric, VolumeIoUMetric, mean_std, summarise, volume_iou, voxel_spacing
+from custom_nets.metrics.segmentation import (
+    HD95Metric,
+    VolumeDiceMetric,
+    VolumeIoUMetric,
+    mean_std,
+    summarise,
+    volume_iou,
+    voxel_spacing,
+)
 
-__all__ = ["HD95Metric", "VolumeIoUMetric", "effective_rank", "mean_std", "summarise", "volume_iou", "voxel_spacing"]
+__all__ = [
+    "HD95Metric",
+    "VolumeDiceMetric",
+    "VolumeIoUMetric",
+    "effective_rank",
+    "mean_std",
+    "summarise",
+    "volume_iou",
+    "voxel_spacing",
+]

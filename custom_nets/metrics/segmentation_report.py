@@ -6,7 +6,10 @@ case's label file, and writes, when the evaluation completes:
 
 * ``cases.csv``: one row per volume, one column per metric and class, plus ``<metric>_mean`` (mean over classes,
   NaNs skipped) - ``iou_mean`` is the paper's per-volume 3D IoU;
-* ``summary.json``: mean / std / count / skipped of every column over the volumes;
+* ``summary.json``: mean / std / count / skipped of every column over the volumes, and ``absent_classes``: the classes
+  that no label of the evaluation holds. Those keep their own columns but are left out of every ``<metric>_mean``
+  (the rule and its reason are in ``absent_class_rule`` and :mod:`custom_nets.metrics.segmentation`): a class never
+  labelled would otherwise score a perfect 1 in every case and inflate the mean;
 * ``overlays/<case>.png``: for the first ``num_overlays`` cases, the axial slice with the most labelled voxels with
   the label (left) and the prediction (right) drawn over the image.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -30,7 +34,16 @@ from monai.utils import ImageMetaKey, string_list_all_gather
 from custom_nets.metrics.figures import pyplot, save_figure
 from custom_nets.metrics.segmentation import summarise
 
-__all__ = ["SegmentationReport", "case_name", "save_overlay"]
+__all__ = ["ABSENT_CLASS_RULE", "SegmentationReport", "case_name", "save_overlay"]
+
+ABSENT_CLASS_RULE = (
+    "a class with no labelled voxel in any case of this evaluation is listed in absent_classes and left out of every "
+    "<metric>_mean: without ground truth its empty-vs-empty score of 1 (or 0 for a stray prediction) says nothing "
+    "about the network. Its own columns are kept. A class absent from some cases only is scored per case (IoU/Dice 1 "
+    "when the prediction is empty too, 0 otherwise)."
+)
+
+logger = logging.getLogger(__name__)
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 
@@ -122,6 +135,7 @@ class SegmentationReport:
         self.num_overlays = num_overlays
         self.overlay_first_class = overlay_first_class
         self._cases: list[str] = []
+        self._labelled_cases = torch.zeros(len(self.class_names), dtype=torch.float64)  # cases holding each class
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -130,12 +144,15 @@ class SegmentationReport:
 
     def _started(self, engine: Engine) -> None:
         self._cases = []
+        self._labelled_cases.zero_()
         (self.output_dir / "overlays").mkdir(parents=True, exist_ok=True)
 
     def _iteration_completed(self, engine: Engine) -> None:
         for item in engine.state.output:
             label = item[self.label_key]
             name = case_name(label.meta.get(ImageMetaKey.FILENAME_OR_OBJ, f"case_{len(self._cases)}"))
+            scored = torch.as_tensor(label)[label.shape[0] - len(self.class_names) :]  # the channels of class_names
+            self._labelled_cases += scored.reshape(scored.shape[0], -1).bool().any(dim=1).cpu().double()
             if len(self._cases) < self.num_overlays:
                 image = item[self.image_key]
                 centre_channel = image.shape[0] // 2  # the centre slice when neighbouring slices are channels
@@ -151,9 +168,12 @@ class SegmentationReport:
     def _completed(self, engine: Engine) -> None:
         import ignite.distributed as idist
 
-        cases = string_list_all_gather(self._cases) if idist.get_world_size() > 1 else self._cases
+        distributed = idist.get_world_size() > 1
+        cases = string_list_all_gather(self._cases) if distributed else self._cases
+        labelled = idist.all_reduce(self._labelled_cases.clone()) if distributed else self._labelled_cases
         if idist.get_rank() != 0:
             return
+        absent = [channel for channel, count in enumerate(labelled.tolist()) if count == 0]
         details = getattr(engine.state, "metric_details", {})
         columns: dict[str, list[float]] = {}
         for prefix, handler_name in self.metric_names.items():
@@ -170,7 +190,8 @@ class SegmentationReport:
                 )
             for channel, class_name in enumerate(self.class_names):
                 columns[f"{prefix}_{class_name}"] = values[:, channel].tolist()
-            columns[f"{prefix}_mean"] = [_nanmean(row) for row in values.tolist()]
+            kept = [channel for channel in range(values.shape[1]) if channel not in absent]
+            columns[f"{prefix}_mean"] = [_nanmean(row) for row in values[:, kept].tolist()]
         self.output_dir.mkdir(parents=True, exist_ok=True)
         header = ["case", *columns]
         rows = [[case, *(columns[c][i] for c in columns)] for i, case in enumerate(cases)]
@@ -184,8 +205,18 @@ class SegmentationReport:
             "num_cases": len(cases),
             "empty_policy": "IoU/Dice of a class empty in both label and prediction = 1, empty in one only = 0; "
             "HD95 = NaN when either is empty (skipped in the summary).",
+            "absent_classes": [self.class_names[channel] for channel in absent],
+            "absent_class_rule": ABSENT_CLASS_RULE,
             "metrics": {name: summarise(values) for name, values in columns.items()},
         }
+        if absent:
+            logger.warning(
+                "classes %s have no labelled voxel in any of the %d evaluated cases: flagged in %s and left out of "
+                "the means",
+                summary["absent_classes"],
+                len(cases),
+                self.output_dir / "summary.json",
+            )
         _atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
 
 

@@ -61,14 +61,13 @@ def train(
     **overrides: object,
 ):
     """Run the TINY training with ``overrides``; ``losses``, when given, receives the loss of every iteration."""
+    settings = {"dataset_dir": str(corpus.parent), "datalist": str(corpus), **TINY, **overrides}
     workflow = create_workflow(
         config_file=config_files or [TRAIN],
         workflow_type="train",
         bundle_root=str(BUNDLE),
-        dataset_dir=str(corpus.parent),
-        datalist=str(corpus),
         output_dir=str(output_dir),
-        **{**TINY, **overrides},
+        **settings,
     )
     assert workflow.check_properties() == []
     if losses is not None:
@@ -382,3 +381,105 @@ def test_two_nodes_match_one_node_with_two_processes(
     assert two_nodes["model"].keys() == one_node["model"].keys()
     differing = [name for name, value in one_node["model"].items() if not torch.equal(two_nodes["model"][name], value)]
     assert differing == []
+
+
+@pytest.mark.slow
+def test_skip_bad_trains_past_a_corrupt_item_and_lists_it(corpus: Path, tmp_path: Path) -> None:
+    content = json.loads(corpus.read_text())
+    items = [{**item, "image": str(corpus.parent / item["image"])} for item in content["training"]]
+    (tmp_path / "broken.nii.gz").write_bytes(b"truncated")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({**content, "training": [*items, {"image": str(tmp_path / "broken.nii.gz")}]}))
+    with pytest.raises(Exception) as stopped:  # the start-up check stops a run by default
+        train(corpus, tmp_path / "strict", datalist=str(datalist))
+    assert "broken.nii.gz: unreadable NIfTI header" in str(stopped.value.__cause__ or stopped.value)
+    workflow = train(corpus, tmp_path / "lenient", datalist=str(datalist), skip_bad=True)
+    assert workflow.trainer.state.iteration == 2
+    skipped = json.loads((tmp_path / "lenient" / "skipped_items.json").read_text())["skipped"]
+    assert [entry["item"]["image"] for entry in skipped] == [str(tmp_path / "broken.nii.gz")]
+
+
+IDENTIFIERS = {
+    "PatientName": "Doe^Janet",
+    "PatientID": "PID-98765",
+    "PatientBirthDate": "19610203",
+    "AccessionNumber": "ACC-55555",
+    "InstitutionName": "St Example Hospital",
+}
+
+
+def _outputs_text(folder: Path) -> bytes:
+    """Every byte under ``folder``: files as stored, gzip members decompressed, checkpoint zips' members read."""
+    import gzip
+    import zipfile
+
+    chunks = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        chunks.append(str(path.relative_to(folder)).encode())
+        data = path.read_bytes()
+        chunks.append(data)
+        if data[:2] == b"\x1f\x8b":
+            chunks.append(gzip.decompress(data))
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                chunks.extend(archive.read(name) for name in archive.namelist())
+    return b"\n".join(chunks)
+
+
+@pytest.mark.slow
+def test_dicom_identifiers_never_reach_the_outputs(corpus: Path, tmp_path: Path) -> None:
+    """A DICOM series full of patient identifiers goes through pretraining, export and embedding inference; no
+    identifier appears in any output file, file name, log line or checkpoint."""
+    import logging
+
+    import pydicom
+
+    from custom_nets.data.demo import _write_dicom_series
+
+    series = tmp_path / "data" / "series"
+    volume = (np.random.default_rng(0).random((32, 32, 10)) * 1000).astype(np.int16)
+    _write_dicom_series(series, volume, (1.0, 1.0, 2.0), "CT", "identified")
+    for path in series.iterdir():
+        dataset = pydicom.dcmread(path)
+        for tag, value in IDENTIFIERS.items():
+            setattr(dataset, tag, value)
+        dataset.save_as(path, enforce_file_format=True)
+    content = json.loads(corpus.read_text())
+    items = [{**item, "image": str(corpus.parent / item["image"])} for item in content["training"]]
+    first_volume = next(i for i, item in enumerate(items) if item["kind"] == "volume")
+    items[first_volume] = {**items[first_volume], "image": str(series)}
+    datalist = tmp_path / "data" / "datalist.json"
+    datalist.write_text(json.dumps({**content, "training": items}))
+
+    log_file = tmp_path / "outputs" / "run.log"
+    log_file.parent.mkdir()
+    handler = logging.FileHandler(log_file)
+    logging.getLogger().addHandler(handler)
+    try:
+        train(corpus, tmp_path / "outputs" / "run", datalist=str(datalist))
+        exported = export_pretrained(tmp_path / "outputs" / "run" / "model_final.pt", tmp_path / "outputs" / "model.pt")
+        workflow = create_workflow(
+            config_file=INFERENCE,
+            workflow_type="inference",
+            bundle_root=str(BUNDLE),
+            dataset_dir=str(tmp_path / "data"),
+            datalist=str(datalist),
+            output_dir=str(tmp_path / "outputs" / "embeddings"),
+            ckpt_path=str(exported),
+            encoder_depth=18,
+            embed_dim=32,
+            image_size=32,
+            volume_size=32,
+            num_workers=0,
+            per_slice=True,
+        )
+        workflow.run()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert str(series) in (tmp_path / "outputs" / "embeddings" / "embeddings.csv").read_text()  # the series was read
+    assert IDENTIFIERS["PatientID"].encode() in _outputs_text(tmp_path / "data")  # the search finds them in the input
+    everything = _outputs_text(tmp_path / "outputs")
+    for tag, value in IDENTIFIERS.items():
+        for form in {value, value.replace("^", " ")}:
+            assert form.encode() not in everything, (tag, form)

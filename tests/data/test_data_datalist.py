@@ -99,7 +99,7 @@ def test_validate_reports_corrupt_nan_and_wrong_dims_in_one_error(tmp_path, nift
     lines = str(error.value).splitlines()[1:]
     expected = {
         "nan.nii.gz": "NaN/inf",
-        "corrupt.nii.gz": "cannot read",
+        "corrupt.nii.gz": "unreadable NIfTI header",
         "corrupt.png": "cannot read",
         "flat.png": "expected a 3D volume",
         "single_slice.nii.gz": "single slice",
@@ -128,7 +128,7 @@ def test_make_datalist_scans_every_format(tmp_path, nifti_writer):
         "ObjectType = Image\nNDims = 3\nDimSize = 8 8 4\nElementDataFile = x.raw\n"
     )
     (root / "brains" / "readme.txt").write_text("ignored")
-    out = make_datalist(str(root), str(tmp_path / "list.json"), class_from_folder=True)
+    out = make_datalist(str(root), str(root / "list.json"), class_from_folder=True)
     content = json.loads(open(out).read())
     assert content["classes"] == ["brains", "lungs"]
     assert content["training"] == [
@@ -140,12 +140,29 @@ def test_make_datalist_scans_every_format(tmp_path, nifti_writer):
     ]
 
 
+@pytest.mark.parametrize("out_folder", ["elsewhere", "data/lists", "."])
+def test_make_datalist_outside_root_resolves_from_the_datalist(tmp_path, nifti_writer, out_folder):
+    """Written anywhere but directly in root, paths are absolute: they resolve from the datalist's folder (the
+    readers' default) and from root (a bundle's dataset_dir) alike."""
+    root = tmp_path / "data"
+    (root / "ct").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    nifti_writer(root / "ct" / "a.nii.gz", rng.random((6, 6, 4)).astype(np.float32))
+    Image.fromarray(rng.integers(0, 255, (8, 9), dtype=np.uint8)).save(root / "b.png")
+    out = make_datalist(str(root), str(tmp_path / out_folder / "list.json"))
+    paths = [entry["image"] for entry in json.loads(open(out).read())["training"]]
+    assert paths == [str((root / "b.png").resolve()), str((root / "ct" / "a.nii.gz").resolve())]
+    for base_dir in (None, root):
+        assert [item["image"] for item in load_datalist(out, base_dir)] == paths
+    assert validate_datalist(out)["items"] == 2
+
+
 @pytest.mark.slow
 def test_make_datalist_cli_with_modality(tmp_path):
     root = tmp_path / "xr"
     root.mkdir()
     Image.fromarray(np.zeros((8, 9), np.uint8)).save(root / "a.jpg")
-    out = tmp_path / "list.json"
+    out = root / "list.json"
     command = [sys.executable, "-m", "custom_nets.data.make_datalist", "--root", str(root), "--out", str(out)]
     subprocess.run([*command, "--modality", "CR"], check=True, capture_output=True)
     assert json.loads(out.read_text())["training"] == [{"image": "a.jpg", "kind": "image", "modality": "XR"}]

@@ -13,7 +13,15 @@ from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import DiceMetric
 
-from custom_nets.metrics import HD95Metric, VolumeIoUMetric, mean_std, summarise, volume_iou, voxel_spacing
+from custom_nets.metrics import (
+    HD95Metric,
+    VolumeDiceMetric,
+    VolumeIoUMetric,
+    mean_std,
+    summarise,
+    volume_iou,
+    voxel_spacing,
+)
 from custom_nets.metrics.segmentation_report import SegmentationReport, case_name
 
 
@@ -35,7 +43,7 @@ def test_volume_iou_hand_computed_with_empty_policy():
     pred, label = _one_hot_case()
     metric = VolumeIoUMetric(include_background=False, reduction="none")
     metric(pred, label)
-    per_class = metric.aggregate()
+    per_class = metric.get_buffer()
     assert per_class.shape == (1, 3)
     expected = torch.tensor([[3 / 7, 1.0, 0.0]])  # overlap 3, union 4 + 6 - 3; empty-vs-empty = 1; FP only = 0
     assert torch.allclose(per_class, expected)
@@ -43,6 +51,25 @@ def test_volume_iou_hand_computed_with_empty_policy():
     assert torch.allclose(
         volume_iou(pred, label, include_background=True)[0] * 4, expected.sum() + _bg_iou(pred, label)
     )
+
+
+def test_class_absent_from_every_label_is_left_out_of_the_mean():
+    """Classes 2 and 3 (scored channels 1, 2) are in no label: the mean is class 1's alone, in IoU and Dice."""
+    pred, label = _one_hot_case()
+    iou = VolumeIoUMetric()
+    iou(pred, label)
+    assert iou.absent_classes() == [1, 2]
+    assert iou.aggregate().item() == pytest.approx(3 / 7)
+    per_class = VolumeIoUMetric(reduction="none")
+    per_class(pred, label)
+    assert torch.allclose(per_class.aggregate(), torch.tensor([[3 / 7, math.nan, math.nan]]), equal_nan=True)
+    dice = VolumeDiceMetric()
+    second_label = pred.clone()  # a second case whose label holds class 3: only class 2 stays absent
+    dice(torch.cat([pred, pred]), torch.cat([label, second_label]))
+    assert dice.absent_classes() == [1]
+    assert dice.aggregate().item() == pytest.approx(((2 * 3 / 10 + 0) / 2 + 1) / 2)
+    dice.reset()
+    assert dice.absent_classes() == []
 
 
 def _bg_iou(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -121,12 +148,15 @@ def test_segmentation_report_writes_case_rows_summary_and_overlays(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["case"] for r in rows] == ["case0_label", "case1_label"]
     assert float(rows[0]["iou_a"]) == pytest.approx(3 / 7)
-    assert float(rows[0]["iou_mean"]) == pytest.approx((3 / 7 + 1 + 0) / 3)
+    # class b is in no label (case 1's label is case 0's prediction): flagged, its column kept, out of the means
+    assert float(rows[0]["iou_b"]) == 1.0
+    assert float(rows[0]["iou_mean"]) == pytest.approx((3 / 7 + 0) / 2)
     assert float(rows[1]["iou_mean"]) == pytest.approx(1.0)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["num_cases"] == 2
-    assert summary["metrics"]["iou_mean"]["mean"] == pytest.approx(((3 / 7 + 1) / 3 + 1) / 2)
-    assert engine.state.metrics["val_iou"] == pytest.approx(((3 / 7 + 1) / 3 + 1) / 2)
+    assert summary["num_cases"] == 2 and summary["absent_classes"] == ["b"]
+    assert "left out of every <metric>_mean" in summary["absent_class_rule"]
+    assert summary["metrics"]["iou_mean"]["mean"] == pytest.approx((3 / 7 / 2 + 1) / 2)
+    assert engine.state.metrics["val_iou"] == pytest.approx((3 / 7 / 2 + 1) / 2)
     overlays = sorted(p.name for p in (tmp_path / "overlays").iterdir())
     assert overlays == ["case0_label.png"]
     assert (tmp_path / "overlays" / "case0_label.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,10 +9,13 @@ from custom_nets.engines.handlers.engine_state import CheckpointEngineState
 from custom_nets.engines.handlers.gradients import GradientControl, trust_ratio
 from custom_nets.engines.handlers.kmeans import DeepClusterKMeansHandler
 from custom_nets.engines.handlers.loss_terms import LossTermsHandler
+from custom_nets.engines.handlers.nan_guard import NAN_POLICIES, NonFiniteLossGuard
 from custom_nets.engines.handlers.prototypes import PrototypeHandler
+from custom_nets.engines.handlers.random_state import RandomStateCheckpoint, random_transforms
 from custom_nets.engines.handlers.sampler_epoch import SamplerEpochHandler
 
 __all__ = [
+    "NAN_POLICIES",
     "CheckpointEngineState",
     "ClusterCollapseMonitor",
     "DeepClusterKMeansHandler",
@@ -21,8 +24,11 @@ __all__ = [
     "EmbeddingWriter",
     "GradientControl",
     "LossTermsHandler",
+    "NonFiniteLossGuard",
     "PrototypeHandler",
+    "RandomStateCheckpoint",
     "SamplerEpochHandler",
     "assignment_statistics",
+    "random_transforms",
     "trust_ratio",
 ]

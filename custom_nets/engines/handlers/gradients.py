@@ -35,7 +35,8 @@ def trust_ratio(
 
 class GradientControl:
     """Ignite handler on ``IterationEvents.BACKWARD_COMPLETED`` of a MONAI trainer: unscale AMP gradients once,
-    stop on non-finite loss, clip the global gradient norm, then apply LARC.
+    clip the global gradient norm, then apply LARC. (A non-finite loss is handled before, by
+    :class:`~custom_nets.engines.handlers.nan_guard.NonFiniteLossGuard`.)
 
     LARC (the paper's optimiser, trust 0.001) is applied so that plain SGD with weight decay ``wd`` then performs the
     LARC update: each multi-dimensional parameter's gradient becomes ``(g + wd * w) * ratio - wd * w`` and SGD adds
@@ -59,13 +60,7 @@ class GradientControl:
 
     @torch.no_grad()
     def __call__(self, engine: Engine) -> None:
-        loss = engine.state.output["loss"]
         scaler = getattr(engine, "scaler", None) if getattr(engine, "amp", False) else None
-        if not torch.isfinite(loss).all() and scaler is None:
-            raise FloatingPointError(
-                f"non-finite loss {float(loss)} at iteration {engine.state.iteration}: lower the learning rate, "
-                "check the input intensities (run validate-data) or enable gradient clipping (max_norm)."
-            )
         if self.max_norm is None and self.trust_coefficient is None:
             return
         if scaler is not None:

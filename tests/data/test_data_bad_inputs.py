@@ -1,0 +1,314 @@
+"""A bad-input corpus generated here, one case a folder: each bad file or datalist gives exactly one problem from
+``validate_data`` that names the file and says what is wrong, in the text error and in the JSON report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from custom_nets.data.datalist import DatalistError, usable_datalist
+from custom_nets.data.demo import _write_dicom_series
+from custom_nets.data.validate_data import validate_data
+
+RNG = np.random.default_rng(0)
+
+
+def _volume(shape=(8, 8, 5)) -> np.ndarray:
+    return RNG.random(shape).astype(np.float32)
+
+
+def _nifti(path: Path, array: np.ndarray, affine=None) -> str:
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), path)
+    return path.name
+
+
+def _series(folder: Path, slices: int = 6) -> Path:
+    _write_dicom_series(
+        folder, (RNG.random((8, 8, slices)) * 1000).astype(np.int16), (1.0, 1.0, 2.0), "CT", folder.name
+    )
+    return folder
+
+
+# Each case writes its files into `root` and returns (datalist content, file named in the problem, words of the
+# problem, extra validate_data arguments).
+Case = Callable[[Path], tuple[object, str, str, dict]]
+
+
+def missing_file(root):
+    return {"training": [{"image": "absent.nii.gz"}]}, "absent.nii.gz", "file not found", {}
+
+
+def zero_byte_file(root):
+    (root / "empty.nii.gz").write_bytes(b"")
+    return {"training": [{"image": "empty.nii.gz"}]}, "empty.nii.gz", "unreadable NIfTI header", {}
+
+
+def truncated_nifti(root):
+    _nifti(root / "full.nii.gz", _volume((16, 16, 16)))
+    data = (root / "full.nii.gz").read_bytes()
+    (root / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    return {"training": [{"image": "cut.nii.gz"}]}, "cut.nii.gz", "cannot read it", {}
+
+
+def png_named_nifti(root):
+    Image.fromarray(RNG.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / "x.png")
+    shutil.move(root / "x.png", root / "photo.nii.gz")
+    return {"training": [{"image": "photo.nii.gz"}]}, "photo.nii.gz", "unreadable NIfTI header", {}
+
+
+def nifti_named_png(root):
+    _nifti(root / "x.nii", _volume())
+    shutil.move(root / "x.nii", root / "scan.png")
+    return {"training": [{"image": "scan.png"}]}, "scan.png", "cannot read it", {}
+
+
+def text_file(root):
+    (root / "notes.txt").write_text("not an image")
+    return {"training": [{"image": "notes.txt"}]}, "notes.txt", "unknown file type '.txt'", {}
+
+
+def text_named_dicom(root):
+    (root / "scan.dcm").write_text("not an image")
+    return {"training": [{"image": "scan.dcm"}]}, "scan.dcm", "cannot read it", {}
+
+
+def four_d_volume(root):
+    return (
+        {"training": [{"image": _nifti(root / "fmri.nii.gz", _volume((8, 8, 5, 3)))}]},
+        "fmri.nii.gz",
+        "a 4D image",
+        {},
+    )
+
+
+def nan_volume(root):
+    volume = _volume()
+    volume[1, 2, 3] = np.nan
+    return {"training": [{"image": _nifti(root / "nan.nii.gz", volume)}]}, "nan.nii.gz", "NaN/inf", {}
+
+
+def inf_volume(root):
+    volume = _volume()
+    volume[0, 0, 0] = np.inf
+    return {"training": [{"image": _nifti(root / "inf.nii.gz", volume)}]}, "inf.nii.gz", "NaN/inf", {}
+
+
+def constant_volume(root):
+    volume = np.full((8, 8, 5), 7.0, np.float32)
+    return {"training": [{"image": _nifti(root / "flat.nii.gz", volume)}]}, "flat.nii.gz", "constant image", {}
+
+
+def absurd_nifti_header(root):
+    header = nib.Nifti1Header()
+    header.set_data_shape((30_000, 30_000, 30_000))
+    header.set_data_dtype(np.float32)
+    with open(root / "huge.nii", "wb") as handle:  # a header alone: reading the voxels would ask for 100 TB
+        handle.write(header.binaryblock + b"\0" * 4)
+    return {"training": [{"image": "huge.nii"}]}, "huge.nii", "exceed", {}
+
+
+def absurd_metaimage_header(root):
+    (root / "huge.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 100000 100000 100000\nElementType = "
+        "MET_FLOAT\nElementDataFile = huge.raw\n"
+    )
+    return {"training": [{"image": "huge.mhd"}]}, "huge.mhd", "exceed", {}
+
+
+def zero_metaimage_dimension(root):
+    (root / "zero.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 0 8 8\nElementType = MET_FLOAT\nElementDataFile = zero.raw\n"
+    )
+    return {"training": [{"image": "zero.mhd"}]}, "zero.mhd", "zero or negative", {}
+
+
+def image_declared_volume(root):
+    Image.fromarray(RNG.integers(0, 255, (8, 9), dtype=np.uint8)).save(root / "xray.png")
+    return {"training": [{"image": "xray.png", "kind": "volume"}]}, "xray.png", "expected a 3D volume", {}
+
+
+def single_slice_volume(root):
+    return {"training": [{"image": _nifti(root / "one.nii.gz", _volume((8, 8, 1)))}]}, "one.nii.gz", "single slice", {}
+
+
+def dicom_without_pixel_data(root):
+    folder = _series(root / "tmp_series", slices=2)
+    dataset = pydicom.dcmread(sorted(folder.iterdir())[0])
+    del dataset.PixelData
+    dataset.save_as(root / "header_only.dcm", enforce_file_format=True)
+    shutil.rmtree(folder)
+    return {"training": [{"image": "header_only.dcm"}]}, "header_only.dcm", "cannot read it", {}
+
+
+def dicom_series_with_a_missing_slice(root):
+    folder = _series(root / "series")
+    (folder / "IM0003.dcm").unlink()
+    return {"training": [{"image": "series"}]}, "series", "uneven slice spacing", {}
+
+
+def dicom_series_with_a_duplicated_slice(root):
+    folder = _series(root / "series")
+    shutil.copy(folder / "IM0002.dcm", folder / "IM0099.dcm")
+    return {"training": [{"image": "series"}]}, "series", "uneven slice spacing", {}
+
+
+def dicom_series_slice_without_pixels(root):
+    folder = _series(root / "series")
+    dataset = pydicom.dcmread(folder / "IM0004.dcm")
+    del dataset.PixelData
+    dataset.save_as(folder / "IM0004.dcm", enforce_file_format=True)
+    return {"training": [{"image": "series"}]}, "series", "without pixel data", {}
+
+
+def two_series_in_one_folder(root):
+    first, second = _series(root / "a"), _series(root / "b")
+    for path in second.iterdir():
+        shutil.move(path, first / f"b_{path.name}")
+    return {"training": [{"image": "a"}]}, "a", "different series", {}
+
+
+def folder_without_dicom(root):
+    (root / "folder").mkdir()
+    (root / "folder" / "readme.txt").write_text("no images")
+    return {"training": [{"image": "folder"}]}, "folder", "holds no DICOM file", {}
+
+
+def path_through_a_file(root):
+    (root / "notes.txt").write_text("a file, not a folder")
+    return {"training": [{"image": "notes.txt/scan.nii.gz"}]}, "notes.txt/scan.nii.gz", "file not found", {}
+
+
+def empty_datalist(root):
+    return {"training": []}, "datalist.json", "the datalist is empty", {}
+
+
+def not_json(root):
+    return "{'training': [", "datalist.json", "not a readable JSON datalist", {}
+
+
+def no_training_list(root):
+    return {"images": [{"image": "a.nii.gz"}]}, "datalist.json", "no 'training', 'validation' or 'testing' list", {}
+
+
+def item_without_image(root):
+    return {"training": [{"path": "a.nii.gz"}]}, "item 0", "not a dict with an 'image' key", {}
+
+
+def unknown_kind(root):
+    name = _nifti(root / "a.nii.gz", _volume())
+    return {"training": [{"image": name, "kind": "movie"}]}, "a.nii.gz", "kind 'movie'", {}
+
+
+def unknown_modality(root):
+    name = _nifti(root / "a.nii.gz", _volume())
+    return {"training": [{"image": name, "modality": "PET"}]}, "a.nii.gz", "PET", {}
+
+
+def duplicate_entry(root):
+    name = _nifti(root / "a.nii.gz", _volume())
+    return {"training": [{"image": name}], "validation": [{"image": name}]}, "a.nii.gz", "listed 2 times", {}
+
+
+def _pair(root: Path, label: np.ndarray, image: np.ndarray | None = None, label_affine=None) -> dict:
+    _nifti(root / "img.nii.gz", _volume(label.shape) if image is None else image)
+    _nifti(root / "seg.nii.gz", label, label_affine)
+    return {"training": [{"image": "img.nii.gz", "label": "seg.nii.gz"}]}
+
+
+def label_out_of_range(root):
+    label = np.zeros((8, 8, 5), np.uint8)
+    label[2:4, 2:4, 1:3] = 5
+    return _pair(root, label), "seg.nii.gz", "values [5.0] outside 0..2", {"num_classes": 3}
+
+
+def negative_label(root):
+    label = np.zeros((8, 8, 5), np.int16)
+    label[2:4, 2:4, 1:3] = -1
+    return _pair(root, label), "seg.nii.gz", "not class indices", {}
+
+
+def mismatched_shapes(root):
+    return (
+        _pair(root, np.zeros((8, 8, 4), np.uint8), image=_volume((8, 8, 5))),
+        "seg.nii.gz",
+        "different voxel grids",
+        {},
+    )
+
+
+def mismatched_affines(root):
+    shifted = np.eye(4)
+    shifted[0, 3] = 10.0
+    return _pair(root, np.zeros((8, 8, 5), np.uint8), label_affine=shifted), "seg.nii.gz", "different affines", {}
+
+
+def missing_label(root):
+    _nifti(root / "img.nii.gz", _volume())
+    content = {"training": [{"image": "img.nii.gz", "label": "seg.nii.gz"}]}
+    return content, "seg.nii.gz", "file not found", {}
+
+
+def nan_image_in_a_pair(root):
+    image = _volume()
+    image[0, 0, 0] = np.nan
+    return _pair(root, np.zeros((8, 8, 5), np.uint8), image=image), "img.nii.gz", "NaN or infinite", {}
+
+
+CASES: list[Case] = [
+    missing_file, zero_byte_file, truncated_nifti, png_named_nifti, nifti_named_png, text_file, text_named_dicom,
+    four_d_volume, nan_volume, inf_volume, constant_volume, absurd_nifti_header, absurd_metaimage_header,
+    zero_metaimage_dimension, image_declared_volume, single_slice_volume, dicom_without_pixel_data,
+    dicom_series_with_a_missing_slice, dicom_series_with_a_duplicated_slice, dicom_series_slice_without_pixels,
+    two_series_in_one_folder, folder_without_dicom, path_through_a_file, empty_datalist, not_json, no_training_list,
+    item_without_image, unknown_kind, unknown_modality, duplicate_entry, label_out_of_range, negative_label,
+    mismatched_shapes, mismatched_affines, missing_label, nan_image_in_a_pair,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
+def test_bad_input_gives_one_clear_problem(tmp_path, case):
+    root = tmp_path / "data"
+    root.mkdir()
+    content, named, words, options = case(root)
+    datalist = root / "datalist.json"
+    datalist.write_text(content if isinstance(content, str) else json.dumps(content))
+    report = tmp_path / "report.json"
+    with pytest.raises(DatalistError) as error:
+        validate_data(str(datalist), report=str(report), **options)
+    problems = error.value.problems
+    assert len(problems) == 1, problems
+    assert named in problems[0] and words in problems[0], problems[0]
+    assert "Traceback" not in problems[0] and "\n" not in problems[0]
+    assert json.loads(report.read_text()) == {"datalist": str(datalist), "ok": False, "problems": problems}
+
+
+def test_the_corpus_has_at_least_25_cases():
+    assert len(CASES) >= 25 and len({case.__name__ for case in CASES}) == len(CASES)
+
+
+def test_skip_bad_trains_on_the_usable_items_and_lists_the_others(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    good = _nifti(root / "good.nii.gz", _volume())
+    (root / "corrupt.nii.gz").write_bytes(b"not a volume")
+    items = [{"image": good, "modality": "CT"}, {"image": "corrupt.nii.gz"}, {"image": "absent.nii.gz"}]
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps({"training": items, "classes": ["a"]}))
+    with pytest.raises(DatalistError, match="absent.nii.gz: file not found"):  # without skip_bad: stop
+        usable_datalist(datalist, None, tmp_path / "out")
+    usable = Path(usable_datalist(datalist, None, tmp_path / "out", skip_bad=True))
+    content = json.loads(usable.read_text())
+    assert content["classes"] == ["a"]
+    assert content["training"] == [{"image": str(root / "good.nii.gz"), "modality": "CT"}]
+    skipped = json.loads((tmp_path / "out" / "skipped_items.json").read_text())["skipped"]
+    assert [entry["position"] for entry in skipped] == [1, 2]
+    assert "unreadable NIfTI header" in skipped[0]["problem"] and "file not found" in skipped[1]["problem"]
+    assert usable_datalist(usable, None, tmp_path / "out2", skip_bad=True) == str(usable)  # nothing left to skip
