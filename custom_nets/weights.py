@@ -204,17 +204,30 @@ def load_backbone_weights(network: nn.Module, source: str | os.PathLike | Mappin
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a truncated file."""
+    """``torch.save(obj, path)`` that never leaves a partial file under ``path``.
+
+    The bytes go to a temporary file in the same folder, are flushed and ``fsync``-ed, then ``os.replace`` renames it
+    over ``path`` (atomic on POSIX) and the folder is ``fsync``-ed so that the rename survives a power cut. A process
+    killed at any point leaves either the old file or the new one, plus at worst a ``.*.tmp`` file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
+        with os.fdopen(handle, "wb") as tmp:
+            torch.save(obj, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; checkpoints are shared like any output
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        os.close(folder)
     return path
 
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
-import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
+
+from custom_nets.weights import atomic_torch_save
 
 __all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "atomic_torch_save", "latest_checkpoint"]
 
@@ -48,33 +48,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str:
             "Start without --resume, or point output_dir at the folder of the run to continue."
         )
     return str(candidates[-1])
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` that never leaves a partial file under ``path``.
-
-    The bytes go to a temporary file in the same folder, are flushed and ``fsync``-ed, then ``os.replace`` renames it
-    over ``path`` (atomic on POSIX) and the folder is ``fsync``-ed so that the rename survives a power cut. A process
-    killed at any point leaves either the old file or the new one, plus at worst a ``.*.tmp`` file.
-    """
-    path = Path(path)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            torch.save(obj, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; checkpoints are shared like any output
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return path
 
 
 class AtomicDiskSaver(BaseSaveHandler):
