@@ -85,6 +85,7 @@ def run_script(script: Script) -> str:
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, check=False)
     seconds = time.perf_counter() - start
     output = done.stdout.strip() or "(no output)"
+    output = "\n".join("##" + line if line.startswith("#") else line for line in output.splitlines())  # below ###
     text = [f"### {script.title}", "", f"`{shown}`: exit status {done.returncode}, {seconds:.0f} s", "", output, ""]
     if done.returncode != 0:
         error = "\n".join(done.stderr.strip().splitlines()[-15:])
