@@ -205,6 +205,10 @@ def run_label_efficiency(
             uneven,
         )
     bundle_root = finetune_bundle_root()
+    if split == "validation":
+        # the trials' end-of-training validation volumes are also scored: deliberate (no model selection happens, the
+        # preset validates once, after the last epoch), so the bundle's duplicate-across-lists check is turned off
+        overrides = {"validate_data": False, **overrides}
     results: dict[str, dict[str, dict[int, dict[int, float]]]] = {"dice_mean": {}, "iou_mean": {}}
     for budget in labelled_volumes:
         for seed in seeds:

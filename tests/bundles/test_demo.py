@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from custom_nets import pretraining_demo
 from custom_nets.pretraining_demo import INITS, SEGMENTATION_CLASSES, run_demo, write_trial_datalist
 
 
@@ -31,6 +32,23 @@ def test_trial_datalists_are_stratified_nested_and_never_hold_test_volumes(tmp_p
     assert tuning["testing"] == corpora["validation"]
     with pytest.raises(ValueError, match="split"):
         write_trial_datalist(tmp_path / "d.json", corpora, 3, seed=1, split="train")
+
+
+def test_validation_split_trials_turn_off_only_the_duplicate_check(tmp_path: Path, monkeypatch) -> None:
+    """Tuning scores the validation corpus, whose first volume per class is also each trial's end-of-training
+    validation volume: the fine-tune bundle's start-up check would refuse those duplicates, so validation-split trials
+    run without it; testing-split trials keep it (their lists are disjoint)."""
+    corpora = {
+        "pool": [{"image": f"pool/{c}_{i}.nii.gz", "class_label": c} for c in range(3) for i in range(2)],
+        "test": [{"image": f"test/{c}.nii.gz", "class_label": c} for c in range(3)],
+        "validation": [{"image": f"val/{c}.nii.gz", "class_label": c} for c in range(3)],
+    }
+    calls = []
+    monkeypatch.setattr(pretraining_demo, "run_trial", lambda *args, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(pretraining_demo, "trial_metric", lambda *args: 0.5)
+    for split in ("validation", "testing"):
+        pretraining_demo.run_label_efficiency(tmp_path, corpora, tmp_path / "w.pt", [3], [0], 6, 18, split=split)
+    assert [call.get("validate_data", True) for call in calls] == [False, False, True, True]  # two inits per split
 
 
 @pytest.mark.slow
