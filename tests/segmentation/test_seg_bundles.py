@@ -90,9 +90,8 @@ def test_train_evaluate_infer(case, tmp_path, seg_data):
     assert (root / "outputs" / "checkpoints" / "checkpoint_final.pt").is_file()
     if case == "heart":
         assert not torch.equal(state["encoder.trunk.conv1.weight"], encoder.trunk.conv1.weight)  # it trained
-        checkpoint = torch.load(
-            root / "outputs" / "checkpoints" / "checkpoint_final.pt", map_location="cpu", weights_only=True
-        )
+        final = root / "outputs" / "checkpoints" / "checkpoint_final.pt"
+        checkpoint = torch.load(final, map_location="cpu", weights_only=True)
         assert checkpoint["trainer"]["iteration"] == 2  # 2 training volumes, batch 1, 1 epoch
 
     _run(root, ["train.json", "evaluate.json"], **common)
