@@ -167,6 +167,7 @@ def test_workflow_properties_and_metadata(cxr, tmp_path):
     assert not (BUNDLE / "models" / "model.pt").exists()  # no faked weights in the repository
 
 
+@pytest.mark.flaky(reruns=1, only_rerun=["SIGABRT", "Signal 6"])  # a rare gloo process abort, see pyproject.toml
 @pytest.mark.slow
 def test_multi_gpu_overlay_trains_with_two_cpu_processes(cxr, tmp_path):
     """torchrun with 2 processes on the gloo backend: DistributedSampler, DDP around the RetinaNet, the validation

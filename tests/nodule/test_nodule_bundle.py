@@ -160,6 +160,7 @@ def test_label_efficiency_trials_read_the_cpm(tmp_path, luna_data):
     assert not (BUNDLES / "finetune_nodule" / "models").exists()  # trials never write into the bundle
 
 
+@pytest.mark.flaky(reruns=1, only_rerun=["SIGABRT", "Signal 6"])  # a rare gloo process abort, see pyproject.toml
 @pytest.mark.slow
 def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, luna_data):
     """torchrun with 2 processes on the gloo backend: DistributedWeightedRandomSampler, DDP, rank-0 checkpoints."""

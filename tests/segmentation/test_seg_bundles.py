@@ -175,6 +175,7 @@ def test_workflow_properties_and_metadata(bundle, tmp_path, seg_data):
     assert not (BUNDLES / bundle / "models" / "model.pt").exists()  # no faked weights in the repository
 
 
+@pytest.mark.flaky(reruns=1, only_rerun=["SIGABRT", "Signal 6"])  # a rare gloo process abort, see pyproject.toml
 @pytest.mark.slow
 def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, seg_data):
     """torchrun with 2 processes on the gloo backend: DistributedSampler, DDP, rank-0 checkpoints."""
