@@ -28,12 +28,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from custom_nets.data import make_demo_corpus
 from custom_nets.data.demo import DEMO_CLASSES, DEMO_STRUCTURES
 from custom_nets.data.segmentation import select_stratified
 from custom_nets.metrics.embedding import embedding_separation, plot_effective_rank, plot_embeddings
 from custom_nets.metrics.label_efficiency import label_efficiency_rows, plot_label_efficiency, pretraining_gain
+from custom_nets.metrics.weight_change import ENCODER_STAGES, relative_change_by_stage, trunk_weights
 from custom_nets.trials import run_trial, trial_metric
 from custom_nets.weights import export_pretrained
 
@@ -72,14 +74,17 @@ def finetune_bundle_root() -> Path:
     return _bundle("finetune_heart")
 
 
-def run_bundle(bundle_root: Path, config_files: Sequence[str], workflow_type: str, **overrides: object):
-    """Create, run and finalise a bundle workflow in this process; returns the finished workflow."""
+def create_bundle_workflow(bundle_root: Path, config_files: Sequence[str], workflow_type: str, **overrides: object):
+    """Create and initialise a bundle workflow in this process (not run yet)."""
     from monai.bundle import create_workflow
 
     files = [str(bundle_root / name) for name in config_files]
-    workflow = create_workflow(
-        config_file=files, workflow_type=workflow_type, bundle_root=str(bundle_root), **overrides
-    )
+    return create_workflow(config_file=files, workflow_type=workflow_type, bundle_root=str(bundle_root), **overrides)
+
+
+def run_bundle(bundle_root: Path, config_files: Sequence[str], workflow_type: str, **overrides: object):
+    """Create, run and finalise a bundle workflow in this process; returns the finished workflow."""
+    workflow = create_bundle_workflow(bundle_root, config_files, workflow_type, **overrides)
     workflow.run()
     workflow.finalize()
     return workflow
@@ -238,6 +243,45 @@ def run_label_efficiency(
     return results
 
 
+def encoder_weight_change(
+    workdir: Path,
+    initial_encoder: Mapping[str, torch.Tensor],
+    weights: Path,
+    labelled_volumes: Sequence[int],
+    seeds: Sequence[int],
+    protocols: Sequence[str],
+) -> dict[str, dict]:
+    """Relative weight change of the slice encoder per stage (:func:`relative_change_by_stage`): by pretraining
+    (initialisation -> export) and by end-to-end fine-tuning of the pretrained encoder (export -> each trial's model,
+    mean over seeds per budget). Shows which stages keep what pretraining put there."""
+    pretrained = torch.load(weights, map_location="cpu", weights_only=True)
+    change: dict[str, dict] = {"pretraining": relative_change_by_stage(initial_encoder, pretrained)}
+    if "end_to_end" in protocols:
+        by_budget = {}
+        for budget in labelled_volumes:
+            trials = [
+                relative_change_by_stage(
+                    pretrained,
+                    torch.load(
+                        workdir
+                        / "finetune"
+                        / "end_to_end"
+                        / "pretrained"
+                        / f"labelled_{budget}"
+                        / f"seed_{seed}"
+                        / "models"
+                        / "model.pt",
+                        map_location="cpu",
+                        weights_only=True,
+                    ),
+                )
+                for seed in seeds
+            ]
+            by_budget[str(budget)] = {stage: float(np.mean([t[stage] for t in trials])) for stage in trials[0]}
+        change["fine-tuning (end_to_end, pretrained init)"] = by_budget
+    return change
+
+
 def _format_report(report: Mapping) -> str:
     lines = ["", "Joint image-volume pretraining demo (arXiv 2212.01893 on MONAI)", "=" * 72]
     first, last = report["loss_terms"][0], report["loss_terms"][-1]
@@ -287,6 +331,16 @@ def _format_report(report: Mapping) -> str:
         f"f_inter effective rank {rank['pretrained']:.1f} vs random {rank['random']:.1f}: "
         f"{'meets' if rank['met'] else 'misses'} the target (>= half of random)"
     )
+    lines.append("")
+    change = report["weight_change"]
+    lines.append("encoder weight change ||dW|| / ||W||    " + "  ".join(f"{stage:>6}" for stage in ENCODER_STAGES))
+    rows = [("pretraining", change["pretraining"])]
+    for budget, stages in change.get("fine-tuning (end_to_end, pretrained init)", {}).items():
+        rows.append((f"fine-tuning, {budget} labelled", stages))
+    for name, stages in rows:
+        lines.append(
+            f"  {name:<36}  " + "  ".join(f"{stages.get(stage, float('nan')):6.3f}" for stage in ENCODER_STAGES)
+        )
     lines.append("")
     lines.append("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()))
     lines.append("plots: " + ", ".join(report["plots"].values()))
@@ -359,7 +413,10 @@ def run_demo(
     if num_workers is not None:
         train_overrides["num_workers"] = num_workers
     with clock("pretrain"):
-        workflow = run_bundle(bundle_root, ["configs/train.json", PRESET], "train", **train_overrides)
+        workflow = create_bundle_workflow(bundle_root, ["configs/train.json", PRESET], "train", **train_overrides)
+        initial_encoder = trunk_weights(workflow.parser.get_parsed_content("network_def").state_dict())
+        workflow.run()
+        workflow.finalize()
     handlers = workflow.parser.get_parsed_content("train#handlers") + workflow.parser.get_parsed_content(
         "train#rank0_handlers"
     )
@@ -396,6 +453,9 @@ def run_demo(
         }
     with clock("report"):
         report = _demo_report(workdir, workflow, handlers, weights, results, seed)
+        report["weight_change"] = encoder_weight_change(
+            workdir, initial_encoder, weights, labelled_volumes, finetune_seeds, protocols
+        )
     report["downstream"].update(
         {
             "task": "organ + bone segmentation, slice-encoder U-Net (bundle finetune_heart, preset cpu_demo)",

@@ -100,6 +100,11 @@ def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path
     assert all(item["image"].startswith("seg_pool/") for item in datalist["training"])
     assert all(item["image"].startswith("seg_test/") for item in datalist["testing"])
     assert set(saved["stage_seconds"]) >= {"pretrain", "fine-tune", "total"}
+    change = saved["weight_change"]
+    assert set(change["pretraining"]) == {"stem", "layer1", "layer2", "layer3", "layer4"}
+    assert all(value >= 0 for value in change["pretraining"].values())  # 0 here: one warm-up iteration at lr 0
+    tuned_change = change["fine-tuning (end_to_end, pretrained init)"]
+    assert set(tuned_change) == {"3"} and all(value > 0 for value in tuned_change["3"].values())
     assert saved["training_rank_history"] and saved["training_rank_history"][-1] == saved["training_rank"]
     for plot in ("label_efficiency.png", "embeddings.png", "effective_rank.png"):
         assert (tmp_path / plot).stat().st_size > 0
