@@ -35,6 +35,8 @@ from pathlib import Path
 import monai
 import torch
 
+from custom_nets.atomic_files import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PAPER = ["--image-size", "224", "--volumes-per-batch", "4", "--num-slices", "64", "--images-per-batch", "32"]
@@ -131,9 +133,7 @@ def main() -> None:
         scripts = cpu_scripts(args.demo) if device == "cpu" else cuda_scripts()
         parts = [machine_line(device), ""] + [run_script(script) for script in scripts]
         document = args.output.read_text() if args.output.is_file() else "# Benchmarks\n"
-        temporary = args.output.with_name(args.output.name + ".tmp")
-        temporary.write_text(replace_section(document, device, "\n".join(parts)))
-        os.replace(temporary, args.output)
+        atomic_write_text(args.output, replace_section(document, device, "\n".join(parts)))
         print(f"wrote the {device} section of {args.output}", file=sys.stderr, flush=True)
 
 

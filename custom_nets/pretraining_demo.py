@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from custom_nets.atomic_files import atomic_write_json
 from custom_nets.data import make_demo_corpus
 from custom_nets.data.demo import DEMO_CLASSES, DEMO_STRUCTURES
 from custom_nets.data.segmentation import select_stratified
@@ -173,10 +174,7 @@ def write_trial_datalist(path: Path, corpora: Mapping[str, list], labelled: int,
         "scored_split": split,
         "labels": {str(i): name for i, name in enumerate(DEMO_STRUCTURES)},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(content, indent=2))
-    os.replace(temporary, path)
+    atomic_write_json(path, content)
     return path
 
 
@@ -469,9 +467,7 @@ def run_demo(
     )
     report["stage_seconds"] = clock.seconds
     report["stage_seconds"]["total"] = round(sum(clock.seconds.values()), 1)
-    temporary = workdir / ".report.json.tmp"
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, workdir / "report.json")
+    atomic_write_json(workdir / "report.json", report)
     print(_format_report(report))
     return report
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from custom_nets.atomic_files import atomic_write_json, atomic_write_text
 from custom_nets.metrics.label_efficiency import seed_summary
 
 __all__ = ["aggregate_trials", "format_table", "run_trial", "run_trials", "trial_metric"]
@@ -141,14 +142,8 @@ def run_trials(
             value = trial_metric(summary, metric, str(trial / "eval" / "summary.json"))
             results.setdefault(float(fraction), {})[int(seed)] = value
     rows = aggregate_trials(results)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        ("trials.json", json.dumps({"bundle": str(root), "metric": metric, "rows": rows}, indent=2)),
-        ("trials.md", format_table(rows, metric)),
-    ):
-        tmp = out / f"{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    atomic_write_json(out / "trials.json", {"bundle": str(root), "metric": metric, "rows": rows})
+    atomic_write_text(out / "trials.md", format_table(rows, metric))
     return rows
 
 

@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from custom_nets.atomic_files import atomic_path, atomic_write_text
 
 __all__ = [
     "WeightLoadReport",
@@ -206,29 +207,12 @@ def load_backbone_weights(network: nn.Module, source: str | os.PathLike | Mappin
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)`` that never leaves a partial file under ``path``.
 
-    The bytes go to a temporary file in the same folder, are flushed and ``fsync``-ed, then ``os.replace`` renames it
-    over ``path`` (atomic on POSIX) and the folder is ``fsync``-ed so that the rename survives a power cut. A process
-    killed at any point leaves either the old file or the new one, plus at worst a ``.*.tmp`` file.
+    Written through :func:`custom_nets.atomic_files.atomic_path`: a process killed at any point leaves either the old
+    file or the new one, plus at worst a hidden temporary file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            torch.save(obj, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; checkpoints are shared like any output
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return path
+    with atomic_path(path) as temporary:
+        torch.save(obj, temporary)
+    return Path(path)
 
 
 def save_weights(
@@ -245,10 +229,7 @@ def save_weights(
             raise ValueError(f"no weights under the prefixes {prefixes}.")
     path = atomic_torch_save({k: v.detach().cpu() for k, v in state.items()}, path)
     if provenance is not None:
-        json_path = path.with_suffix(".json")
-        temporary = json_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(dict(provenance), indent=2, default=str))
-        os.replace(temporary, json_path)
+        atomic_write_text(path.with_suffix(".json"), json.dumps(dict(provenance), indent=2, default=str))
     return path
 
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from custom_nets.atomic_files import atomic_write_json
 from custom_nets.data.intensity import canonical_modality
 
 __all__ = [
@@ -318,12 +318,8 @@ def validate_datalist(
 
 
 def _write_json_atomically(path: Path, content: Any) -> None:
-    """Write JSON through a uniquely named temporary file and a rename (several processes may write the same file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        json.dump(content, out, indent=2)
-    os.replace(tmp, path)
+    """Write JSON atomically (several processes may write the same file: each has its own temporary name)."""
+    atomic_write_json(path, content)
 
 
 def usable_datalist(

@@ -36,6 +36,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy.ndimage import gaussian_filter
 
+from custom_nets.atomic_files import atomic_path, atomic_write_json
+
 __all__ = ["DEMO_CLASSES", "DEMO_STRUCTURES", "DEMO_VERSION", "make_demo_corpus", "demo_label_map", "demo_structures"]
 
 DEMO_CLASSES = ("head", "thorax", "abdomen", "limb")
@@ -188,9 +190,8 @@ def _write_nifti(path: Path, volume: np.ndarray, spacing) -> None:
     affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(volume.shape, spacing, strict=True)]
     image = nib.Nifti1Image(volume, affine)
     image.header.set_xyzt_units("mm")
-    tmp = path.with_name(path.name + ".tmp.nii.gz")
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        nib.save(image, temporary)
 
 
 def _write_dicom_series(folder: Path, volume: np.ndarray, spacing, modality: str, uid_key: str) -> None:
@@ -335,9 +336,8 @@ def make_demo_corpus(
         for i in range(0 if with_labels else num_per_class):
             rng = np.random.default_rng([seed, label, i, 1])
             relative = f"images/{name}_{i:02d}.png"
-            tmp = root / (relative + ".tmp.png")
-            Image.fromarray(_radiograph(name, rng, image_size)).save(tmp)
-            os.replace(tmp, root / relative)
+            with atomic_path(root / relative) as temporary:
+                Image.fromarray(_radiograph(name, rng, image_size)).save(temporary)
             items.append({"image": relative, "modality": "XR", "kind": "image", "class_label": label})
     content = {
         "name": "custom_nets demo corpus",
@@ -347,7 +347,5 @@ def make_demo_corpus(
         "demo": manifest,
         "training": items,
     }
-    tmp = root / (_DATALIST_NAME + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, root / _DATALIST_NAME)
+    atomic_write_json(root / _DATALIST_NAME, content)
     return root / _DATALIST_NAME

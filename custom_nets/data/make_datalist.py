@@ -23,7 +23,6 @@ Image paths resolve wherever the datalist is written: relative (portable) when t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import defaultdict
@@ -32,6 +31,7 @@ from pathlib import Path
 import nibabel as nib
 import pydicom
 
+from custom_nets.atomic_files import atomic_write_json
 from custom_nets.data.datalist import (
     DICOM_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -167,10 +167,7 @@ def make_datalist(
             item["class_label"] = classes.index(parts[0])
         content["classes"] = classes
     content[key] = items
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, out_path)
+    atomic_write_json(out_path, content)
     logger.info("wrote %d items to %s", len(items), out_path)
     return str(out_path)
 

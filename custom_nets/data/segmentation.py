@@ -28,6 +28,8 @@ from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import ImageMetaKey
 
+from custom_nets.atomic_files import atomic_write_json
+
 __all__ = [
     "CheckSegmentationPaird",
     "RandForegroundSliced",
@@ -412,12 +414,8 @@ def check_header_geometry(image_path: str | os.PathLike, label_path: str | os.Pa
 
 def write_datalist(out: str | os.PathLike, splits: Mapping[str, Sequence[Mapping[str, Any]]], **extra: Any) -> Path:
     """Write a decathlon-style datalist (``training`` / ``validation`` / ``testing`` + extra keys), atomically."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     content = {**extra, **{name: list(splits.get(name, [])) for name in SPLITS}}
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, out)
+    out = atomic_write_json(out, content)
     return out
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from custom_nets.atomic_files import atomic_path, atomic_write_json
 from custom_nets.data.segmentation import select_label_fraction
 
 __all__ = [
@@ -236,10 +237,8 @@ def _resolve(src_dir: Path, name: str | None) -> Path | None:
 
 
 def _save_cube(path: Path, cube: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp.npy")
-    np.save(temporary, np.clip(np.rint(cube), -32768, 32767).astype(np.int16))
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        np.save(temporary, np.clip(np.rint(cube), -32768, 32767).astype(np.int16))
 
 
 def _claim_cube_folder(folder: Path, cube_size: tuple[int, ...], spacing_mm: tuple[float, ...]) -> None:
@@ -254,10 +253,7 @@ def _claim_cube_folder(folder: Path, cube_size: tuple[int, ...], spacing_mm: tup
                 f"{folder} holds cubes of {found}, not {wanted}: prepare into another out_dir or delete {folder}."
             )
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = record.with_name(record.name + ".tmp")
-    temporary.write_text(json.dumps(wanted))
-    os.replace(temporary, record)
+    atomic_write_json(record, wanted, indent=None)
 
 
 def _select_negatives(rows: list[dict[str, Any]], limit: int | None, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -390,10 +386,7 @@ def prepare(
         "scans": {uid: {"image": relative(path), "subset": subset} for uid, (path, subset) in sorted(scans.items())},
         **folds,
     }
-    datalist = out / "datalist.json"
-    temporary = datalist.with_name(datalist.name + ".tmp")
-    temporary.write_text(json.dumps(content, indent=1))
-    os.replace(temporary, datalist)
+    datalist = atomic_write_json(out / "datalist.json", content, indent=1)
     return str(datalist)
 
 

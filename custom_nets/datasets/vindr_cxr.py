@@ -43,6 +43,7 @@ from monai.data.box_utils import box_iou
 from monai.transforms import MapTransform
 from PIL import Image
 
+from custom_nets.atomic_files import atomic_path
 from custom_nets.data.segmentation import split_cases, write_datalist
 
 __all__ = [
@@ -322,9 +323,8 @@ def _find_images(src_dir: Path) -> dict[str, Path]:
 
 
 def _write_png(pixels: np.ndarray, target: Path) -> None:
-    temporary = target.with_name(target.stem + ".tmp.png")
-    Image.fromarray(np.round(pixels * 255.0).astype(np.uint8)).save(temporary)
-    os.replace(temporary, target)
+    with atomic_path(target) as temporary:
+        Image.fromarray(np.round(pixels * 255.0).astype(np.uint8)).save(temporary)
 
 
 def prepare(

@@ -13,7 +13,6 @@ Images are named by their datalist ``image_id`` (or the file's stem), never by a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from custom_nets.atomic_files import atomic_write_json
 from custom_nets.metrics.detection import MAP50, detection_report
 from custom_nets.metrics.figures import pyplot, save_figure
 
@@ -148,11 +148,7 @@ class DetectionReport:
             }
             for name, p, t in zip(self.names, self.predictions, self.targets, strict=True)
         ]
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / "metrics.json"
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(report, indent=2))
-        os.replace(temporary, path)
+        path = atomic_write_json(self.output_dir / "metrics.json", report)
         logger.info(
             "detection on %d images: mAP@0.5 %s, COCO mAP %s, image AUC %s -> %s",
             report["num_images"],

@@ -7,9 +7,10 @@ one.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import ModuleType
+
+from custom_nets.atomic_files import atomic_path
 
 __all__ = ["pyplot", "save_figure"]
 
@@ -27,12 +28,9 @@ def pyplot() -> ModuleType:
 def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:
     """Write ``figure`` to ``path`` (PNG; parent folders created) through a temporary file renamed into place, then
     close it; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
     try:
-        figure.savefig(temporary, dpi=dpi)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=dpi)
     finally:
         pyplot().close(figure)
-    return path
+    return Path(path)

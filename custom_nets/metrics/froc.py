@@ -16,7 +16,6 @@ candidates that are not ignored.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from monai.metrics import compute_roc_auc
 from monai.metrics.froc import compute_froc_score
 
+from custom_nets.atomic_files import atomic_path, atomic_write_json
 from custom_nets.metrics.figures import pyplot, save_figure
 
 __all__ = [
@@ -279,25 +279,16 @@ def save_froc_figure(result: Mapping[str, Any], path: str | os.PathLike, title: 
 
 def write_submission(path: str | os.PathLike, predictions: Sequence[Mapping[str, Any]]) -> Path:
     """Write scored candidates as a LUNA16 submission CSV (seriesuid, coordX, coordY, coordZ, probability)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(SUBMISSION_COLUMNS)
         for row in predictions:
             writer.writerow(
                 [row["seriesuid"], *(f"{float(row[k]):.6f}" for k in _COORDS), f"{float(row['probability']):.9f}"]
             )
-    os.replace(temporary, path)
-    return path
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, content: Mapping[str, Any]) -> Path:
-    """Write ``content`` as indented JSON through a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(content, indent=2))
-    os.replace(temporary, path)
-    return path
+    """Write ``content`` as indented JSON, atomically."""
+    return atomic_write_json(path, content)

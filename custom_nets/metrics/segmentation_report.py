@@ -31,6 +31,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import ImageMetaKey, string_list_all_gather
 
+from custom_nets.atomic_files import atomic_path, atomic_write_text
 from custom_nets.metrics.figures import pyplot, save_figure
 from custom_nets.metrics.segmentation import summarise
 
@@ -57,12 +58,6 @@ def case_name(filename: str | Sequence[str]) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return os.path.splitext(name)[0]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_overlay(
@@ -195,12 +190,10 @@ class SegmentationReport:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         header = ["case", *columns]
         rows = [[case, *(columns[c][i] for c in columns)] for i, case in enumerate(cases)]
-        tmp = self.output_dir / "cases.csv.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.output_dir / "cases.csv") as temporary, open(temporary, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             writer.writerows(rows)
-        os.replace(tmp, self.output_dir / "cases.csv")
         summary = {
             "num_cases": len(cases),
             "empty_policy": "IoU/Dice of a class empty in both label and prediction = 1, empty in one only = 0; "
@@ -217,7 +210,7 @@ class SegmentationReport:
                 len(cases),
                 self.output_dir / "summary.json",
             )
-        _atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -37,8 +37,8 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     path = atomic_torch_save({"w": torch.ones(2)}, tmp_path / "model.pt")
     assert os.stat(path).st_mode & 0o044 == 0o044  # readable by group and others, like any output
 
-    def crash(obj, handle):
-        handle.write(b"half a checkpoint")
+    def crash(obj, target):
+        Path(target).write_bytes(b"half a checkpoint")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)

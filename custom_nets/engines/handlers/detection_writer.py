@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.apps.detection.transforms.box_ops import zoom_boxes
 
+from custom_nets.atomic_files import atomic_write_json
 from custom_nets.metrics.detection_report import image_name
 
 __all__ = ["DetectionWriter", "boxes_to_original"]
@@ -76,7 +76,4 @@ class DetectionWriter:
                 "box_mode": "xyxy",
                 "boxes": boxes_to_original(prediction, meta, self.class_names, *self.keys),
             }
-            path = self.output_dir / f"{name}.json"
-            temporary = path.with_name(path.name + ".tmp")
-            temporary.write_text(json.dumps(content, indent=2))
-            os.replace(temporary, path)
+            atomic_write_json(self.output_dir / f"{name}.json", content)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from custom_nets.atomic_files import atomic_path
+
 __all__ = ["EmbeddingWriter"]
 
 
@@ -67,18 +69,14 @@ class EmbeddingWriter:
                 self._save_array(self.output_dir / "slice_embeddings" / f"{record['row']}.npy", tokens)
 
     def _save_array(self, path: Path, array: torch.Tensor | np.ndarray) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp.npy")
-        np.save(temporary, np.asarray(torch.as_tensor(array).detach().float().cpu()))
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            np.save(temporary, np.asarray(torch.as_tensor(array).detach().float().cpu()))
 
     def write(self, engine: Engine) -> None:
         if not self._rows:
             raise RuntimeError("no embedding was produced: the inference datalist is empty.")
         self._save_array(self.output_dir / "embeddings.npy", np.stack(self._rows))
-        temporary = self.output_dir / ".embeddings.csv.tmp"
-        with open(temporary, "w", newline="") as handle:
+        with atomic_path(self.output_dir / "embeddings.csv") as temporary, open(temporary, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["row", *self.index_keys])
             writer.writeheader()
             writer.writerows(self._index)
-        os.replace(temporary, self.output_dir / "embeddings.csv")
