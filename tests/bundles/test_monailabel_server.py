@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, run
 
 from custom_nets.monailabel_serving import (
     install_bundle,
@@ -90,12 +90,17 @@ def _make_studies(root: Path, num_images: int = 5, num_labelled: int = 4) -> Pat
 
 
 def _random_weights(bundle: str, path: Path) -> Path:
-    """A randomly initialised network of the served size, saved the way the bundles save theirs (flat state dict)."""
+    """A randomly initialised network of the served size, saved the way the bundles save theirs (flat state dict).
+
+    The segmentation head's bias is zeroed: with it, the random network labels every voxel alike, and a constant
+    label would hide a flipped or transposed geometry."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / bundle / "configs" / "inference.json"))
     parser.update({"bundle_root": str(BUNDLES / bundle), **{k: v for k, v in TINY.items() if k in parser.config}})
     torch.manual_seed(0)
-    return save_weights(parser.get_parsed_content("network_def"), path)
+    network = parser.get_parsed_content("network_def")
+    torch.nn.init.zeros_(network.segmentation_head[0].bias)
+    return save_weights(network, path)
 
 
 def _free_port() -> int:
@@ -213,7 +218,20 @@ def test_monailabel_serves_infers_and_trains(server, tmp_path):
         assert label.shape == SHAPE
         assert np.allclose(label.affine, AFFINE)
         values = np.unique(np.asarray(label.dataobj))
-        assert values.min() >= 0 and values.max() < CLASSES[name], values
+        assert values.min() >= 0 and values.max() < CLASSES[name] and len(values) > 1, values
+        # the same label as the served bundle's own inference (monai.bundle run) on that volume, voxel for voxel
+        served = server["app"] / "model" / name
+        run(
+            config_file=str(served / "configs" / "inference.json"),
+            bundle_root=str(served),
+            dataset_dir=str(upload.parent),
+            image_pattern=upload.name,
+            output_dir=str(tmp_path / "bundle_inference" / name),
+            device="$torch.device('cpu')",
+            amp=False,
+        )
+        (own,) = (tmp_path / "bundle_inference" / name).glob("*.nii.gz")
+        np.testing.assert_array_equal(np.asarray(label.dataobj), np.asarray(nib.load(own).dataobj))
     assert "Checkpoint keys don't match" not in server["log"].read_text()  # the weights loaded completely
 
     served_weights = server["app"] / "model" / "finetune_heart" / "models" / "model.pt"
