@@ -21,7 +21,9 @@ What the ``monaibundle`` app of monailabel 0.8.5 does with a bundle (read from i
   ``models/model.pt`` inserted into ``train#handlers``. ``initialize`` still runs.
 
 Hence :data:`SERVED_OVERRIDES`: the served copy does not check the bundle's own datalist (MONAI Label does not use
-it), and user overrides (network size, ``val_interval``, ``num_workers``) are written into both config files.
+it); user overrides (network size, ``class_names``, ``val_interval``, ``num_workers``) are written into both config
+files, and ``metadata.json``'s label names follow ``class_names``. MONAI Label saves a new ``models/model.pt`` only when
+the bundle validates (every ``val_interval`` epochs), so a training request needs ``max_epochs >= val_interval``.
 """
 
 from __future__ import annotations
@@ -105,6 +107,34 @@ def _apply_overrides(config_dir: Path, overrides: Mapping[str, object]) -> None:
             os.replace(temporary, config_dir / name)
 
 
+def _sync_label_names(bundle_dir: Path) -> None:
+    """MONAI Label names the labels after ``metadata.json``'s output ``channel_def``: when the served network has other
+    classes (a ``class_names`` override), rewrite ``channel_def`` and ``num_channels`` to match. A multi-label network
+    (overlapping sigmoid masks, e.g. finetune_brainseg's ``label_mode: regions``) is refused: MONAI Label writes one
+    label map."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle_dir)})
+    if "multi_label" in parser and parser.get_parsed_content("multi_label"):
+        raise ValueError(
+            f"{bundle_dir}: a multi-label network (overlapping masks) cannot be served as one MONAI Label label map; "
+            "serve a single-label mode (finetune_brainseg: label_mode whole_tumour or plain)."
+        )
+    if "class_names" not in parser:
+        return
+    channel_def = {str(index): str(name) for index, name in enumerate(parser.get_parsed_content("class_names"))}
+    metadata_file = bundle_dir / "configs" / "metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    output = next(iter(metadata["network_data_format"]["outputs"].values()))
+    if output.get("channel_def") != channel_def:
+        output.update(channel_def=channel_def, num_channels=len(channel_def))
+        temporary = metadata_file.with_name(f".{metadata_file.name}.tmp")
+        temporary.write_text(json.dumps(metadata, indent=4) + "\n")
+        os.replace(temporary, metadata_file)
+
+
 def install_bundle(
     bundle: str | os.PathLike,
     app_dir: str | os.PathLike,
@@ -119,7 +149,8 @@ def install_bundle(
         app_dir: the monaibundle app (:func:`copy_monaibundle_app`).
         weights: the ``models/model.pt`` to serve; default: the bundle's own ``models/model.pt``.
         overrides: top-level config keys written into the served ``inference.json`` and ``train.json`` (where the
-            key exists): the network size the weights were trained for, ``val_interval``, ``num_workers``, ...
+            key exists): the network size and ``class_names`` the weights were trained for (``metadata.json``'s
+            label names follow ``class_names``), ``val_interval``, ``num_workers``, ...
         name: the model's name in MONAI Label; default: the bundle's folder name (a segmentation task).
 
     Returns:
@@ -127,6 +158,7 @@ def install_bundle(
 
     Raises:
         FileNotFoundError: no weights.
+        ValueError: an unknown override key, or a multi-label network (MONAI Label writes one label map).
         RuntimeError: the weights do not fit the network of the served ``inference.json`` (the weight report).
     """
     bundle, app_dir = Path(bundle), Path(app_dir)
@@ -146,6 +178,7 @@ def install_bundle(
         if weights.resolve() != (bundle / "models" / "model.pt").resolve():
             shutil.copyfile(weights, staging / "models" / "model.pt")
         _apply_overrides(staging / "configs", overrides or {})
+        _sync_label_names(staging)
         verify_bundle_weights(staging)
         served.parent.mkdir(parents=True, exist_ok=True)
         if served.exists():

@@ -89,14 +89,14 @@ def _make_studies(root: Path, num_images: int = 5, num_labelled: int = 4) -> Pat
     return root
 
 
-def _random_weights(bundle: str, path: Path) -> Path:
+def _random_weights(bundle: str, path: Path, overrides: dict = TINY) -> Path:
     """A randomly initialised network of the served size, saved the way the bundles save theirs (flat state dict).
 
     The segmentation head's bias is zeroed: with it, the random network labels every voxel alike, and a constant
     label would hide a flipped or transposed geometry."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / bundle / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(BUNDLES / bundle), **{k: v for k, v in TINY.items() if k in parser.config}})
+    parser.update({"bundle_root": str(BUNDLES / bundle), **{k: v for k, v in overrides.items() if k in parser.config}})
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def")
     torch.nn.init.zeros_(network.segmentation_head[0].bias)
@@ -272,7 +272,20 @@ def test_install_bundle_writes_overrides_and_checks_weights(tmp_path):
         install_bundle(BUNDLES / "finetune_heart", tmp_path / "app", heart_weights, {"encoder_dpeth": 18})
     with pytest.raises(FileNotFoundError, match="model.pt"):
         install_bundle(BUNDLES / "finetune_heart", tmp_path / "app", None, TINY)
+    with pytest.raises(ValueError, match="multi-label"):  # overlapping region masks are not one label map
+        install_bundle(BUNDLES / "finetune_brainseg", tmp_path / "app", heart_weights, {"label_mode": "regions"})
     assert sorted(p.name for p in (tmp_path / "app" / "model").iterdir()) == ["finetune_heart"]  # nothing half-made
+
+    demo_classes = {**TINY, "class_names": ["background", "organ", "bone"]}  # weights of other classes
+    served = install_bundle(
+        BUNDLES / "finetune_heart",
+        tmp_path / "app",
+        _random_weights("finetune_heart", tmp_path / "demo.pt", demo_classes),
+        demo_classes,
+    )
+    metadata = json.loads((served / "configs" / "metadata.json").read_text())
+    output = metadata["network_data_format"]["outputs"]["pred"]
+    assert output["channel_def"] == {"0": "background", "1": "organ", "2": "bone"} and output["num_channels"] == 3
 
     command = start_server_command("python", tmp_path / "app", tmp_path / "studies", ["finetune_heart"], port=8123)
     assert command[1:4] == ["-m", "monailabel.main", "start_server"]
