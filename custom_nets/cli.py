@@ -70,12 +70,14 @@ def serve(
     weights: dict[str, str] | None = None,
     overrides: dict | None = None,
     conf: dict[str, str] | None = None,
+    reinstall: bool = False,
 ) -> None:
     """Serve bundles in MONAI Label (its own environment: ``make monailabel-venv``) until Ctrl-C:
     ``--bundles bundles/finetune_heart,bundles/finetune_brainseg --studies /data/to_label``; ``--weights
     "{'finetune_heart': 'runs/heart/model.pt'}"`` when a bundle's ``models/model.pt`` is elsewhere; ``--overrides
-    "{'encoder_depth': 18}"`` for weights of another network size (see :mod:`custom_nets.monailabel_serving`)."""
-    status = serve_monailabel(bundles, studies, app_dir, python, host, port, weights, overrides, conf)
+    "{'encoder_depth': 18}"`` for weights of another network size; ``--reinstall`` replaces bundles already served
+    from ``app_dir`` (and the weights MONAI Label trained there); see :mod:`custom_nets.monailabel_serving`."""
+    status = serve_monailabel(bundles, studies, app_dir, python, host, port, weights, overrides, conf, reinstall)
     if status:
         raise SystemExit(status)
 

@@ -28,9 +28,12 @@ the bundle validates (every ``val_interval`` epochs), so a training request need
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +41,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from custom_nets.packaging import verify_bundle_weights
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MONAILABEL_PYTHON_VARIABLE",
@@ -195,9 +200,13 @@ def prepare_monailabel_app(
     python: str | os.PathLike | None = None,
     weights: Mapping[str, str | os.PathLike] | None = None,
     overrides: Mapping[str, object] | None = None,
+    reinstall: bool = False,
 ) -> list[str]:
     """Copy the monaibundle app to ``app_dir`` when it is not there yet and install ``bundles`` into it; returns the
-    model names (``weights`` maps a bundle's folder name to its ``model.pt``)."""
+    model names (``weights`` maps a bundle's folder name to its ``model.pt``).
+
+    A bundle already served from ``app_dir`` is kept as it is, with the weights MONAI Label trained, unless
+    ``reinstall``."""
     app_dir = Path(app_dir)
     if not (app_dir / "main.py").is_file():
         copy_monaibundle_app(monailabel_python(python), app_dir)
@@ -208,7 +217,10 @@ def prepare_monailabel_app(
     names = []
     for bundle in bundles:
         name = Path(bundle).resolve().name
-        install_bundle(bundle, app_dir, weights.get(name), overrides)
+        if reinstall or not (app_dir / "model" / name / "models" / "model.pt").is_file():
+            install_bundle(bundle, app_dir, weights.get(name), overrides)
+        else:
+            logger.info("%s is served from %s as it is (reinstall=True replaces it)", name, app_dir / "model" / name)
         names.append(name)
     return names
 
@@ -242,19 +254,22 @@ def serve_monailabel(
     weights: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
     conf: Mapping[str, str] | None = None,
+    reinstall: bool = False,
 ) -> int:
     """Install ``bundles`` into a monaibundle app and run the MONAI Label server until it is stopped (Ctrl-C).
 
     Args:
         bundles: bundle folders, e.g. ``bundles/finetune_heart,bundles/finetune_brainseg``.
         studies: the images to label (a folder of NIfTI files; labels go to ``<studies>/labels/final``).
-        app_dir: where the app is copied to (kept between runs; bundles are reinstalled each time).
+        app_dir: where the app is copied to (kept between runs, with the bundles served and the weights MONAI Label
+            trained; ``reinstall`` installs the bundles again).
         python: the python of MONAI Label's environment (default ``$CUSTOM_NETS_MONAILABEL_PYTHON`` or
             ``.venv-monailabel/bin/python``).
         host, port: where the server listens (``0.0.0.0`` to reach it from other machines).
         weights: bundle folder name -> ``model.pt`` to serve (default: each bundle's ``models/model.pt``).
         overrides: top-level config keys for the served configs (e.g. the network size of the weights).
         conf: more ``--conf`` settings of the app (e.g. ``{"skip_trainers": "true"}``).
+        reinstall: install the bundles again even when ``app_dir`` serves them already.
 
     Returns:
         the server's exit status.
@@ -265,11 +280,21 @@ def serve_monailabel(
     if not Path(studies).is_dir():
         raise NotADirectoryError(f"{studies} is not a folder: give the folder of images to label.")
     python_path = monailabel_python(python)
-    models = prepare_monailabel_app(app_dir, bundles, python_path, weights, overrides)
+    models = prepare_monailabel_app(app_dir, bundles, python_path, weights, overrides, reinstall)
     app, studies_dir = Path(app_dir).resolve(), Path(studies).resolve()
     command = start_server_command(python_path, app, studies_dir, models, host, port, conf)
     print(" ".join(command), file=sys.stderr, flush=True)
+    # the server leads a process group of its own (with MONAI Label's training subprocesses): Ctrl-C or SIGTERM here
+    # is passed on to the whole group once, so that the server shuts down gracefully and leaves no process behind
+    process = subprocess.Popen(command, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return subprocess.run(command).returncode
-    except KeyboardInterrupt:
-        return 0
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
