@@ -14,6 +14,7 @@ Commands:
     prepare_vindr_cxr  VinDr-CXR DICOMs + CSV -> resized PNGs + detection datalist with fused boxes (finetune_cxr)
     package_bundle   a bundle + its weights -> release zip, hashed weight files (large_files.yml) and a manifest
     download_bundle  a release zip URL -> extracted bundle with its weights fetched, hash-checked and load-tested
+    serve_monailabel bundles with weights -> MONAI Label's monaibundle app -> a running MONAI Label server
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from custom_nets.command_line import fire_command
 from custom_nets.data.make_datalist import make_datalist
 from custom_nets.data.validate_data import validate_data
 from custom_nets.datasets import brats, luna16, mmwhs, vindr_cxr
+from custom_nets.monailabel_serving import serve_monailabel
 from custom_nets.packaging import download_bundle, package_bundle
 from custom_nets.pretraining_demo import run_demo
 from custom_nets.weights import export_pretrained
@@ -58,6 +60,28 @@ def download(url: str, bundle_dir: str = "bundles", sha256: str | None = None, v
     return str(download_bundle(url, bundle_dir, sha256, verify))
 
 
+def serve(
+    bundles: str | list[str],
+    studies: str,
+    app_dir: str = "monailabel_app",
+    python: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    weights: dict[str, str] | None = None,
+    overrides: dict | None = None,
+    conf: dict[str, str] | None = None,
+    reinstall: bool = False,
+) -> None:
+    """Serve bundles in MONAI Label (its own environment: ``make monailabel-venv``) until Ctrl-C:
+    ``--bundles bundles/finetune_heart,bundles/finetune_brainseg --studies /data/to_label``; ``--weights
+    "{'finetune_heart': 'runs/heart/model.pt'}"`` when a bundle's ``models/model.pt`` is elsewhere; ``--overrides
+    "{'encoder_depth': 18}"`` for weights of another network size; ``--reinstall`` replaces bundles already served
+    from ``app_dir`` (and the weights MONAI Label trained there); see :mod:`custom_nets.monailabel_serving`."""
+    status = serve_monailabel(bundles, studies, app_dir, python, host, port, weights, overrides, conf, reinstall)
+    if status:
+        raise SystemExit(status)
+
+
 def demo(
     workdir: str | os.PathLike = "demo_output", epochs: int | None = None, seed: int = 0, split: str = "testing"
 ) -> None:
@@ -81,6 +105,7 @@ def main() -> None:
             "prepare_vindr_cxr": vindr_cxr.prepare,
             "package_bundle": package,
             "download_bundle": download,
+            "serve_monailabel": serve,
         }
     )
 
