@@ -190,3 +190,75 @@ def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, luna_data):
     assert "head.1.weight" in state  # DDP's "module." prefix is not saved
     checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == 1  # 4 draws shared by 2 processes, batch 2
+
+
+def _workflow(root: Path, dataset_dir: Path, **overrides) -> ConfigWorkflow:
+    """The training workflow of the bundle copy ``root`` on tiny cubes, initialised (start-up check included), its
+    trainer built first in every run (construction order decides the initial weights)."""
+    workflow = ConfigWorkflow(
+        config_file=str(root / "configs" / "train.json"),
+        workflow_type="train",
+        bundle_root=str(root),
+        dataset_dir=str(dataset_dir),
+        samples_per_epoch=4,
+        **{**TINY, **FOLDS, **overrides},
+    )
+    workflow.initialize()
+    assert workflow.trainer is not None
+    return workflow
+
+
+@pytest.mark.slow
+def test_start_up_check_refuses_a_candidate_outside_its_scan_unless_turned_off(tmp_path, luna_data):
+    root = _copy_bundle(tmp_path)
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    datalist = dataset_dir / "datalist.json"
+    content = json.loads(datalist.read_text())
+    moved = content["subset1"][2]
+    moved["coordZ"] += 500.0  # far above the scan: a datalist edited by hand, or coordinates of another scan
+    datalist.write_text(json.dumps(content))
+    with pytest.raises(RuntimeError) as stopped:  # MONAI wraps errors of the config's "initialize"
+        _workflow(root, dataset_dir, epochs=1)
+    message = str(stopped.value.__cause__)
+    assert f"{dataset_dir / moved['image']}: the candidate (item 2) lies outside its scan" in message
+    assert "fix or drop the row of the candidates CSV" in message and message.count("\n") == 1  # one problem
+    workflow = _workflow(root, dataset_dir, epochs=1, validate_data=False)  # the check is on by default, not forced
+    workflow.run()
+    assert workflow.trainer.state.iteration == 2
+
+
+@pytest.mark.slow
+def test_nan_policy_stop_keeps_the_last_good_checkpoint(tmp_path, luna_data, bundle_checks):
+    root = _copy_bundle(tmp_path)
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    loss = bundle_checks.NaNAt(torch.nn.BCEWithLogitsLoss(), call=3)  # epoch 2, first step
+    workflow = _workflow(root, dataset_dir, epochs=2, loss=loss)
+    assert workflow.parser.get_parsed_content("nan_policy") == "stop"  # the default
+    with pytest.raises(RuntimeError) as stopped:
+        workflow.run()
+    assert isinstance(stopped.value.__cause__, FloatingPointError)
+    assert "iteration 3 (epoch 2); nan_policy 'stop'" in str(stopped.value.__cause__)
+    checkpoints = root / "outputs" / "checkpoints"
+    assert torch.load(checkpoints / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 2
+    for path in [*checkpoints.glob("*.pt"), root / "models" / "model.pt"]:
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state.get("model", state).values() if v.is_floating_point()), path
+
+
+@pytest.mark.slow
+def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_weights(tmp_path, luna_data, bundle_checks):
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    reference_root = _copy_bundle(tmp_path / "reference")
+    _workflow(reference_root, dataset_dir, epochs=2).run()
+    root = _copy_bundle(tmp_path / "interrupted")
+    interrupted = _workflow(root, dataset_dir, epochs=2)
+    bundle_checks.terminate_after_epoch(interrupted, 1)
+    interrupted.run()
+    checkpoints = root / "outputs" / "checkpoints"
+    assert "random_state" in torch.load(checkpoints / "checkpoint_epoch=1.pt", weights_only=True)
+    resumed = _workflow(root, dataset_dir, epochs=2, resume=str(checkpoints / "checkpoint_epoch=1.pt"))
+    resumed.run()
+    final = torch.load(checkpoints / "checkpoint_final.pt", weights_only=True)
+    expected = torch.load(reference_root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == expected["trainer"]["iteration"] == 4
+    assert [k for k, v in expected["model"].items() if not torch.equal(final["model"][k], v)] == []
