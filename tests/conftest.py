@@ -4,23 +4,26 @@ output of a run for those identifiers."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import os
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-# Values that must never reach an output (logs, reports, CSV, JSON, TensorBoard events, checkpoints, file names).
+# Values that must never reach an output (logs, reports, CSV, JSON, TensorBoard events, checkpoints, file names); every
+# word of 6 characters or more is searched on its own, so each is one that no output holds by chance.
 IDENTIFIERS = {
     "PatientName": "Doe^Janet^Secretname",
     "PatientID": "PID-98765-SECRET",
     "PatientBirthDate": "19610203",
     "AccessionNumber": "ACC-55555",
-    "InstitutionName": "St Example Hospital",
+    "InstitutionName": "Secretplace Infirmary",
 }
 
 
@@ -68,13 +71,36 @@ def output_bytes(folder: str | os.PathLike) -> bytes:
 
 def leaked_identifiers(content: bytes, identifiers: Mapping[str, str] = IDENTIFIERS) -> list[tuple[str, str]]:
     """``(keyword, form)`` of every identifier found in ``content`` (case-insensitive): the value as written, with
-    DICOM's ``^`` as spaces, and each name component of 6 characters or more."""
+    DICOM's ``^`` as spaces, and each of its words (split at ``^`` and spaces) of 6 characters or more."""
     content = content.lower()
     found = []
     for keyword, value in identifiers.items():
-        forms = {value, value.replace("^", " "), *(part for part in value.split("^") if len(part) >= 6)}
+        words = value.replace("^", " ").split()
+        forms = {value, value.replace("^", " "), *(word for word in words if len(word) >= 6)}
         found += [(keyword, form) for form in sorted(forms) if form.lower().encode() in content]
     return found
+
+
+@contextlib.contextmanager
+def log_to(path: str | os.PathLike) -> Iterator[Path]:
+    """Copy every log record of the block (all loggers, as the bundles' logging.conf lets them through) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield path
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def assert_confined(before: Mapping[str, float], after: Mapping[str, float], allowed: str | os.PathLike) -> None:
+    """Fail naming every path created or modified between two :func:`snapshot` calls outside ``allowed``."""
+    allowed = Path(allowed).resolve()
+    changed = [path for path, mtime in after.items() if before.get(path) != mtime]
+    outside = [path for path in changed if not Path(path).resolve().is_relative_to(allowed)]
+    assert not outside, f"written outside {allowed}: {outside[:10]}"
 
 
 def terminate_after_epoch(workflow: Any, epoch: int) -> None:
@@ -99,5 +125,7 @@ def bundle_checks() -> SimpleNamespace:
         output_bytes=output_bytes,
         leaked_identifiers=leaked_identifiers,
         snapshot=snapshot,
+        assert_confined=assert_confined,
+        log_to=log_to,
         terminate_after_epoch=terminate_after_epoch,
     )

@@ -262,3 +262,61 @@ def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_weights(tmp
     expected = torch.load(reference_root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert final["trainer"]["iteration"] == expected["trainer"]["iteration"] == 4
     assert [k for k, v in expected["model"].items() if not torch.equal(final["model"][k], v)] == []
+
+
+def _dicom_luna_folder(root: Path, luna_data, stamp_identifiers):
+    """The generated LUNA16 folder with every scan as a CT DICOM series full of patient identifiers (axial, identity
+    direction) in place of its .mhd, the CSV coordinates moved to the series' world space."""
+    import csv
+
+    import numpy as np
+
+    raw = luna_data.make_luna_folder(root, num_scans=4)
+    dicom = luna16.ScanGeometry(
+        np.asarray(luna_data.ORIGIN, float), np.asarray(luna_data.SPACING, float), np.eye(3), luna_data.SIZE
+    )
+    geometries = {}
+    for subset, uid in enumerate(raw.uids):
+        scan = root / f"subset{subset}" / f"{uid}.mhd"
+        array, geometries[uid] = luna16.read_scan(scan)
+        scan.unlink()
+        scan.with_suffix(".raw").unlink()
+        series = luna_data.write_dicom_series(root / f"subset{subset}" / f"series{subset}", array, uid)
+        stamp_identifiers(sorted(series.iterdir()))
+    for name in ("candidates_V2.csv", "annotations.csv", "annotations_excluded.csv"):
+        with open(root / name, newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields, rows = reader.fieldnames, list(reader)
+        for row in rows:
+            world = np.array([float(row[k]) for k in ("coordX", "coordY", "coordZ")])
+            moved = luna16.voxel_to_world(luna16.world_to_voxel(world, geometries[row["seriesuid"]]), dicom)
+            row.update(zip(("coordX", "coordY", "coordZ"), moved.tolist(), strict=True))
+        with open(root / name, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    return raw
+
+
+@pytest.mark.slow
+def test_dicom_identifiers_never_reach_the_outputs(tmp_path, luna_data, bundle_checks, capfd):
+    """prepare -> train -> evaluate -> infer on DICOM series full of patient identifiers: none of them in any output
+    (prepared cubes and datalist, checkpoints, TensorBoard events, CSV / JSON / PNG reports, file names, logs)."""
+    raw = _dicom_luna_folder(tmp_path / "raw", luna_data, bundle_checks.stamp_identifiers)
+    cube = [CUBE["num_slices"], *CUBE["image_size"]]
+    luna16.prepare(str(raw.root), str(tmp_path / "data"), cube_size=cube, spacing_mm=CUBE["spacing_mm"])
+    root = _copy_bundle(tmp_path)
+    common = {"dataset_dir": str(tmp_path / "data"), **TINY, **FOLDS}
+    with bundle_checks.log_to(root / "outputs" / "run.log"):
+        _run(root, ["train.json"], epochs=1, samples_per_epoch=4, **common)
+        _run(root, ["train.json", "evaluate.json"], bootstrap_samples=5, **common)
+        scan = raw.root / "subset3" / "series3"
+        _run(root, ["inference.json"], scan=str(scan), candidates_csv=str(raw.root / "candidates_V2.csv"), **TINY)
+    assert len(_read_csv(root / "outputs" / "inference" / f"{raw.uids[3]}_scored.csv")) == 5  # the series was read
+    assert bundle_checks.leaked_identifiers(bundle_checks.output_bytes(scan))  # the search finds the input's
+    captured = capfd.readouterr()
+    everything = b"\n".join(
+        [captured.out.encode(), captured.err.encode(), *map(bundle_checks.output_bytes, (tmp_path / "data", root))]
+    )
+    assert b"tfevents" in everything and b"froc" in everything
+    assert bundle_checks.leaked_identifiers(everything) == []
