@@ -299,24 +299,39 @@ def _dicom_luna_folder(root: Path, luna_data, stamp_identifiers):
 
 
 @pytest.mark.slow
-def test_dicom_identifiers_never_reach_the_outputs(tmp_path, luna_data, bundle_checks, capfd):
+def test_dicom_identifiers_never_reach_the_outputs(tmp_path, luna_data, bundle_checks, capfd, monkeypatch):
     """prepare -> train -> evaluate -> infer on DICOM series full of patient identifiers: none of them in any output
-    (prepared cubes and datalist, checkpoints, TensorBoard events, CSV / JSON / PNG reports, file names, logs)."""
+    (prepared cubes and datalist, checkpoints, TensorBoard events, CSV / JSON / PNG reports, file names, logs).
+    Training and evaluation run from the repository's bundle folder and an empty working directory, with `output_dir`
+    and `ckpt_dir` in a temporary folder: nothing is written anywhere else."""
     raw = _dicom_luna_folder(tmp_path / "raw", luna_data, bundle_checks.stamp_identifiers)
     cube = [CUBE["num_slices"], *CUBE["image_size"]]
-    luna16.prepare(str(raw.root), str(tmp_path / "data"), cube_size=cube, spacing_mm=CUBE["spacing_mm"])
-    root = _copy_bundle(tmp_path)
-    common = {"dataset_dir": str(tmp_path / "data"), **TINY, **FOLDS}
-    with bundle_checks.log_to(root / "outputs" / "run.log"):
-        _run(root, ["train.json"], epochs=1, samples_per_epoch=4, **common)
-        _run(root, ["train.json", "evaluate.json"], bootstrap_samples=5, **common)
-        scan = raw.root / "subset3" / "series3"
+    dataset_dir = tmp_path / "data"
+    luna16.prepare(str(raw.root), str(dataset_dir), cube_size=cube, spacing_mm=CUBE["spacing_mm"])
+    outputs, cwd = tmp_path / "outputs", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    watched = (BUNDLES / "finetune_nodule", raw.root, dataset_dir, cwd)
+    before = bundle_checks.snapshot(*watched)
+    common = {"dataset_dir": str(dataset_dir), "output_dir": str(outputs), "ckpt_dir": str(outputs / "models")}
+    common.update(TINY, **FOLDS)
+    with bundle_checks.log_to(outputs / "run.log"):
+        _run(BUNDLES / "finetune_nodule", ["train.json"], epochs=1, samples_per_epoch=4, **common)
+        _run(BUNDLES / "finetune_nodule", ["train.json", "evaluate.json"], bootstrap_samples=5, **common)
+    bundle_checks.assert_confined(before, bundle_checks.snapshot(*watched), outputs)
+    assert (outputs / "eval" / "froc.json").is_file() and any((outputs / "tensorboard").iterdir())
+
+    root = _copy_bundle(tmp_path)  # inference reads <bundle_root>/models/model.pt
+    (root / "models").mkdir()
+    shutil.copy(outputs / "models" / "model.pt", root / "models" / "model.pt")
+    scan = raw.root / "subset3" / "series3"
+    with bundle_checks.log_to(outputs / "inference.log"):
         _run(root, ["inference.json"], scan=str(scan), candidates_csv=str(raw.root / "candidates_V2.csv"), **TINY)
     assert len(_read_csv(root / "outputs" / "inference" / f"{raw.uids[3]}_scored.csv")) == 5  # the series was read
     assert bundle_checks.leaked_identifiers(bundle_checks.output_bytes(scan))  # the search finds the input's
     captured = capfd.readouterr()
     everything = b"\n".join(
-        [captured.out.encode(), captured.err.encode(), *map(bundle_checks.output_bytes, (tmp_path / "data", root))]
+        [captured.out.encode(), captured.err.encode(), *map(bundle_checks.output_bytes, (dataset_dir, outputs, root))]
     )
     assert b"tfevents" in everything and b"froc" in everything
     assert bundle_checks.leaked_identifiers(everything) == []
