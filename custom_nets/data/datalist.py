@@ -240,6 +240,23 @@ def _is_segmentation_list(items: Any) -> bool:
     return isinstance(items, list) and bool(items) and isinstance(items[0], dict) and "label" in items[0]
 
 
+def _is_detection_list(items: Any) -> bool:
+    return isinstance(items, list) and bool(items) and isinstance(items[0], dict) and "box" in items[0]
+
+
+def _is_candidate_datalist(content: Any) -> bool:
+    """A datalist of candidate cubes written by ``custom_nets.datasets.luna16.prepare`` (folds ``subset<N>``)."""
+    return isinstance(content, dict) and "cube_size" in content and "scans" in content
+
+
+def _default_keys(content: Any) -> list[str]:
+    lists = content if isinstance(content, dict) else {}
+    if _is_candidate_datalist(content):
+        folds = [k for k in lists if k.startswith("subset") and k[6:].isdigit() and isinstance(lists[k], list)]
+        return sorted(folds, key=lambda k: int(k[6:]))
+    return [k for k in ("training", "validation", "testing", "test") if isinstance(lists.get(k), list)]
+
+
 def validate_datalist(
     path: str | os.PathLike,
     base_dir: str | os.PathLike | None = None,
@@ -251,16 +268,27 @@ def validate_datalist(
     Checks, per item of a pretraining datalist: the file exists and has a known type, its header announces a sane
     size, the reader can open it (corrupt files), a DICOM series folder has no gap, duplicate or mixed series, the
     image has the dimensionality of its ``kind`` (2D image or 3D volume; a 4D file is refused), it is not empty or
-    constant, and it holds no NaN/inf value. A segmentation datalist (items with ``label``) is checked pair by pair
-    (:func:`custom_nets.data.segmentation.segmentation_item_problems`: same grid, finite image, label values in
-    ``0..num_classes - 1``). A file listed more than once (in one list or across lists) is reported too.
+    constant, and it holds no NaN/inf value. The fine-tuning datalists are recognised by their content and checked
+    item by item with their bundle's reader:
+
+    * segmentation (items with a ``label`` file):
+      :func:`custom_nets.data.segmentation.segmentation_item_problems` (same grid, finite image, label values in
+      ``0..num_classes - 1``);
+    * detection (items with ``box``, ``finetune_cxr``): :func:`custom_nets.datasets.vindr_cxr.detection_item_problems`
+      (one grayscale frame, finite, boxes inside the image, labels in ``0..num_classes - 1``);
+    * candidate cubes (``cube_size`` and ``scans`` entries, folds ``subset<N>``, ``finetune_nodule``):
+      :func:`custom_nets.datasets.luna16.candidate_datalist_problems` (cube shape and values, labels 0 / 1, the
+      candidate inside its scan, no empty fold).
+
+    A file listed more than once (in one list or across lists) is reported too.
 
     Args:
         path: the datalist JSON file.
         base_dir: folder that relative image paths are joined to; default: the datalist's folder.
-        keys: lists to check; default: every list-valued key among ``training``, ``validation``, ``testing``, ``test``.
-        num_classes: for segmentation datalists, the number of label values allowed (background included);
-            ``None`` only requires non-negative integers.
+        keys: lists to check; default: every list-valued key among ``training``, ``validation``, ``testing``, ``test``
+            (for a candidate datalist: every ``subset<N>`` fold).
+        num_classes: for segmentation and detection datalists, the number of classes allowed (label values
+            ``0..num_classes - 1``); ``None`` only requires non-negative integers.
 
     Returns:
         a summary ``{"items": n, "kinds": {...}, "modalities": {...}, "keys": [...]}`` when everything is usable.
@@ -270,12 +298,13 @@ def validate_datalist(
     """
     from custom_nets.data.loading import load_item_array
     from custom_nets.data.segmentation import segmentation_item_problems
+    from custom_nets.datasets.luna16 import candidate_datalist_problems
+    from custom_nets.datasets.vindr_cxr import detection_item_problems
 
     path = Path(path)
     content = _read_datalist_json(path)
     if keys is None:
-        lists = content if isinstance(content, dict) else {}
-        keys = [k for k in ("training", "validation", "testing", "test") if isinstance(lists.get(k), list)]
+        keys = _default_keys(content)
         if not keys:
             raise DatalistError(f"{path}: no 'training', 'validation' or 'testing' list; regenerate the datalist")
     base = Path(path.parent if base_dir is None else base_dir)
@@ -284,6 +313,21 @@ def validate_datalist(
     modalities: Counter = Counter()
     listed: dict[str, list[str]] = {}
     for key in keys:
+        if _is_candidate_datalist(content):
+            files, item_problems, count = candidate_datalist_problems(content, [key], base, source=str(path))
+            kinds["candidate cube"] += count
+            problems.extend(item_problems)
+            for file in files:
+                listed.setdefault(file, []).append(key)
+            continue
+        if isinstance(content, dict) and _is_detection_list(content.get(key)):
+            for position, item in enumerate(content[key]):
+                kinds["image+boxes"] += 1
+                files, item_problems = detection_item_problems(item, position, base, num_classes)
+                problems.extend(f"[{key}] {problem}" for problem in item_problems)
+                for file in files:
+                    listed.setdefault(file, []).append(key)
+            continue
         if isinstance(content, dict) and _is_segmentation_list(content.get(key)):
             for position, item in enumerate(content[key]):
                 kinds["image+label"] += 1

@@ -5,8 +5,10 @@
 
 Prints a summary (items per kind and modality), or the list of problems (each missing, corrupt, NaN-holding or
 wrongly-dimensioned file with its fix) and exits with status 1, without a traceback. ``--report`` also writes the
-outcome as JSON. Pretraining datalists (``image``) and segmentation datalists (``image`` + ``label``) are both
-checked. See :func:`custom_nets.data.datalist.validate_datalist`.
+outcome as JSON. Pretraining datalists (``image``), segmentation datalists (``image`` + ``label``), detection datalists
+of ``finetune_cxr`` (``image`` + ``box`` + ``label``; ``--num_classes`` bounds the labels) and the candidate-cube
+datalists of ``finetune_nodule`` (folds ``subset<N>``) are all checked. See
+:func:`custom_nets.data.datalist.validate_datalist`.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def validate_data(
     report: str | None = None,
     num_classes: int | None = None,
 ) -> dict[str, Any]:
-    """:func:`validate_datalist` (``num_classes``: allowed label values of a segmentation datalist), with the outcome
-    also written to the JSON file ``report`` when given.
+    """:func:`validate_datalist` (``num_classes``: allowed label values of a segmentation or detection datalist),
+    with the outcome also written to the JSON file ``report`` when given.
 
     The report holds ``{"datalist", "ok", "summary"}`` for a usable datalist, ``{"datalist", "ok": false,
     "problems": [one line per problem]}`` otherwise.

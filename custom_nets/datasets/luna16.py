@@ -43,15 +43,18 @@ __all__ = [
     "annotation_file",
     "ScanGeometry",
     "candidate_cube",
+    "candidate_datalist_problems",
     "check_inside",
     "check_prepared",
     "class_balanced_weights",
     "cube_index_grid",
+    "fold_keys",
     "load_folds",
     "prepare",
     "read_candidates_csv",
     "read_scan",
     "scan_candidates",
+    "scan_geometry",
     "scan_ids",
     "scan_seriesuid",
     "select_fraction_per_class",
@@ -140,6 +143,36 @@ def read_scan(path: str | os.PathLike) -> tuple[np.ndarray, ScanGeometry]:
         size=tuple(int(s) for s in reversed(array.shape)),
     )
     return array, geometry
+
+
+def scan_geometry(path: str | os.PathLike) -> ScanGeometry:
+    """The geometry of a scan from its header only (ITK's ImageIO, no voxel read); a DICOM series folder is read
+    whole with :func:`read_scan` (ITK gives its geometry only after sorting the slices).
+
+    Raises:
+        RuntimeError: naming the file when ITK cannot read its header, or when it is not a 3D single-channel image.
+    """
+    import itk
+
+    path = Path(path)
+    if path.is_dir():
+        return read_scan(path)[1]
+    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise RuntimeError(f"could not read the scan header of {path}: not an image format ITK knows.")
+    io.SetFileName(str(path))
+    try:
+        io.ReadImageInformation()
+    except Exception as error:  # ITK raises plain RuntimeErrors with C++ text: name the file
+        raise RuntimeError(f"could not read the scan header of {path}: {error}") from None
+    if io.GetNumberOfDimensions() != 3 or io.GetNumberOfComponents() != 1:
+        raise RuntimeError(f"{path}: expected a 3D single-channel CT scan, got {io.GetNumberOfDimensions()}D.")
+    return ScanGeometry(
+        origin=np.array([io.GetOrigin(a) for a in range(3)], dtype=np.float64),
+        spacing=np.array([io.GetSpacing(a) for a in range(3)], dtype=np.float64),
+        direction=np.array([io.GetDirection(a) for a in range(3)], dtype=np.float64).T,
+        size=tuple(int(io.GetDimensions(a)) for a in range(3)),
+    )
 
 
 def check_inside(index: np.ndarray, geometry: ScanGeometry, where: str) -> None:
@@ -404,6 +437,114 @@ def load_folds(datalist: str | os.PathLike, subsets: int | Iterable[int], base_d
             str(datalist), is_segmentation=False, data_list_key=f"subset{subset}", base_dir=str(base_dir)
         )
     return items
+
+
+def fold_keys(*subsets: int | Iterable[int]) -> list[str]:
+    """Datalist keys (``subset<N>``) of the given folds, in order, each once: ``fold_keys([0, 1], [8])``."""
+    keys = [f"subset{s}" for group in subsets for s in _subset_list(group)]
+    return list(dict.fromkeys(keys))
+
+
+def _cube_problems(item: Any, where: str, base: Path, cube_size: Sequence[int]) -> list[str]:
+    """Problems of one candidate entry of a prepared datalist: its cube file and its label."""
+    if not isinstance(item, dict) or "image" not in item or "label" not in item:
+        return [f"{where}: {item!r} is not a dict with 'image' and 'label' (a candidate cube and its class)"]
+    path = base / str(item["image"])
+    refresh = "delete it and run prepare_luna16 again (it cuts the missing cubes anew)"
+    problems = []
+    if item["label"] not in (0, 1) or isinstance(item["label"], bool):
+        problems.append(f"{path}: label {item['label']!r} ({where}) is not 0 (not a nodule) or 1 (nodule)")
+    if not path.is_file():
+        return [
+            *problems,
+            f"{path}: file not found ({where}); fix dataset_dir or prepare the subset (python -m custom_nets.cli "
+            "prepare_luna16)",
+        ]
+    try:
+        cube = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as error:  # numpy raises several types for broken files
+        return [*problems, f"{path}: not a readable .npy cube ({type(error).__name__}: {error}); {refresh}"]
+    if tuple(cube.shape) != tuple(cube_size):
+        problems.append(
+            f"{path}: cube of shape {tuple(cube.shape)}, the datalist's cube_size is {tuple(cube_size)} (slices, "
+            f"rows, columns); {refresh}"
+        )
+    elif not np.issubdtype(cube.dtype, np.number):
+        problems.append(f"{path}: cube of type {cube.dtype}, not numbers; {refresh}")
+    elif np.issubdtype(cube.dtype, np.floating) and not np.isfinite(cube).all():
+        problems.append(f"{path}: NaN or infinite values in the cube; {refresh}")
+    return problems
+
+
+def candidate_datalist_problems(
+    content: Mapping[str, Any], keys: Sequence[str], base_dir: str | os.PathLike, source: str = "datalist"
+) -> tuple[list[str], list[str], int]:
+    """Check the ``keys`` folds of a datalist written by :func:`prepare`; never raises.
+
+    Per candidate: the cube exists, reads, has the datalist's ``cube_size`` and finite values, its label is 0 or 1,
+    its ``seriesuid`` is one of the datalist's ``scans``, and its world position lies inside that scan when the scan
+    is still at its recorded place (header only; training does not need the scans, so a moved scan is not checked).
+    Each fold must hold candidates.
+
+    Returns:
+        ``(files, problems, count)``: the resolved cube paths (for duplicate detection), one line per problem naming
+        the file and the fix, and the number of candidates checked.
+    """
+    base = Path(base_dir)
+    cube_size = content.get("cube_size")
+    scans = content.get("scans")
+    if not isinstance(cube_size, list) or len(cube_size) != 3 or not isinstance(scans, dict):
+        return [], [f"{source}: no 'cube_size' / 'scans' entries; not written by prepare_luna16: prepare it again"], 0
+    files: list[str] = []
+    problems: list[str] = []
+    by_scan: dict[str, list[tuple[str, int, dict]]] = {}
+    count = 0
+    for key in keys:
+        items = content.get(key)
+        if not isinstance(items, list) or not items:
+            problems.append(
+                f"{source} [{key}]: no candidate in this fold; prepare its scans (prepare_luna16 --subsets) or choose "
+                "other train_subsets / val_subsets"
+            )
+            continue
+        for position, item in enumerate(items):
+            count += 1
+            where = f"item {position}"
+            problems.extend(f"[{key}] {problem}" for problem in _cube_problems(item, where, base, cube_size))
+            if isinstance(item, dict) and "image" in item:
+                files.append(str((base / str(item["image"])).resolve()))
+                by_scan.setdefault(str(item.get("seriesuid")), []).append((key, position, item))
+    for uid, entries in by_scan.items():
+        if uid not in scans:
+            key, position, item = entries[0]
+            problems.append(
+                f"[{key}] {base / str(item['image'])}: seriesuid {uid} (item {position}) is not among the datalist's "
+                "scans; prepare the datalist again"
+            )
+            continue
+        scan = base / str(scans[uid].get("image"))
+        if not scan.exists():
+            continue
+        try:
+            geometry = scan_geometry(scan)
+        except RuntimeError as error:
+            problems.append(str(error))
+            continue
+        for key, position, item in entries:
+            cube = base / str(item["image"])
+            try:
+                world = np.array([float(item[c]) for c in ("coordX", "coordY", "coordZ")])
+            except (KeyError, TypeError, ValueError):
+                problems.append(f"[{key}] {cube}: item {position} needs numeric coordX, coordY, coordZ (world mm)")
+                continue
+            try:
+                check_inside(world_to_voxel(world, geometry), geometry, f"{cube}: the candidate (item {position})")
+            except ValueError as error:
+                problems.append(
+                    f"[{key}] {error} Scan {scan}, world {world.tolist()} mm: fix or drop the row of the candidates "
+                    "CSV and prepare again"
+                )
+    return files, problems, count
 
 
 def check_prepared(datalist: str | os.PathLike, cube_size: Sequence[int], spacing_mm: Sequence[float]) -> None:

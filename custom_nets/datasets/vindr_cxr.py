@@ -52,6 +52,7 @@ __all__ = [
     "BoxAnnotation",
     "LoadChestXrayd",
     "check_boxes_inside",
+    "detection_item_problems",
     "fuse_boxes",
     "inference_items",
     "load_detection_datalist",
@@ -290,6 +291,64 @@ def load_detection_datalist(datalist: str | os.PathLike, split: str, dataset_dir
     if not items:
         raise ValueError(f"section '{split}' of {datalist} is empty.")
     return items
+
+
+def detection_item_problems(
+    item: Any, position: int, base_dir: str | os.PathLike, num_classes: int | None = None
+) -> tuple[list[str], list[str]]:
+    """Check one entry of a detection datalist with the bundle's reader; never raises.
+
+    ``item`` is ``{"image": path, "box": [[x_min, y_min, x_max, y_max], ...], "label": [class id per box]}`` (boxes in
+    pixels of the file, as :func:`prepare` writes them), ``image`` relative to ``base_dir``. Checks that the image
+    exists, reads as one grayscale frame (:func:`read_chest_xray`), holds finite, not constant values, that every box
+    is non-empty and inside the image, and that there is one label per box, each in ``0..num_classes - 1`` (without
+    ``num_classes``: a non-negative integer).
+
+    Returns:
+        ``(files, problems)``: the resolved image path (for duplicate detection) and one line per problem, each naming
+        the file and the fix.
+    """
+    if not isinstance(item, dict) or not {"image", "box", "label"} <= set(item):
+        return [], [f"item {position}: {item!r} is not a dict with 'image', 'box' and 'label' (a detection entry)"]
+    path = Path(base_dir) / str(item["image"])
+    if not path.is_file():
+        return [str(path.resolve())], [f"{path}: file not found (item {position}); fix the path or the dataset_dir"]
+    files = [str(path.resolve())]
+    try:
+        pixels = read_chest_xray(path)
+    except Exception as error:  # PIL and pydicom raise many types for unreadable files
+        detail = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        return files, [
+            f"{path}: cannot read it as a radiograph ({detail}); it must be one grayscale PNG or DICOM frame: "
+            "re-export it or remove it from the datalist"
+        ]
+    if not np.isfinite(pixels).all():
+        return files, [f"{path}: NaN or infinite pixel values; re-export the image or remove it from the datalist"]
+    if float(pixels.min()) == float(pixels.max()):
+        return files, [f"{path}: constant image (every pixel is {float(pixels.min()):g}); remove it from the datalist"]
+    try:
+        boxes = np.asarray(item["box"], dtype=np.float64).reshape(-1, 4)
+        labels = np.asarray(item["label"], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return files, [
+            f"{path}: 'box' (item {position}) must be a list of [x_min, y_min, x_max, y_max] and 'label' a list of "
+            f"class ids, got {item['box']!r} and {item['label']!r}"
+        ]
+    if len(labels) != len(boxes):
+        return files, [f"{path}: {len(boxes)} boxes but {len(labels)} labels (item {position}); one label per box"]
+    allowed = f"0..{num_classes - 1}" if num_classes is not None else "integers >= 0"
+    wrong = [v for v in labels.tolist() if v != int(v) or v < 0 or (num_classes is not None and v >= num_classes)]
+    if wrong:
+        shown = [int(v) if v == int(v) else v for v in wrong[:10]]
+        return files, [
+            f"{path}: label values {shown} (item {position}) outside {allowed}; a label is the index of its finding "
+            "in class_names: fix the label or class_names"
+        ]
+    try:
+        check_boxes_inside(boxes, (pixels.shape[1], pixels.shape[0]), str(item.get("image_id", position)))
+    except ValueError as error:
+        return files, [f"{path}: {error}"]
+    return files, []
 
 
 def inference_items(

@@ -401,51 +401,19 @@ def test_skip_bad_trains_past_a_corrupt_item_and_lists_it(corpus: Path, tmp_path
     assert [entry["item"]["image"] for entry in skipped] == [str(tmp_path / "broken.nii.gz")]
 
 
-IDENTIFIERS = {
-    "PatientName": "Doe^Janet",
-    "PatientID": "PID-98765",
-    "PatientBirthDate": "19610203",
-    "AccessionNumber": "ACC-55555",
-    "InstitutionName": "St Example Hospital",
-}
-
-
-def _outputs_text(folder: Path) -> bytes:
-    """Every byte under ``folder``: files as stored, gzip members decompressed, checkpoint zips' members read."""
-    import gzip
-    import zipfile
-
-    chunks = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        chunks.append(str(path.relative_to(folder)).encode())
-        data = path.read_bytes()
-        chunks.append(data)
-        if data[:2] == b"\x1f\x8b":
-            chunks.append(gzip.decompress(data))
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                chunks.extend(archive.read(name) for name in archive.namelist())
-    return b"\n".join(chunks)
-
-
 @pytest.mark.slow
-def test_dicom_identifiers_never_reach_the_outputs(corpus: Path, tmp_path: Path) -> None:
-    """A DICOM series full of patient identifiers goes through pretraining, export and embedding inference; no
-    identifier appears in any output file, file name, log line or checkpoint."""
-    import logging
-
-    import pydicom
-
+def test_dicom_identifiers_never_reach_the_outputs_written_only_under_output_dir(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bundle_checks
+) -> None:
+    """A DICOM series full of patient identifiers goes through pretraining, export and embedding inference, run from
+    an empty working directory: no identifier appears in any output file, file name, log line or checkpoint, and
+    nothing is written outside ``output_dir`` (bundle, dataset and working directory untouched)."""
     from custom_nets.data.demo import _write_dicom_series
 
     series = tmp_path / "data" / "series"
     volume = (np.random.default_rng(0).random((32, 32, 10)) * 1000).astype(np.int16)
     _write_dicom_series(series, volume, (1.0, 1.0, 2.0), "CT", "identified")
-    for path in series.iterdir():
-        dataset = pydicom.dcmread(path)
-        for tag, value in IDENTIFIERS.items():
-            setattr(dataset, tag, value)
-        dataset.save_as(path, enforce_file_format=True)
+    bundle_checks.stamp_identifiers(series.iterdir())
     content = json.loads(corpus.read_text())
     items = [{**item, "image": str(corpus.parent / item["image"])} for item in content["training"]]
     first_volume = next(i for i, item in enumerate(items) if item["kind"] == "volume")
@@ -453,20 +421,21 @@ def test_dicom_identifiers_never_reach_the_outputs(corpus: Path, tmp_path: Path)
     datalist = tmp_path / "data" / "datalist.json"
     datalist.write_text(json.dumps({**content, "training": items}))
 
-    log_file = tmp_path / "outputs" / "run.log"
-    log_file.parent.mkdir()
-    handler = logging.FileHandler(log_file)
-    logging.getLogger().addHandler(handler)
-    try:
-        train(corpus, tmp_path / "outputs" / "run", datalist=str(datalist))
-        exported = export_pretrained(tmp_path / "outputs" / "run" / "model_final.pt", tmp_path / "outputs" / "model.pt")
+    outputs, cwd = tmp_path / "outputs", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    watched = (BUNDLE, corpus.parent, tmp_path / "data", cwd)
+    before = bundle_checks.snapshot(*watched)
+    with bundle_checks.log_to(outputs / "run.log"):
+        train(corpus, outputs / "run", datalist=str(datalist))
+        exported = export_pretrained(outputs / "run" / "model_final.pt", outputs / "model.pt")
         workflow = create_workflow(
             config_file=INFERENCE,
             workflow_type="inference",
             bundle_root=str(BUNDLE),
             dataset_dir=str(tmp_path / "data"),
             datalist=str(datalist),
-            output_dir=str(tmp_path / "outputs" / "embeddings"),
+            output_dir=str(outputs / "embeddings"),
             ckpt_path=str(exported),
             encoder_depth=18,
             embed_dim=32,
@@ -476,12 +445,7 @@ def test_dicom_identifiers_never_reach_the_outputs(corpus: Path, tmp_path: Path)
             per_slice=True,
         )
         workflow.run()
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-    assert str(series) in (tmp_path / "outputs" / "embeddings" / "embeddings.csv").read_text()  # the series was read
-    assert IDENTIFIERS["PatientID"].encode() in _outputs_text(tmp_path / "data")  # the search finds them in the input
-    everything = _outputs_text(tmp_path / "outputs")
-    for tag, value in IDENTIFIERS.items():
-        for form in {value, value.replace("^", " ")}:
-            assert form.encode() not in everything, (tag, form)
+    bundle_checks.assert_confined(before, bundle_checks.snapshot(*watched), outputs)
+    assert str(series) in (outputs / "embeddings" / "embeddings.csv").read_text()  # the series was read
+    assert bundle_checks.leaked_identifiers(bundle_checks.output_bytes(tmp_path / "data"))  # found in the input
+    assert bundle_checks.leaked_identifiers(bundle_checks.output_bytes(outputs)) == []

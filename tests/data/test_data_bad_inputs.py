@@ -1,5 +1,6 @@
 """A bad-input corpus generated here, one case a folder: each bad file or datalist gives exactly one problem from
-``validate_data`` that names the file and says what is wrong, in the text error and in the JSON report."""
+``validate_data`` that names the file and says what is wrong, in the text error and in the JSON report. Pretraining,
+segmentation (heart, brainseg), detection (finetune_cxr) and candidate-cube (finetune_nodule) datalists."""
 
 from __future__ import annotations
 
@@ -262,6 +263,120 @@ def nan_image_in_a_pair(root):
     return _pair(root, np.zeros((8, 8, 5), np.uint8), image=image), "img.nii.gz", "NaN or infinite", {}
 
 
+# finetune_cxr: detection datalists (a PNG or DICOM radiograph, boxes in its pixels, one class id per box)
+def _radiograph(root: Path, name: str = "cxr.png", size=(24, 32)) -> str:
+    Image.fromarray(RNG.integers(0, 255, size, dtype=np.uint8)).save(root / name)  # 24 rows x 32 columns
+    return name
+
+
+def _detection(image: str, box=((2.0, 3.0, 12.0, 14.0),), label=(0,)) -> dict:
+    return {"training": [{"image": image, "box": [list(b) for b in box], "label": list(label), "image_id": "a1"}]}
+
+
+def cxr_box_outside_the_image(root):
+    content = _detection(_radiograph(root), box=[(20.0, 3.0, 40.0, 14.0)])  # x_max 40 > width 32
+    return content, "cxr.png", "outside the image of width 32 and height 24", {"num_classes": 14}
+
+
+def cxr_empty_box(root):
+    return _detection(_radiograph(root), box=[(12.0, 3.0, 12.0, 14.0)]), "cxr.png", "is empty or outside", {}
+
+
+def cxr_label_out_of_range(root):
+    return _detection(_radiograph(root), label=[14]), "cxr.png", "outside 0..13", {"num_classes": 14}
+
+
+def cxr_labels_do_not_match_boxes(root):
+    return _detection(_radiograph(root), label=[0, 3]), "cxr.png", "one label per box", {}
+
+
+def cxr_missing_image(root):
+    return _detection("absent.png"), "absent.png", "file not found", {}
+
+
+def cxr_text_named_png(root):
+    (root / "cxr.png").write_text("not an image")
+    return _detection("cxr.png"), "cxr.png", "cannot read it as a radiograph", {}
+
+
+def cxr_multi_frame_dicom(root):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    dataset.Rows, dataset.Columns, dataset.NumberOfFrames = 24, 32, 3
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
+    dataset.PixelData = RNG.integers(0, 4000, (3, 24, 32)).astype(np.uint16).tobytes()
+    dataset.save_as(root / "cine.dcm", enforce_file_format=True)
+    return _detection("cine.dcm"), "cine.dcm", "expected one grayscale frame", {}
+
+
+def cxr_constant_image(root):
+    Image.fromarray(np.zeros((24, 32), np.uint8)).save(root / "black.png")
+    return _detection("black.png"), "black.png", "constant image", {}
+
+
+# finetune_nodule: candidate datalists written by prepare_luna16 (cubes .npy, folds subset<N>, scans with headers)
+def _candidates(root: Path, cube: np.ndarray | None = None, label=0, world=(5.0, 6.0, 7.0), uid="1.2.3") -> dict:
+    import itk
+
+    image = itk.image_from_array(np.zeros((6, 10, 12), np.int16))  # 12 x 10 x 6 voxels of 1 x 1 x 2 mm from 0
+    image.SetSpacing([1.0, 1.0, 2.0])
+    (root / "scans").mkdir(exist_ok=True)
+    itk.imwrite(image, str(root / "scans" / "1.2.3.mhd"))
+    (root / "cubes").mkdir(exist_ok=True)
+    np.save(root / "cubes" / "7.npy", np.full((4, 6, 6), -800, np.int16) if cube is None else cube)
+    entry = {"image": "cubes/7.npy", "label": label, "seriesuid": uid, "subset": 0, "candidate": 7}
+    entry.update(zip(("coordX", "coordY", "coordZ"), world, strict=True))
+    scans = {"1.2.3": {"image": "scans/1.2.3.mhd", "subset": 0}}
+    return {"cube_size": [4, 6, 6], "spacing_mm": [1.0, 1.0, 1.0], "scans": scans, "subset0": [entry]}
+
+
+def nodule_candidate_outside_its_scan(root):
+    return _candidates(root, world=(5.0, 6.0, 30.0)), "7.npy", "lies outside its scan", {}  # the scan ends at z 11
+
+
+def nodule_cube_of_the_wrong_shape(root):
+    return _candidates(root, cube=np.zeros((6, 6), np.int16)), "7.npy", "cube of shape (6, 6)", {}
+
+
+def nodule_nan_cube(root):
+    cube = np.zeros((4, 6, 6), np.float32)
+    cube[1, 2, 3] = np.nan
+    return _candidates(root, cube=cube), "7.npy", "NaN or infinite", {}
+
+
+def nodule_truncated_cube(root):
+    content = _candidates(root)
+    data = (root / "cubes" / "7.npy").read_bytes()
+    (root / "cubes" / "7.npy").write_bytes(data[: len(data) // 2])
+    return content, "7.npy", "not a readable .npy cube", {}
+
+
+def nodule_missing_cube(root):
+    content = _candidates(root)
+    (root / "cubes" / "7.npy").unlink()
+    return content, "7.npy", "file not found", {}
+
+
+def nodule_label_not_binary(root):
+    return _candidates(root, label=2), "7.npy", "label 2", {}
+
+
+def nodule_unknown_seriesuid(root):
+    return _candidates(root, uid="9.9.9"), "7.npy", "seriesuid 9.9.9", {}
+
+
+def nodule_empty_fold(root):
+    return {**_candidates(root), "subset0": []}, "datalist.json", "no candidate in this fold", {}
+
+
 CASES: list[Case] = [
     missing_file, zero_byte_file, truncated_nifti, png_named_nifti, nifti_named_png, text_file, text_named_dicom,
     four_d_volume, nan_volume, inf_volume, constant_volume, absurd_nifti_header, absurd_metaimage_header,
@@ -270,6 +385,10 @@ CASES: list[Case] = [
     two_series_in_one_folder, folder_without_dicom, path_through_a_file, empty_datalist, not_json, no_training_list,
     item_without_image, unknown_kind, unknown_modality, duplicate_entry, label_out_of_range, negative_label,
     mismatched_shapes, mismatched_affines, missing_label, nan_image_in_a_pair,
+    cxr_box_outside_the_image, cxr_empty_box, cxr_label_out_of_range, cxr_labels_do_not_match_boxes, cxr_missing_image,
+    cxr_text_named_png, cxr_multi_frame_dicom, cxr_constant_image,
+    nodule_candidate_outside_its_scan, nodule_cube_of_the_wrong_shape, nodule_nan_cube, nodule_truncated_cube,
+    nodule_missing_cube, nodule_label_not_binary, nodule_unknown_seriesuid, nodule_empty_fold,
 ]  # fmt: skip
 
 

@@ -93,18 +93,6 @@ def test_skip_with_an_amp_scaler_lets_the_scaler_skip_the_step():
     assert torch.equal(layer.weight.detach(), before) and scaler.get_scale() == 2.0
 
 
-class NaNAt:
-    """A loss that returns NaN at one call (a stand-in for a diverging step inside a bundle)."""
-
-    def __init__(self, loss: torch.nn.Module, call: int) -> None:
-        self.loss, self.call, self.calls = loss, call, 0
-
-    def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        value = self.loss(prediction, target)
-        return value * float("nan") if self.calls == self.call else value
-
-
 def _heart_dataset(root: Path) -> Path:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
@@ -121,10 +109,11 @@ def _heart_dataset(root: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_heart_bundle_keeps_its_last_good_checkpoint(tmp_path, policy):
+def test_heart_bundle_keeps_its_last_good_checkpoint(tmp_path, policy, bundle_checks):
     bundle = tmp_path / "heart"
     shutil.copytree(HEART, bundle, ignore=shutil.ignore_patterns("models", "outputs"))
-    loss = NaNAt(DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True), call=3)  # epoch 2, first step
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
+    loss = bundle_checks.NaNAt(dice_ce, call=3)  # epoch 2, first step
     overrides = {
         "bundle_root": str(bundle),
         "dataset_dir": str(_heart_dataset(tmp_path / "raw")),

@@ -190,3 +190,148 @@ def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, luna_data):
     assert "head.1.weight" in state  # DDP's "module." prefix is not saved
     checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == 1  # 4 draws shared by 2 processes, batch 2
+
+
+def _workflow(root: Path, dataset_dir: Path, **overrides) -> ConfigWorkflow:
+    """The training workflow of the bundle copy ``root`` on tiny cubes, initialised (start-up check included), its
+    trainer built first in every run (construction order decides the initial weights)."""
+    workflow = ConfigWorkflow(
+        config_file=str(root / "configs" / "train.json"),
+        workflow_type="train",
+        bundle_root=str(root),
+        dataset_dir=str(dataset_dir),
+        samples_per_epoch=4,
+        **{**TINY, **FOLDS, **overrides},
+    )
+    workflow.initialize()
+    assert workflow.trainer is not None
+    return workflow
+
+
+@pytest.mark.slow
+def test_start_up_check_refuses_a_candidate_outside_its_scan_unless_turned_off(tmp_path, luna_data):
+    root = _copy_bundle(tmp_path)
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    datalist = dataset_dir / "datalist.json"
+    content = json.loads(datalist.read_text())
+    moved = content["subset1"][2]
+    moved["coordZ"] += 500.0  # far above the scan: a datalist edited by hand, or coordinates of another scan
+    datalist.write_text(json.dumps(content))
+    with pytest.raises(RuntimeError) as stopped:  # MONAI wraps errors of the config's "initialize"
+        _workflow(root, dataset_dir, epochs=1)
+    message = str(stopped.value.__cause__)
+    assert f"{dataset_dir / moved['image']}: the candidate (item 2) lies outside its scan" in message
+    assert "fix or drop the row of the candidates CSV" in message and message.count("\n") == 1  # one problem
+    workflow = _workflow(root, dataset_dir, epochs=1, validate_data=False)  # the check is on by default, not forced
+    workflow.run()
+    assert workflow.trainer.state.iteration == 2
+
+
+@pytest.mark.slow
+def test_nan_policy_stop_keeps_the_last_good_checkpoint(tmp_path, luna_data, bundle_checks):
+    root = _copy_bundle(tmp_path)
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    loss = bundle_checks.NaNAt(torch.nn.BCEWithLogitsLoss(), call=3)  # epoch 2, first step
+    workflow = _workflow(root, dataset_dir, epochs=2, loss=loss)
+    assert workflow.parser.get_parsed_content("nan_policy") == "stop"  # the default
+    with pytest.raises(RuntimeError) as stopped:
+        workflow.run()
+    assert isinstance(stopped.value.__cause__, FloatingPointError)
+    assert "iteration 3 (epoch 2); nan_policy 'stop'" in str(stopped.value.__cause__)
+    checkpoints = root / "outputs" / "checkpoints"
+    assert torch.load(checkpoints / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 2
+    for path in [*checkpoints.glob("*.pt"), root / "models" / "model.pt"]:
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state.get("model", state).values() if v.is_floating_point()), path
+
+
+@pytest.mark.slow
+def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_weights(tmp_path, luna_data, bundle_checks):
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    reference_root = _copy_bundle(tmp_path / "reference")
+    _workflow(reference_root, dataset_dir, epochs=2).run()
+    root = _copy_bundle(tmp_path / "interrupted")
+    interrupted = _workflow(root, dataset_dir, epochs=2)
+    bundle_checks.terminate_after_epoch(interrupted, 1)
+    interrupted.run()
+    checkpoints = root / "outputs" / "checkpoints"
+    assert "random_state" in torch.load(checkpoints / "checkpoint_epoch=1.pt", weights_only=True)
+    resumed = _workflow(root, dataset_dir, epochs=2, resume=str(checkpoints / "checkpoint_epoch=1.pt"))
+    resumed.run()
+    final = torch.load(checkpoints / "checkpoint_final.pt", weights_only=True)
+    expected = torch.load(reference_root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == expected["trainer"]["iteration"] == 4
+    assert [k for k, v in expected["model"].items() if not torch.equal(final["model"][k], v)] == []
+
+
+def _dicom_luna_folder(root: Path, luna_data, stamp_identifiers):
+    """The generated LUNA16 folder with every scan as a CT DICOM series full of patient identifiers (axial, identity
+    direction) in place of its .mhd, the CSV coordinates moved to the series' world space."""
+    import csv
+
+    import numpy as np
+
+    raw = luna_data.make_luna_folder(root, num_scans=4)
+    dicom = luna16.ScanGeometry(
+        np.asarray(luna_data.ORIGIN, float), np.asarray(luna_data.SPACING, float), np.eye(3), luna_data.SIZE
+    )
+    geometries = {}
+    for subset, uid in enumerate(raw.uids):
+        scan = root / f"subset{subset}" / f"{uid}.mhd"
+        array, geometries[uid] = luna16.read_scan(scan)
+        scan.unlink()
+        scan.with_suffix(".raw").unlink()
+        series = luna_data.write_dicom_series(root / f"subset{subset}" / f"series{subset}", array, uid)
+        stamp_identifiers(sorted(series.iterdir()))
+    for name in ("candidates_V2.csv", "annotations.csv", "annotations_excluded.csv"):
+        with open(root / name, newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields, rows = reader.fieldnames, list(reader)
+        for row in rows:
+            world = np.array([float(row[k]) for k in ("coordX", "coordY", "coordZ")])
+            moved = luna16.voxel_to_world(luna16.world_to_voxel(world, geometries[row["seriesuid"]]), dicom)
+            row.update(zip(("coordX", "coordY", "coordZ"), moved.tolist(), strict=True))
+        with open(root / name, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    return raw
+
+
+@pytest.mark.slow
+def test_dicom_identifiers_never_reach_the_outputs(tmp_path, luna_data, bundle_checks, capfd, monkeypatch):
+    """prepare -> train -> evaluate -> infer on DICOM series full of patient identifiers: none of them in any output
+    (prepared cubes and datalist, checkpoints, TensorBoard events, CSV / JSON / PNG reports, file names, logs).
+    Training and evaluation run from the repository's bundle folder and an empty working directory, with `output_dir`
+    and `ckpt_dir` in a temporary folder: nothing is written anywhere else."""
+    raw = _dicom_luna_folder(tmp_path / "raw", luna_data, bundle_checks.stamp_identifiers)
+    cube = [CUBE["num_slices"], *CUBE["image_size"]]
+    dataset_dir = tmp_path / "data"
+    luna16.prepare(str(raw.root), str(dataset_dir), cube_size=cube, spacing_mm=CUBE["spacing_mm"])
+    outputs, cwd = tmp_path / "outputs", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    watched = (BUNDLES / "finetune_nodule", raw.root, dataset_dir, cwd)
+    before = bundle_checks.snapshot(*watched)
+    common = {"dataset_dir": str(dataset_dir), "output_dir": str(outputs), "ckpt_dir": str(outputs / "models")}
+    common.update(TINY, **FOLDS)
+    with bundle_checks.log_to(outputs / "run.log"):
+        _run(BUNDLES / "finetune_nodule", ["train.json"], epochs=1, samples_per_epoch=4, **common)
+        _run(BUNDLES / "finetune_nodule", ["train.json", "evaluate.json"], bootstrap_samples=5, **common)
+    bundle_checks.assert_confined(before, bundle_checks.snapshot(*watched), outputs)
+    assert (outputs / "eval" / "froc.json").is_file() and any((outputs / "tensorboard").iterdir())
+
+    root = _copy_bundle(tmp_path)  # inference reads <bundle_root>/models/model.pt
+    (root / "models").mkdir()
+    shutil.copy(outputs / "models" / "model.pt", root / "models" / "model.pt")
+    scan = raw.root / "subset3" / "series3"
+    with bundle_checks.log_to(outputs / "inference.log"):
+        _run(root, ["inference.json"], scan=str(scan), candidates_csv=str(raw.root / "candidates_V2.csv"), **TINY)
+    assert len(_read_csv(root / "outputs" / "inference" / f"{raw.uids[3]}_scored.csv")) == 5  # the series was read
+    assert bundle_checks.leaked_identifiers(bundle_checks.output_bytes(scan))  # the search finds the input's
+    captured = capfd.readouterr()
+    everything = b"\n".join(
+        [captured.out.encode(), captured.err.encode(), *map(bundle_checks.output_bytes, (dataset_dir, outputs, root))]
+    )
+    assert b"tfevents" in everything and b"froc" in everything
+    assert bundle_checks.leaked_identifiers(everything) == []

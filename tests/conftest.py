@@ -1,0 +1,131 @@
+"""Helpers shared by the bundle tests (conftest is not importable as a module, so they come as the ``bundle_checks``
+fixture): a loss that turns NaN at one call, DICOM files stamped with patient identifiers, and the search of every
+output of a run for those identifiers."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+# Values that must never reach an output (logs, reports, CSV, JSON, TensorBoard events, checkpoints, file names); every
+# word of 6 characters or more is searched on its own, so each is one that no output holds by chance.
+IDENTIFIERS = {
+    "PatientName": "Doe^Janet^Secretname",
+    "PatientID": "PID-98765-SECRET",
+    "PatientBirthDate": "19610203",
+    "AccessionNumber": "ACC-55555",
+    "InstitutionName": "Secretplace Infirmary",
+}
+
+
+class NaNAt:
+    """A loss that returns NaN at one call (a stand-in for a diverging step inside a bundle); ``calls`` counts them."""
+
+    def __init__(self, loss: Any, call: int) -> None:
+        self.loss, self.call, self.calls = loss, call, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        value = self.loss(*args, **kwargs)
+        return value * float("nan") if self.calls == self.call else value
+
+
+def stamp_identifiers(paths: Iterable[str | os.PathLike], identifiers: Mapping[str, str] = IDENTIFIERS) -> None:
+    """Write ``identifiers`` (DICOM keyword -> value) into every DICOM file of ``paths``, in place."""
+    import pydicom
+
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        for keyword, value in identifiers.items():
+            setattr(dataset, keyword, value)
+        dataset.save_as(path, enforce_file_format=True)
+
+
+def output_bytes(folder: str | os.PathLike) -> bytes:
+    """Every byte under ``folder``: relative file names, files as stored, gzip members decompressed, the members of
+    zip files (``torch.save`` checkpoints) read."""
+    folder = Path(folder)
+    chunks = []
+    for path in sorted(folder.rglob("*")):
+        chunks.append(str(path.relative_to(folder)).encode())
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        chunks.append(data)
+        if data[:2] == b"\x1f\x8b":
+            chunks.append(gzip.decompress(data))
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                chunks.extend(archive.read(name) for name in archive.namelist())
+    return b"\n".join(chunks)
+
+
+def leaked_identifiers(content: bytes, identifiers: Mapping[str, str] = IDENTIFIERS) -> list[tuple[str, str]]:
+    """``(keyword, form)`` of every identifier found in ``content`` (case-insensitive): the value as written, with
+    DICOM's ``^`` as spaces, and each of its words (split at ``^`` and spaces) of 6 characters or more."""
+    content = content.lower()
+    found = []
+    for keyword, value in identifiers.items():
+        words = value.replace("^", " ").split()
+        forms = {value, value.replace("^", " "), *(word for word in words if len(word) >= 6)}
+        found += [(keyword, form) for form in sorted(forms) if form.lower().encode() in content]
+    return found
+
+
+@contextlib.contextmanager
+def log_to(path: str | os.PathLike) -> Iterator[Path]:
+    """Copy every log record of the block (all loggers, as the bundles' logging.conf lets them through) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield path
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def assert_confined(before: Mapping[str, float], after: Mapping[str, float], allowed: str | os.PathLike) -> None:
+    """Fail naming every path created or modified between two :func:`snapshot` calls outside ``allowed``."""
+    allowed = Path(allowed).resolve()
+    changed = [path for path, mtime in after.items() if before.get(path) != mtime]
+    outside = [path for path in changed if not Path(path).resolve().is_relative_to(allowed)]
+    assert not outside, f"written outside {allowed}: {outside[:10]}"
+
+
+def terminate_after_epoch(workflow: Any, epoch: int) -> None:
+    """End the training of a bundle workflow cleanly after ``epoch`` (its savers still write that epoch), as an
+    interrupted run that is resumed later."""
+    from ignite.engine import Events
+
+    workflow.trainer.add_event_handler(Events.EPOCH_COMPLETED(once=epoch), lambda engine: engine.terminate())
+
+
+def snapshot(*folders: str | os.PathLike) -> dict[str, float]:
+    """Every path under ``folders`` with its modification time (to tell what a run created or changed)."""
+    return {str(p): p.stat().st_mtime for folder in folders for p in Path(folder).rglob("*")}
+
+
+@pytest.fixture
+def bundle_checks() -> SimpleNamespace:
+    return SimpleNamespace(
+        IDENTIFIERS=IDENTIFIERS,
+        NaNAt=NaNAt,
+        stamp_identifiers=stamp_identifiers,
+        output_bytes=output_bytes,
+        leaked_identifiers=leaked_identifiers,
+        snapshot=snapshot,
+        assert_confined=assert_confined,
+        log_to=log_to,
+        terminate_after_epoch=terminate_after_epoch,
+    )
