@@ -40,6 +40,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from custom_nets.atomic_files import atomic_write_text
 from custom_nets.packaging import verify_bundle_weights
 
 logger = logging.getLogger(__name__)
@@ -107,9 +108,7 @@ def _apply_overrides(config_dir: Path, overrides: Mapping[str, object]) -> None:
         served = {**SERVED_OVERRIDES.get(name, {}), **overrides}
         updated = {**config, **{key: value for key, value in served.items() if key in config}}
         if updated != config:
-            temporary = config_dir / f".{name}.tmp"
-            temporary.write_text(json.dumps(updated, indent=4) + "\n")
-            os.replace(temporary, config_dir / name)
+            atomic_write_text(config_dir / name, json.dumps(updated, indent=4) + "\n")
 
 
 def _sync_label_names(bundle_dir: Path) -> None:
@@ -135,9 +134,7 @@ def _sync_label_names(bundle_dir: Path) -> None:
     output = next(iter(metadata["network_data_format"]["outputs"].values()))
     if output.get("channel_def") != channel_def:
         output.update(channel_def=channel_def, num_channels=len(channel_def))
-        temporary = metadata_file.with_name(f".{metadata_file.name}.tmp")
-        temporary.write_text(json.dumps(metadata, indent=4) + "\n")
-        os.replace(temporary, metadata_file)
+        atomic_write_text(metadata_file, json.dumps(metadata, indent=4) + "\n")
 
 
 def install_bundle(

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from custom_nets.atomic_files import atomic_path, atomic_write_json
 from custom_nets.weights import WeightLoadReport, load_weights
 
 __all__ = ["RELEASE_URL_VARIABLE", "download_bundle", "package_bundle", "sha256_of", "verify_bundle_weights"]
@@ -56,12 +57,6 @@ def _release_prefix(bundle_dir: Path) -> tuple[str, str]:
     if version not in metadata.get("changelog", {}):
         raise ValueError(f"{metadata_file}: version {version!r} has no changelog entry; add one before a release.")
     return bundle_dir.resolve().name, version  # the folder name, as in the model zoo (metadata names are titles)
-
-
-def _write_atomically(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
 
 
 def package_bundle(
@@ -97,7 +92,8 @@ def package_bundle(
         if not source.is_file():
             raise FileNotFoundError(f"weight file {source} (for {destination}) not found.")
         asset = f"{prefix}_{Path(destination).name}"
-        _write_atomically(out_dir / asset, lambda path, s=source: shutil.copyfile(s, path))
+        with atomic_path(out_dir / asset) as temporary:
+            shutil.copyfile(source, temporary)
         entry = {"path": destination, "url": f"{base_url.rstrip('/')}/{asset}"}
         large_files.append({**entry, "hash_val": sha256_of(out_dir / asset), "hash_type": "sha256"})
         sidecar = source.with_suffix(".json")
@@ -109,18 +105,15 @@ def package_bundle(
     large_files_text = header + yaml.safe_dump({"large_files": large_files}, sort_keys=False)
     inference_text = _overridden_inference(bundle_dir / "configs" / "inference.json", inference_overrides or {})
 
-    def write_zip(path: Path) -> None:
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-            for file in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
-                relative = file.relative_to(bundle_dir)
-                if relative.as_posix() == "configs/inference.json":
-                    archive.writestr(f"{name}/configs/inference.json", inference_text)
-                elif not EXCLUDED_NAMES.intersection(relative.parts) and relative.suffix != ".pyc":
-                    archive.write(file, f"{name}/{relative.as_posix()}")
-            archive.writestr(f"{name}/large_files.yml", large_files_text)
-
     zip_path = out_dir / f"{prefix}.zip"
-    _write_atomically(zip_path, write_zip)
+    with atomic_path(zip_path) as temporary, zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
+            relative = file.relative_to(bundle_dir)
+            if relative.as_posix() == "configs/inference.json":
+                archive.writestr(f"{name}/configs/inference.json", inference_text)
+            elif not EXCLUDED_NAMES.intersection(relative.parts) and relative.suffix != ".pyc":
+                archive.write(file, f"{name}/{relative.as_posix()}")
+        archive.writestr(f"{name}/large_files.yml", large_files_text)
     manifest = {
         "name": name,
         "version": version,
@@ -130,7 +123,7 @@ def package_bundle(
         "provenance": provenance,
     }
     manifest_path = out_dir / f"{prefix}.json"
-    _write_atomically(manifest_path, lambda path: path.write_text(json.dumps(manifest, indent=2)))
+    atomic_write_json(manifest_path, manifest)
     return manifest_path
 
 

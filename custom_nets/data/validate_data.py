@@ -13,25 +13,20 @@ datalists of ``finetune_nodule`` (folds ``subset<N>``) are all checked. See
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from custom_nets.atomic_files import atomic_write_json
 from custom_nets.data.datalist import DatalistError, validate_datalist
 
 __all__ = ["validate_data", "write_report"]
 
 
 def write_report(report: str | os.PathLike, content: dict[str, Any]) -> Path:
-    """Write ``content`` as JSON to ``report`` atomically (temporary file, then rename)."""
-    path = Path(report)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, path)
-    return path
+    """Write ``content`` as JSON to ``report`` atomically."""
+    return atomic_write_json(report, content)
 
 
 def validate_data(
