@@ -251,7 +251,12 @@ def encoder_weight_change(
 ) -> dict[str, dict]:
     """Relative weight change of the slice encoder per stage (:func:`relative_change_by_stage`): by pretraining
     (initialisation -> export) and by end-to-end fine-tuning of the pretrained encoder (export -> each trial's model,
-    mean over seeds per budget). Shows which stages keep what pretraining put there."""
+    mean over seeds per budget). Shows which stages keep what pretraining put there.
+
+    Returns:
+        ``{"pretraining": {stage: change}, "fine_tuning": {budget: {stage: change}}}``; ``fine_tuning`` only when the
+        ``end_to_end`` protocol ran (the frozen protocol leaves the encoder as exported).
+    """
     pretrained = torch.load(weights, map_location="cpu", weights_only=True)
     change: dict[str, dict] = {"pretraining": relative_change_by_stage(initial_encoder, pretrained)}
     if "end_to_end" in protocols:
@@ -276,7 +281,7 @@ def encoder_weight_change(
                 for seed in seeds
             ]
             by_budget[str(budget)] = {stage: float(np.mean([t[stage] for t in trials])) for stage in trials[0]}
-        change["fine-tuning (end_to_end, pretrained init)"] = by_budget
+        change["fine_tuning"] = by_budget
     return change
 
 
@@ -333,7 +338,7 @@ def _format_report(report: Mapping) -> str:
     change = report["weight_change"]
     lines.append("encoder weight change ||dW|| / ||W||    " + "  ".join(f"{stage:>6}" for stage in ENCODER_STAGES))
     rows = [("pretraining", change["pretraining"])]
-    for budget, stages in change.get("fine-tuning (end_to_end, pretrained init)", {}).items():
+    for budget, stages in change.get("fine_tuning", {}).items():
         rows.append((f"fine-tuning, {budget} labelled", stages))
     for name, stages in rows:
         lines.append(

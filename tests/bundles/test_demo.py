@@ -103,7 +103,7 @@ def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path
     change = saved["weight_change"]
     assert set(change["pretraining"]) == {"stem", "layer1", "layer2", "layer3", "layer4"}
     assert all(value >= 0 for value in change["pretraining"].values())  # 0 here: one warm-up iteration at lr 0
-    tuned_change = change["fine-tuning (end_to_end, pretrained init)"]
+    tuned_change = change["fine_tuning"]
     assert set(tuned_change) == {"3"} and all(value > 0 for value in tuned_change["3"].values())
     assert saved["training_rank_history"] and saved["training_rank_history"][-1] == saved["training_rank"]
     for plot in ("label_efficiency.png", "embeddings.png", "effective_rank.png"):
