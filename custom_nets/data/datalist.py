@@ -29,15 +29,17 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from custom_nets.atomic_files import atomic_write_json
 from custom_nets.data.intensity import canonical_modality
 
 __all__ = [
     "DatalistError",
+    "DatalistProblem",
     "IMAGE_EXTENSIONS",
     "VOLUME_EXTENSIONS",
     "DICOM_EXTENSIONS",
@@ -46,6 +48,7 @@ __all__ = [
     "infer_kind",
     "is_dicom_file",
     "load_datalist",
+    "log_skipped_items",
     "prepare_items",
     "usable_datalist",
     "validate_datalist",
@@ -209,20 +212,8 @@ def load_datalist(
             :func:`prepare_items`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatalistError(
-            f"{path}: datalist file not found; create one with `python -m custom_nets.data.make_datalist`"
-        )
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatalistError(f"{path}: not a readable JSON datalist ({error}); fix or regenerate it") from error
-    if not isinstance(content, dict) or key not in content:
-        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise DatalistError(f"{path}: no {key!r} list (found {keys}); pass the right key or regenerate the datalist")
-    if not isinstance(content[key], list):
-        raise DatalistError(f"{path}: {key!r} must be a list of items, got {type(content[key]).__name__}")
-    return prepare_items(content[key], path.parent if base_dir is None else base_dir, source=f"{path} [{key}]")
+    items = _section(_read_datalist_json(path), path, key)
+    return prepare_items(items, path.parent if base_dir is None else base_dir, source=f"{path} [{key}]")
 
 
 def _read_datalist_json(path: Path) -> Any:
@@ -234,6 +225,16 @@ def _read_datalist_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatalistError(f"{path}: not a readable JSON datalist ({error}); fix or regenerate it") from error
+
+
+def _section(content: Any, path: Path, key: str) -> list:
+    """The ``key`` list of a datalist's content; a :class:`DatalistError` when it is missing or not a list."""
+    if not isinstance(content, dict) or key not in content:
+        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise DatalistError(f"{path}: no {key!r} list (found {keys}); pass the right key or regenerate the datalist")
+    if not isinstance(content[key], list):
+        raise DatalistError(f"{path}: {key!r} must be a list of items, got {type(content[key]).__name__}")
+    return content[key]
 
 
 def _is_segmentation_list(items: Any) -> bool:
@@ -255,6 +256,119 @@ def _default_keys(content: Any) -> list[str]:
         folds = [k for k in lists if k.startswith("subset") and k[6:].isdigit() and isinstance(lists[k], list)]
         return sorted(folds, key=lambda k: int(k[6:]))
     return [k for k in ("training", "validation", "testing", "test") if isinstance(lists.get(k), list)]
+
+
+class DatalistProblem(NamedTuple):
+    """One line of a datalist check and the items it makes unusable, as ``(list key, position)`` pairs; no item
+    (an empty fold, a missing list) means the datalist as a whole is at fault and no item can be left out instead."""
+
+    line: str
+    items: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass
+class _Findings:
+    """What :func:`_check_datalist` found: items per kind and modality, problems, and where each file is listed."""
+
+    kinds: Counter = field(default_factory=Counter)
+    modalities: Counter = field(default_factory=Counter)
+    problems: list[DatalistProblem] = field(default_factory=list)
+    listed: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+
+    def add(self, key: str, position: int, files: Sequence[str], lines: Sequence[str]) -> None:
+        self.problems.extend(DatalistProblem(f"[{key}] {line}", ((key, position),)) for line in lines)
+        for file in files:
+            self.listed.setdefault(file, []).append((key, position))
+
+
+def _check_pretraining_list(
+    findings: _Findings, content: Any, path: Path, base_dir: str | os.PathLike | None, key: str, read_all: bool
+) -> None:
+    """Items of a pretraining list: paths, kind, modality (:func:`_item_problems`), then each file read as in training.
+
+    Without ``read_all`` no file is read once an item has a path problem (a wrong ``base_dir`` fails every item fast).
+    """
+    from custom_nets.data.loading import load_item_array
+
+    try:
+        items = _section(content, path, key)
+    except DatalistError as error:
+        findings.problems.append(DatalistProblem(f"[{key}] {error}"))
+        return
+    if not items:
+        findings.problems.append(
+            DatalistProblem(
+                f"[{key}] {path} [{key}]: the datalist is empty; add items or run "
+                "`python -m custom_nets.data.make_datalist`"
+            )
+        )
+        return
+    base = Path(os.path.expanduser(os.fspath(path.parent if base_dir is None else base_dir)))
+    problems_before = len(findings.problems)
+    readable = []
+    for position, raw in enumerate(items):
+        item, lines = _item_problems(raw, position, base)
+        findings.add(key, position, [], lines)
+        if item is None:
+            continue
+        findings.kinds[item["kind"]] += 1
+        findings.modalities[item["modality"] or "unspecified"] += 1
+        findings.listed.setdefault(str(Path(item["image"]).resolve()), []).append((key, position))
+        if not lines:
+            readable.append((position, item))
+    if len(findings.problems) > problems_before and not read_all:
+        return
+    for position, item in readable:
+        try:
+            load_item_array(item, reject_constant=True)
+        except Exception as error:  # every reader failure becomes one line of the report
+            findings.add(
+                key, position, [], [str(error) if item["image"] in str(error) else f"{item['image']}: {error}"]
+            )
+
+
+def _check_datalist(
+    path: Path,
+    content: Any,
+    base_dir: str | os.PathLike | None,
+    keys: Sequence[str],
+    num_classes: int | None,
+    read_all: bool = False,
+) -> _Findings:
+    """Every problem of the ``keys`` lists, each with the items it concerns (see :func:`validate_datalist`)."""
+    from custom_nets.data.segmentation import segmentation_item_problems
+    from custom_nets.datasets.luna16 import candidate_datalist_problems
+    from custom_nets.datasets.vindr_cxr import detection_item_problems
+
+    base = Path(path.parent if base_dir is None else base_dir)
+    findings = _Findings()
+    for key in keys:
+        if _is_candidate_datalist(content):
+            files, problems, count = candidate_datalist_problems(content, [key], base, source=str(path))
+            findings.kinds["candidate cube"] += count
+            findings.problems.extend(DatalistProblem(line, tuple(items)) for line, items in problems)
+            for file, *where in files:
+                findings.listed.setdefault(file, []).append(tuple(where))
+        elif isinstance(content, dict) and _is_detection_list(content.get(key)):
+            for position, item in enumerate(content[key]):
+                findings.kinds["image+boxes"] += 1
+                findings.add(key, position, *detection_item_problems(item, position, base, num_classes))
+        elif isinstance(content, dict) and _is_segmentation_list(content.get(key)):
+            for position, item in enumerate(content[key]):
+                findings.kinds["image+label"] += 1
+                findings.add(key, position, *segmentation_item_problems(item, position, base, num_classes))
+        else:
+            _check_pretraining_list(findings, content, path, base_dir, key, read_all)
+    for file, where in findings.listed.items():
+        if len(where) > 1:
+            findings.problems.append(
+                DatalistProblem(
+                    f"{file}: listed {len(where)} times (in {', '.join(sorted({key for key, _ in where}))}); a "
+                    "duplicate weighs twice in training and leaks between splits: keep one entry",
+                    tuple(where[1:]),
+                )
+            )
+    return findings
 
 
 def validate_datalist(
@@ -296,74 +410,39 @@ def validate_datalist(
     Raises:
         DatalistError: listing every problem (one line per file) with its fix.
     """
-    from custom_nets.data.loading import load_item_array
-    from custom_nets.data.segmentation import segmentation_item_problems
-    from custom_nets.datasets.luna16 import candidate_datalist_problems
-    from custom_nets.datasets.vindr_cxr import detection_item_problems
-
     path = Path(path)
     content = _read_datalist_json(path)
     if keys is None:
         keys = _default_keys(content)
         if not keys:
             raise DatalistError(f"{path}: no 'training', 'validation' or 'testing' list; regenerate the datalist")
-    base = Path(path.parent if base_dir is None else base_dir)
-    problems: list[str] = []
-    kinds: Counter = Counter()
-    modalities: Counter = Counter()
-    listed: dict[str, list[str]] = {}
-    for key in keys:
-        if _is_candidate_datalist(content):
-            files, item_problems, count = candidate_datalist_problems(content, [key], base, source=str(path))
-            kinds["candidate cube"] += count
-            problems.extend(item_problems)
-            for file in files:
-                listed.setdefault(file, []).append(key)
-            continue
-        if isinstance(content, dict) and _is_detection_list(content.get(key)):
-            for position, item in enumerate(content[key]):
-                kinds["image+boxes"] += 1
-                files, item_problems = detection_item_problems(item, position, base, num_classes)
-                problems.extend(f"[{key}] {problem}" for problem in item_problems)
-                for file in files:
-                    listed.setdefault(file, []).append(key)
-            continue
-        if isinstance(content, dict) and _is_segmentation_list(content.get(key)):
-            for position, item in enumerate(content[key]):
-                kinds["image+label"] += 1
-                files, item_problems = segmentation_item_problems(item, position, base, num_classes)
-                problems.extend(f"[{key}] {problem}" for problem in item_problems)
-                for file in files:
-                    listed.setdefault(file, []).append(key)
-            continue
-        try:
-            items = load_datalist(path, base_dir, key)
-        except DatalistError as error:
-            problems.extend(f"[{key}] {problem}" for problem in error.problems)
-            continue
-        for item in items:
-            kinds[item["kind"]] += 1
-            modalities[item["modality"] or "unspecified"] += 1
-            listed.setdefault(str(Path(item["image"]).resolve()), []).append(key)
-            try:
-                load_item_array(item, reject_constant=True)
-            except Exception as error:  # every reader failure becomes one line of the report
-                message = str(error) if item["image"] in str(error) else f"{item['image']}: {error}"
-                problems.append(f"[{key}] {message}")
-    for file, where in listed.items():
-        if len(where) > 1:
-            problems.append(
-                f"{file}: listed {len(where)} times (in {', '.join(sorted(set(where)))}); a duplicate weighs twice in "
-                "training and leaks between splits: keep one entry"
-            )
-    if problems:
+    findings = _check_datalist(path, content, base_dir, keys, num_classes)
+    if findings.problems:
+        problems = [problem.line for problem in findings.problems]
         raise DatalistError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), problems)
-    return {"items": sum(kinds.values()), "kinds": dict(kinds), "modalities": dict(modalities), "keys": list(keys)}
+    return {
+        "items": sum(findings.kinds.values()),
+        "kinds": dict(findings.kinds),
+        "modalities": dict(findings.modalities),
+        "keys": list(keys),
+    }
 
 
-def _write_json_atomically(path: Path, content: Any) -> None:
-    """Write JSON atomically (several processes may write the same file: each has its own temporary name)."""
-    atomic_write_json(path, content)
+def _with_absolute_paths(item: Any, base: Path) -> Any:
+    """``item`` with its files (``image``: a path or a list of channel paths; a ``label`` file) joined to ``base``; a
+    bare path (a pretraining item) becomes ``{"image": path}``."""
+    if isinstance(item, str):
+        item = {"image": item}
+    if not isinstance(item, dict):
+        return item
+    out = dict(item)
+    for name in ("image", "label"):
+        value = out.get(name)
+        if isinstance(value, str):
+            out[name] = os.path.abspath(base / os.path.expanduser(value))
+        elif name == "image" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            out[name] = [os.path.abspath(base / os.path.expanduser(v)) for v in value]
+    return out
 
 
 def usable_datalist(
@@ -371,53 +450,85 @@ def usable_datalist(
     base_dir: str | os.PathLike | None,
     output_dir: str | os.PathLike,
     skip_bad: bool = False,
-    key: str = "training",
+    keys: Sequence[str] | None = ("training",),
+    num_classes: int | None = None,
 ) -> str:
-    """The start-up check of a pretraining run: the datalist to train on.
+    """The start-up check of a training run: the datalist to train on.
 
-    Without ``skip_bad``: :func:`validate_datalist` of the ``key`` list, then ``path`` itself. With ``skip_bad``
-    every item is checked on its own; the usable items are written (absolute paths, other fields kept) to
-    ``<output_dir>/datalist_usable.json``, whose path is returned, the skipped ones with their problem to
-    ``<output_dir>/skipped_items.json``, and a warning lists them (``path`` itself when nothing is skipped).
+    Without ``skip_bad``: :func:`validate_datalist` of the ``keys`` lists (``None``: its default lists), then ``path``
+    itself. With ``skip_bad`` every item is checked the same way (all of them read) and the items that a problem
+    makes unusable (an unreadable file, a label out of range, a box outside its image, the second entry of a
+    duplicate...) are left out: the rest is written to ``<output_dir>/datalist_usable.json`` (files as absolute paths,
+    other fields and keys kept), whose path is returned, the skipped items with their problems to
+    ``<output_dir>/skipped_items.json``, and a warning lists them (``path`` itself when nothing is skipped; see
+    :func:`log_skipped_items` to list them again when training ends).
 
     Raises:
-        DatalistError: an unreadable datalist, a bad item without ``skip_bad``, or no usable item at all.
+        DatalistError: an unreadable datalist, a bad item without ``skip_bad``, a problem of the datalist as a whole
+            (a missing list or an empty fold), or a list left without any usable item.
     """
-    from custom_nets.data.loading import load_item_array
-
     path = Path(path)
     if not skip_bad:
-        validate_datalist(path, base_dir, keys=[key])
+        validate_datalist(path, base_dir, keys=keys, num_classes=num_classes)
         return str(path)
     content = _read_datalist_json(path)
-    if not isinstance(content, dict) or not isinstance(content.get(key), list):
-        raise DatalistError(f"{path}: no {key!r} list; pass the right key or regenerate the datalist")
-    base = Path(path.parent if base_dir is None else base_dir)
-    usable, skipped = [], []
-    for position, raw in enumerate(content[key]):
-        try:
-            (item,) = prepare_items([raw], base, source=f"{path} [{key}] item {position}")
-            load_item_array(item, reject_constant=True)
-        except Exception as error:  # every reader failure is one skipped item
-            problems = getattr(error, "problems", [str(error)])
-            skipped.append({"position": position, "item": raw, "problem": "; ".join(problems)})
-            continue
-        usable.append({**(raw if isinstance(raw, dict) else {}), "image": item["image"]})
-    if not skipped:
+    keys = _default_keys(content) if keys is None else list(keys)
+    findings = _check_datalist(path, content, base_dir, keys, num_classes, read_all=True)
+    fatal = [problem.line for problem in findings.problems if not problem.items]
+    bad: dict[tuple[str, int], list[str]] = {}
+    for problem in findings.problems:
+        for key, position in problem.items:
+            bad.setdefault((key, position), []).append(problem.line.removeprefix(f"[{key}] "))
+    if not fatal and not bad:
+        (Path(output_dir) / "skipped_items.json").unlink(missing_ok=True)  # the report of an earlier run
         return str(path)
-    lines = [f"item {entry['position']}: {entry['problem']}" for entry in skipped]
-    if not usable:
-        raise DatalistError(f"{path}: no usable item in {key!r} ({len(skipped)} bad)", lines)
+    base = Path(path.parent if base_dir is None else base_dir)
+    usable = {}
+    for key in [] if fatal else keys:
+        usable[key] = [_with_absolute_paths(item, base) for i, item in enumerate(content[key]) if (key, i) not in bad]
+        if not usable[key]:
+            fatal.append(f"{path} [{key}]: no usable item left ({len(content[key])} bad)")
+    if fatal:
+        lines = fatal + [f"[{key}] {line}" for key, position in sorted(bad) for line in bad[(key, position)]]
+        raise DatalistError(f"{path}: {len(lines)} problem(s):\n  " + "\n  ".join(lines), lines)
+    skipped = [
+        {"key": key, "position": position, "item": content[key][position], "problem": "; ".join(bad[(key, position)])}
+        for key, position in sorted(bad, key=lambda where: (keys.index(where[0]), where[1]))
+    ]
     output = Path(output_dir)
-    _write_json_atomically(output / "skipped_items.json", {"datalist": str(path), "key": key, "skipped": skipped})
+    report = output / "skipped_items.json"
+    atomic_write_json(report, {"datalist": str(path), "keys": list(keys), "skipped": skipped})
     usable_path = output / "datalist_usable.json"
-    _write_json_atomically(usable_path, {**{k: v for k, v in content.items() if k != key}, key: usable})
+    atomic_write_json(usable_path, {**content, **usable})
+    total = sum(len(content[key]) for key in keys)
     logger.warning(
         "skip_bad: training on %d of %d items of %s; skipped (also in %s):\n  %s",
-        len(usable),
-        len(usable) + len(skipped),
+        total - len(skipped),
+        total,
         path,
-        output / "skipped_items.json",
-        "\n  ".join(lines),
+        report,
+        "\n  ".join(_skipped_lines(skipped)),
     )
     return str(usable_path)
+
+
+def _skipped_lines(skipped: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [f"[{entry['key']}] item {entry['position']}: {entry['problem']}" for entry in skipped]
+
+
+def log_skipped_items(output_dir: str | os.PathLike) -> list[str]:
+    """List again, when training ends, the items :func:`usable_datalist` left out (``skipped_items.json`` under
+    ``output_dir``; nothing when no item was skipped). Returns the lines logged."""
+    report = Path(output_dir) / "skipped_items.json"
+    if not report.is_file():
+        return []
+    content = json.loads(report.read_text())
+    lines = _skipped_lines(content["skipped"])
+    logger.warning(
+        "skip_bad: %d item(s) of %s were left out of this run (listed in %s):\n  %s",
+        len(lines),
+        content["datalist"],
+        report,
+        "\n  ".join(lines),
+    )
+    return lines

@@ -478,7 +478,7 @@ def _cube_problems(item: Any, where: str, base: Path, cube_size: Sequence[int]) 
 
 def candidate_datalist_problems(
     content: Mapping[str, Any], keys: Sequence[str], base_dir: str | os.PathLike, source: str = "datalist"
-) -> tuple[list[str], list[str], int]:
+) -> tuple[list[tuple[str, str, int]], list[tuple[str, list[tuple[str, int]]]], int]:
     """Check the ``keys`` folds of a datalist written by :func:`prepare`; never raises.
 
     Per candidate: the cube exists, reads, has the datalist's ``cube_size`` and finite values, its label is 0 or 1,
@@ -487,39 +487,53 @@ def candidate_datalist_problems(
     Each fold must hold candidates.
 
     Returns:
-        ``(files, problems, count)``: the resolved cube paths (for duplicate detection), one line per problem naming
-        the file and the fix, and the number of candidates checked.
+        ``(files, problems, count)``: ``(resolved cube path, fold, position)`` of every candidate (for duplicate
+        detection), one ``(line, [(fold, position), ...])`` per problem, the line naming the file and the fix, the
+        list the candidates it makes unusable (empty for a problem of the datalist or a fold as a whole), and the
+        number of candidates checked.
     """
     base = Path(base_dir)
     cube_size = content.get("cube_size")
     scans = content.get("scans")
     if not isinstance(cube_size, list) or len(cube_size) != 3 or not isinstance(scans, dict):
-        return [], [f"{source}: no 'cube_size' / 'scans' entries; not written by prepare_luna16: prepare it again"], 0
-    files: list[str] = []
-    problems: list[str] = []
+        return (
+            [],
+            [(f"{source}: no 'cube_size' / 'scans' entries; not written by prepare_luna16: prepare it again", [])],
+            0,
+        )
+    files: list[tuple[str, str, int]] = []
+    problems: list[tuple[str, list[tuple[str, int]]]] = []
     by_scan: dict[str, list[tuple[str, int, dict]]] = {}
     count = 0
     for key in keys:
         items = content.get(key)
         if not isinstance(items, list) or not items:
             problems.append(
-                f"{source} [{key}]: no candidate in this fold; prepare its scans (prepare_luna16 --subsets) or choose "
-                "other train_subsets / val_subsets"
+                (
+                    f"{source} [{key}]: no candidate in this fold; prepare its scans (prepare_luna16 --subsets) or "
+                    "choose other train_subsets / val_subsets",
+                    [],
+                )
             )
             continue
         for position, item in enumerate(items):
             count += 1
             where = f"item {position}"
-            problems.extend(f"[{key}] {problem}" for problem in _cube_problems(item, where, base, cube_size))
+            problems.extend(
+                (f"[{key}] {problem}", [(key, position)]) for problem in _cube_problems(item, where, base, cube_size)
+            )
             if isinstance(item, dict) and "image" in item:
-                files.append(str((base / str(item["image"])).resolve()))
+                files.append((str((base / str(item["image"])).resolve()), key, position))
                 by_scan.setdefault(str(item.get("seriesuid")), []).append((key, position, item))
     for uid, entries in by_scan.items():
         if uid not in scans:
             key, position, item = entries[0]
             problems.append(
-                f"[{key}] {base / str(item['image'])}: seriesuid {uid} (item {position}) is not among the datalist's "
-                "scans; prepare the datalist again"
+                (
+                    f"[{key}] {base / str(item['image'])}: seriesuid {uid} (item {position}) is not among the "
+                    "datalist's scans; prepare the datalist again",
+                    [(key, position) for key, position, _ in entries],
+                )
             )
             continue
         scan = base / str(scans[uid].get("image"))
@@ -528,21 +542,29 @@ def candidate_datalist_problems(
         try:
             geometry = scan_geometry(scan)
         except RuntimeError as error:
-            problems.append(str(error))
+            problems.append((str(error), [(key, position) for key, position, _ in entries]))
             continue
         for key, position, item in entries:
             cube = base / str(item["image"])
             try:
                 world = np.array([float(item[c]) for c in ("coordX", "coordY", "coordZ")])
             except (KeyError, TypeError, ValueError):
-                problems.append(f"[{key}] {cube}: item {position} needs numeric coordX, coordY, coordZ (world mm)")
+                problems.append(
+                    (
+                        f"[{key}] {cube}: item {position} needs numeric coordX, coordY, coordZ (world mm)",
+                        [(key, position)],
+                    )
+                )
                 continue
             try:
                 check_inside(world_to_voxel(world, geometry), geometry, f"{cube}: the candidate (item {position})")
             except ValueError as error:
                 problems.append(
-                    f"[{key}] {error} Scan {scan}, world {world.tolist()} mm: fix or drop the row of the candidates "
-                    "CSV and prepare again"
+                    (
+                        f"[{key}] {error} Scan {scan}, world {world.tolist()} mm: fix or drop the row of the "
+                        "candidates CSV and prepare again",
+                        [(key, position)],
+                    )
                 )
     return files, problems, count
 

@@ -257,3 +257,44 @@ def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_weights(cxr
     expected = torch.load(reference_root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert final["trainer"]["iteration"] == expected["trainer"]["iteration"] == 4
     assert [k for k, v in expected["model"].items() if not torch.equal(final["model"][k], v)] == []
+
+
+@pytest.mark.slow
+def test_skip_bad_trains_past_an_unreadable_image_and_lists_it(cxr, tmp_path):
+    """``skip_bad``: an unreadable training image is left out, listed in ``skipped_items.json`` and when training
+    ends; training goes on with the other images."""
+    dataset_dir = _prepared(cxr, tmp_path)
+    root = _copy_bundle(tmp_path)
+    content = json.loads((dataset_dir / "datalist.json").read_text())
+    bad = content["training"][1]
+    (dataset_dir / bad["image"]).write_bytes(b"not an image")
+    workflow = _workflow(root, dataset_dir, epochs=1, skip_bad=True)
+    images = [item["image"] for item in workflow.parser.get_parsed_content("train#data")]
+    assert images == [str(dataset_dir / item["image"]) for item in content["training"] if item is not bad]
+    workflow.run()
+    assert workflow.trainer.state.iteration > 0
+    (skipped,) = json.loads((root / "outputs" / "skipped_items.json").read_text())["skipped"]
+    assert (skipped["key"], skipped["position"], skipped["item"]) == ("training", 1, bad)
+    assert f"{dataset_dir / bad['image']}: cannot read it as a radiograph" in skipped["problem"]
+    (at_the_end,) = workflow.finalize()
+    assert at_the_end == [f"[training] item 1: {skipped['problem']}"]
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_write_only_under_output_dir(cxr, tmp_path, bundle_checks, monkeypatch):
+    """Train + evaluate run from the repository's bundle folder and an empty working directory, with ``output_dir``
+    and ``ckpt_dir`` in another folder: nothing is written elsewhere (bundle, raw, dataset and working directory
+    untouched)."""
+    dataset_dir = _prepared(cxr, tmp_path)
+    outputs, cwd = tmp_path / "outputs", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    watched = (BUNDLE, tmp_path / "raw", dataset_dir, cwd)
+    before = bundle_checks.snapshot(*watched)
+    common = {"dataset_dir": str(dataset_dir), "output_dir": str(outputs), "ckpt_dir": str(outputs / "models"), **TINY}
+    with bundle_checks.log_to(outputs / "run.log"):
+        _run(BUNDLE, ["train.json"], epochs=1, batch_size=3, **common)
+        _run(BUNDLE, ["train.json", "evaluate.json"], **common)
+    bundle_checks.assert_confined(before, bundle_checks.snapshot(*watched), outputs)
+    written = {p.relative_to(outputs).parts[0] for p in outputs.rglob("*") if p.is_file()}
+    assert written >= {"models", "checkpoints", "tensorboard", "eval", "run.log"}

@@ -335,3 +335,29 @@ def test_dicom_identifiers_never_reach_the_outputs(tmp_path, luna_data, bundle_c
     )
     assert b"tfevents" in everything and b"froc" in everything
     assert bundle_checks.leaked_identifiers(everything) == []
+
+
+@pytest.mark.slow
+def test_skip_bad_trains_past_a_candidate_outside_its_scan_and_lists_it(tmp_path, luna_data):
+    """``skip_bad``: the candidate the start-up check refuses is left out, listed in ``skipped_items.json`` and when
+    training ends; training goes on with the other candidates."""
+    root = _copy_bundle(tmp_path)
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    datalist = dataset_dir / "datalist.json"
+    content = json.loads(datalist.read_text())
+    moved = content["subset1"][2]
+    moved["coordZ"] += 500.0
+    datalist.write_text(json.dumps(content))
+    workflow = _workflow(root, dataset_dir, epochs=1, skip_bad=True)
+    kept = [item["image"] for item in workflow.parser.get_parsed_content("train#data")]
+    assert (
+        str(dataset_dir / moved["image"]) not in kept
+        and len(kept) == len(content["subset0"]) + len(content["subset1"]) - 1
+    )
+    workflow.run()
+    assert workflow.trainer.state.iteration == 2
+    (skipped,) = json.loads((root / "outputs" / "skipped_items.json").read_text())["skipped"]
+    assert (skipped["key"], skipped["position"], skipped["item"]) == ("subset1", 2, moved)
+    assert f"{dataset_dir / moved['image']}: the candidate (item 2) lies outside its scan" in skipped["problem"]
+    (at_the_end,) = workflow.finalize()
+    assert at_the_end == [f"[subset1] item 2: {skipped['problem']}"]

@@ -1,0 +1,137 @@
+"""A bundle run by the stock ``python -m monai.bundle run`` that stops at its start-up check ends with the list of
+problems on stderr and exit status 1, no traceback (MONAI wraps the check's error in ``RuntimeError: Failed to
+evaluate``; :func:`custom_nets.command_line.report_input_errors_without_traceback` unwraps it), for every bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom_nets.command_line import USER_ERROR_EXIT, input_error_in
+from custom_nets.data.datalist import DatalistError
+from custom_nets.datasets import brats
+
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+
+
+def _volume(path: Path, array: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+    return path.name
+
+
+def _segmentation_data(folder: Path) -> list[str]:
+    """Image / label pairs: one good, one with a missing image, one with label value 9; returns the expected lines."""
+    rng = np.random.default_rng(0)
+    label = np.zeros((16, 16, 4), dtype=np.int16)
+    label[4:12, 4:12] = 1
+    bad_label = label.copy()
+    bad_label[0, 0, 0] = 9
+    good = {"image": _volume(folder / "a.nii.gz", rng.random(label.shape, dtype=np.float32)), "label": "a_seg.nii.gz"}
+    _volume(folder / "a_seg.nii.gz", label)
+    out_of_range = {"image": _volume(folder / "b.nii.gz", rng.random(label.shape, dtype=np.float32))}
+    out_of_range["label"] = _volume(folder / "b_seg.nii.gz", bad_label)
+    missing = {"image": "missing.nii.gz", "label": _volume(folder / "c_seg.nii.gz", label)}
+    (folder / "datalist.json").write_text(json.dumps({"training": [good, missing], "validation": [out_of_range]}))
+    return [
+        f"[training] {folder / 'missing.nii.gz'}: file not found",
+        f"[validation] label {folder / 'b_seg.nii.gz'} has values [9.0] outside 0..",
+    ]
+
+
+def _pretraining_data(folder: Path) -> list[str]:
+    items = [{"image": _volume(folder / "a.nii.gz", np.random.default_rng(0).random((16, 16, 8), dtype=np.float32))}]
+    items.append({"image": "missing.nii.gz"})
+    (folder / "datalist.json").write_text(json.dumps({"training": items}))
+    return [f"[training] {folder / 'missing.nii.gz'}: file not found"]
+
+
+def _detection_data(folder: Path) -> list[str]:
+    lists = {key: [{"image": f"{key}.png", "box": [[1, 1, 5, 5]], "label": [0]}] for key in ("training", "validation")}
+    (folder / "datalist.json").write_text(json.dumps(lists))
+    return [f"[{key}] {folder / key}.png: file not found" for key in lists]
+
+
+def _candidate_data(folder: Path) -> list[str]:
+    """Cubes of another size than the bundle's: ``luna16.check_prepared`` refuses them (a plain ``ValueError``)."""
+    content = {"cube_size": [8, 8, 8], "spacing_mm": [1.0, 1.0, 1.0], "scans": {}, "subset0": []}
+    (folder / "datalist.json").write_text(json.dumps(content))
+    return [f"{folder / 'datalist.json'} holds cubes of size [8, 8, 8]"]
+
+
+CASES = {
+    "finetune_heart": (_segmentation_data, {}),
+    "finetune_brainseg": (_segmentation_data, {"label_mode": "plain", "class_names": ["background", "tissue"]}),
+    "pretrain_joint": (_pretraining_data, {}),
+    "finetune_cxr": (_detection_data, {}),
+    "finetune_nodule": (_candidate_data, {}),
+}
+
+
+def _bundle_run(bundle: str, tmp_path: Path, overrides: dict, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of the repository's bundle, every output sent to ``tmp_path``."""
+    root = BUNDLES / bundle
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "train.json")]
+    command += ["--meta_file", str(root / "configs" / "metadata.json"), "--bundle_root", str(root)]
+    command += ["--logging_file", str(root / "configs" / "logging.conf"), "--dataset_dir", str(tmp_path / "data")]
+    command += ["--datalist", str(tmp_path / "data" / "datalist.json"), "--output_dir", str(tmp_path / "out")]
+    for key, value in {"ckpt_dir": str(tmp_path / "models"), "num_workers": 0, **overrides}.items():
+        command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", list(CASES))
+def test_start_up_check_failure_lists_the_problems_without_traceback(bundle, tmp_path):
+    (tmp_path / "data").mkdir()
+    make_data, overrides = CASES[bundle]
+    expected = make_data(tmp_path / "data")
+    result = _bundle_run(bundle, tmp_path, overrides)
+    assert result.returncode == USER_ERROR_EXIT, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
+    assert "Failed to evaluate" not in result.stderr
+    lines = result.stderr.splitlines()  # MONAI's own warnings first, then the problems, nothing after them
+    header = max(i for i, line in enumerate(lines) if line.startswith("error:"))
+    problems = lines[header + 1 :]
+    assert len(problems) == len(expected) and all(line.startswith("  ") for line in problems), lines[header:]
+    for problem, start in zip(problems, expected, strict=True):
+        assert problem.strip().startswith(start), (problem, start)
+
+
+@pytest.mark.slow
+def test_traceback_is_shown_on_request(tmp_path):
+    (tmp_path / "data").mkdir()
+    _segmentation_data(tmp_path / "data")
+    result = _bundle_run("finetune_heart", tmp_path, {}, env={"CUSTOM_NETS_TRACEBACK": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "Failed to evaluate" in result.stderr and "DatalistError" in result.stderr
+
+
+def _wrapped_like_monai(check) -> RuntimeError:
+    """What ``ConfigExpression.evaluate`` makes of an error: ``RuntimeError("Failed to evaluate ...")`` from it."""
+    try:
+        try:
+            check()
+        except Exception as error:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from error
+    except RuntimeError as outer:
+        return outer
+
+
+def _missing_file() -> None:
+    raise DatalistError("x.nii.gz: file not found", ["x.nii.gz: file not found"])
+
+
+def test_only_input_errors_of_this_package_are_unwrapped():
+    assert isinstance(input_error_in(_wrapped_like_monai(_missing_file)), DatalistError)
+    ours = input_error_in(_wrapped_like_monai(lambda: brats.check_label_mode("bogus", ["background"])))
+    assert isinstance(ours, ValueError) and "label_mode must be one of" in str(ours)
+    assert input_error_in(_wrapped_like_monai(lambda: int("x"))) is None  # a ValueError raised by Python: maybe a bug
+    assert input_error_in(RuntimeError("no cause")) is None
