@@ -261,25 +261,13 @@ def encoder_weight_change(
     change: dict[str, dict] = {"pretraining": relative_change_by_stage(initial_encoder, pretrained)}
     if "end_to_end" in protocols:
         by_budget = {}
+        tuned = workdir / "finetune" / "end_to_end" / "pretrained"
         for budget in labelled_volumes:
-            trials = [
-                relative_change_by_stage(
-                    pretrained,
-                    torch.load(
-                        workdir
-                        / "finetune"
-                        / "end_to_end"
-                        / "pretrained"
-                        / f"labelled_{budget}"
-                        / f"seed_{seed}"
-                        / "models"
-                        / "model.pt",
-                        map_location="cpu",
-                        weights_only=True,
-                    ),
-                )
-                for seed in seeds
-            ]
+            trials = []
+            for seed in seeds:
+                model_file = tuned / f"labelled_{budget}" / f"seed_{seed}" / "models" / "model.pt"
+                tuned_state = torch.load(model_file, map_location="cpu", weights_only=True)
+                trials.append(relative_change_by_stage(pretrained, tuned_state))
             by_budget[str(budget)] = {stage: float(np.mean([t[stage] for t in trials])) for stage in trials[0]}
         change["fine_tuning"] = by_budget
     return change
