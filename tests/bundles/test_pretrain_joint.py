@@ -79,6 +79,25 @@ def train(
     return workflow
 
 
+def embedding_workflow(datalist: Path, output_dir: Path, weights: Path):
+    """The inference bundle (per-slice embeddings) of the tiny network that ``train`` exports, on ``datalist``."""
+    return create_workflow(
+        config_file=INFERENCE,
+        workflow_type="inference",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(datalist.parent),
+        datalist=str(datalist),
+        output_dir=str(output_dir),
+        ckpt_path=str(weights),
+        encoder_depth=18,
+        embed_dim=32,
+        image_size=32,
+        volume_size=32,
+        num_workers=0,
+        per_slice=True,
+    )
+
+
 def loss_history(workflow) -> list[dict]:
     handlers = workflow.parser.get_parsed_content("train#handlers")
     return next(h for h in handlers if type(h).__name__ == "LossTermsHandler").history
@@ -151,21 +170,7 @@ def test_inference_and_export(corpus: Path, tmp_path: Path) -> None:
     transformer_report = load_slice_transformer_weights(SliceTransformer(embed_dim=32), exported)
     assert encoder_report.missing == [] and transformer_report.missing == []
 
-    workflow = create_workflow(
-        config_file=INFERENCE,
-        workflow_type="inference",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(corpus.parent),
-        datalist=str(corpus),
-        output_dir=str(tmp_path / "embeddings"),
-        ckpt_path=str(exported),
-        encoder_depth=18,
-        embed_dim=32,
-        image_size=32,
-        volume_size=32,
-        num_workers=0,
-        per_slice=True,
-    )
+    workflow = embedding_workflow(corpus, tmp_path / "embeddings", exported)
     assert workflow.check_properties() == []
     workflow.run()
     embeddings = np.load(tmp_path / "embeddings" / "embeddings.npy")
@@ -429,21 +434,7 @@ def test_dicom_identifiers_never_reach_the_outputs_written_only_under_output_dir
     with bundle_checks.log_to(outputs / "run.log"):
         train(corpus, outputs / "run", datalist=str(datalist))
         exported = export_pretrained(outputs / "run" / "model_final.pt", outputs / "model.pt")
-        workflow = create_workflow(
-            config_file=INFERENCE,
-            workflow_type="inference",
-            bundle_root=str(BUNDLE),
-            dataset_dir=str(tmp_path / "data"),
-            datalist=str(datalist),
-            output_dir=str(outputs / "embeddings"),
-            ckpt_path=str(exported),
-            encoder_depth=18,
-            embed_dim=32,
-            image_size=32,
-            volume_size=32,
-            num_workers=0,
-            per_slice=True,
-        )
+        workflow = embedding_workflow(datalist, outputs / "embeddings", exported)
         workflow.run()
     bundle_checks.assert_confined(before, bundle_checks.snapshot(*watched), outputs)
     assert str(series) in (outputs / "embeddings" / "embeddings.csv").read_text()  # the series was read

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -122,20 +121,6 @@ PRETRAIN_TINY = {  # the cpu_demo preset shrunk to seconds; 4 images + 4 volumes
 }
 
 
-def _heart_folder(root: Path) -> Path:
-    """Four MM-WHS-like cases (raw label codes as bars, an image brighter inside the structures)."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True)
-    for case_id in (1001, 1002, 1003, 1004):
-        label = np.zeros((24, 20, 6), dtype=np.int16)
-        for index, value in enumerate(mmwhs.MMWHS_RAW_LABELS):
-            label[2 + 3 * index : 4 + 3 * index, 4:16, 1:5] = value
-        image = (label > 0) * 300.0 - 100.0 + rng.normal(0.0, 20.0, label.shape)
-        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), root / f"ct_train_{case_id}_image.nii.gz")
-        nib.save(nib.Nifti1Image(label, np.eye(4)), root / f"ct_train_{case_id}_label.nii.gz")
-    return root
-
-
 def _kill_then_resume(tmp_path: Path, config_file: list[str], overrides: dict, kill_at: int, resume: dict) -> Engine:
     """Train in a subprocess that SIGKILLs itself after iteration ``kill_at``, then resume in-process."""
     spec = tmp_path / "spec.json"
@@ -190,9 +175,8 @@ def test_pretrain_joint_sigkill_mid_epoch_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_heart_sigkill_mid_epoch_resumes_exactly(tmp_path):
-    raw = _heart_folder(tmp_path / "raw")
-    mmwhs.prepare(str(raw), str(tmp_path / "data"), split="random", val_fraction=0.25, test_fraction=0.25)
+def test_finetune_heart_sigkill_mid_epoch_resumes_exactly(tmp_path, heart_raw):
+    mmwhs.prepare(str(heart_raw), str(tmp_path / "data"), split="random", val_fraction=0.25, test_fraction=0.25)
     config = [str(HEART / "configs" / "train.json")]
     common = {
         "dataset_dir": str(tmp_path / "data"),

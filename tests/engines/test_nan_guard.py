@@ -6,8 +6,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -93,30 +91,17 @@ def test_skip_with_an_amp_scaler_lets_the_scaler_skip_the_step():
     assert torch.equal(layer.weight.detach(), before) and scaler.get_scale() == 2.0
 
 
-def _heart_dataset(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True)
-    for case_id in (1001, 1002, 1003, 1004):
-        label = np.zeros((24, 20, 6), dtype=np.int16)
-        for index, value in enumerate(mmwhs.MMWHS_RAW_LABELS):
-            label[2 + 3 * index : 4 + 3 * index, 4:16, 1:5] = value
-        image = (label > 0) * 300.0 - 100.0 + rng.normal(0.0, 20.0, label.shape)
-        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), root / f"ct_train_{case_id}_image.nii.gz")
-        nib.save(nib.Nifti1Image(label, np.eye(4)), root / f"ct_train_{case_id}_label.nii.gz")
-    mmwhs.prepare(str(root), str(root.parent / "data"), split="random", val_fraction=0.25, test_fraction=0.25)
-    return root.parent / "data"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_heart_bundle_keeps_its_last_good_checkpoint(tmp_path, policy, bundle_checks):
+def test_heart_bundle_keeps_its_last_good_checkpoint(tmp_path, policy, bundle_checks, heart_raw):
     bundle = tmp_path / "heart"
     shutil.copytree(HEART, bundle, ignore=shutil.ignore_patterns("models", "outputs"))
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
     loss = bundle_checks.NaNAt(dice_ce, call=3)  # epoch 2, first step
+    mmwhs.prepare(str(heart_raw), str(tmp_path / "data"), split="random", val_fraction=0.25, test_fraction=0.25)
     overrides = {
         "bundle_root": str(bundle),
-        "dataset_dir": str(_heart_dataset(tmp_path / "raw")),
+        "dataset_dir": str(tmp_path / "data"),
         "encoder_depth": 18,
         "decoder_channels": [16, 16, 8, 8, 8],
         "image_size": [32, 32],
