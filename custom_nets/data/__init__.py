@@ -12,6 +12,7 @@ from custom_nets.data.datalist import (
     validate_datalist,
 )
 from custom_nets.data.demo import make_demo_corpus
+from custom_nets.data.expectations import DataExpectations
 from custom_nets.data.intensity import ModalityNormalized, canonical_modality
 from custom_nets.data.joint_dataset import (
     build_inference_dataset,
@@ -31,6 +32,7 @@ from custom_nets.data.views import (
 )
 
 __all__ = [
+    "DataExpectations",
     "DatalistError",
     "EnsureKindShaped",
     "ImageMultiCropd",

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from custom_nets.atomic_files import atomic_write_json
+from custom_nets.data.expectations import DataExpectations, affine_problems, nifti_header_problems, raster_mode_problem
 from custom_nets.data.intensity import canonical_modality
 
 __all__ = [
@@ -71,12 +72,14 @@ logger = logging.getLogger(__name__)
 class DatalistError(ValueError):
     """A datalist or one of its files is unusable; the message names every offending file and the fix.
 
-    ``problems`` holds one line per problem (file: what is wrong; fix).
+    ``problems`` holds one line per problem (file: what is wrong; fix), ``warnings`` the lines found alongside that
+    would not have stopped the run on their own.
     """
 
-    def __init__(self, message: str, problems: Sequence[str] | None = None) -> None:
+    def __init__(self, message: str, problems: Sequence[str] | None = None, warnings: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.problems = list(problems) if problems is not None else [message]
+        self.warnings = list(warnings)
 
 
 def file_suffix(path: str | os.PathLike) -> str:
@@ -268,28 +271,64 @@ class DatalistProblem(NamedTuple):
 
 @dataclass
 class _Findings:
-    """What :func:`_check_datalist` found: items per kind and modality, problems, and where each file is listed."""
+    """What :func:`_check_datalist` found: items per kind and modality, problems, warnings (listed, not stopping the
+    run), and where each file is listed."""
 
     kinds: Counter = field(default_factory=Counter)
     modalities: Counter = field(default_factory=Counter)
     problems: list[DatalistProblem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     listed: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
-    def add(self, key: str, position: int, files: Sequence[str], lines: Sequence[str]) -> None:
+    def add(
+        self, key: str, position: int, files: Sequence[str], lines: Sequence[str], warnings: Sequence[str] = ()
+    ) -> None:
         self.problems.extend(DatalistProblem(f"[{key}] {line}", ((key, position),)) for line in lines)
+        self.warnings.extend(f"[{key}] {line}" for line in warnings)
         for file in files:
             self.listed.setdefault(file, []).append((key, position))
 
 
+def _pretraining_item_findings(item: dict, expectations: DataExpectations) -> tuple[list[str], list[str]]:
+    """Read one pretraining item as in training and check it against ``expectations``: ``(problems, warnings)``.
+
+    NIfTI geometry comes from the header as stored, raster images are checked for palette / alpha modes before the
+    read; other volumes (DICOM series, MetaImage) are checked on the affine of the array read here."""
+    from custom_nets.data.loading import load_item_array
+
+    image = item["image"]
+    suffix = "" if Path(image).is_dir() else file_suffix(image)
+    if suffix in IMAGE_EXTENSIONS:
+        mode = raster_mode_problem(image, expectations)
+        if mode is not None:
+            return [mode], []
+    header = nifti_header_problems(image, expectations) if suffix in (".nii", ".nii.gz") else None
+    if header is not None and header.errors:
+        return header.errors, header.warnings
+    try:
+        array = load_item_array(item, reject_constant=True)
+    except Exception as error:  # every reader failure becomes one line of the report
+        return [str(error) if image in str(error) else f"{image}: {error}"], []
+    if header is not None or item["kind"] != "volume" or not hasattr(array, "affine"):
+        return [], header.warnings if header is not None else []
+    geometry = affine_problems(array.affine.numpy(), image, expectations)
+    return geometry.errors, geometry.warnings
+
+
 def _check_pretraining_list(
-    findings: _Findings, content: Any, path: Path, base_dir: str | os.PathLike | None, key: str, read_all: bool
+    findings: _Findings,
+    content: Any,
+    path: Path,
+    base_dir: str | os.PathLike | None,
+    key: str,
+    read_all: bool,
+    expectations: DataExpectations,
 ) -> None:
-    """Items of a pretraining list: paths, kind, modality (:func:`_item_problems`), then each file read as in training.
+    """Items of a pretraining list: paths, kind, modality (:func:`_item_problems`), then each file read as in training
+    and checked against ``expectations``.
 
     Without ``read_all`` no file is read once an item has a path problem (a wrong ``base_dir`` fails every item fast).
     """
-    from custom_nets.data.loading import load_item_array
-
     try:
         items = _section(content, path, key)
     except DatalistError as error:
@@ -319,12 +358,7 @@ def _check_pretraining_list(
     if len(findings.problems) > problems_before and not read_all:
         return
     for position, item in readable:
-        try:
-            load_item_array(item, reject_constant=True)
-        except Exception as error:  # every reader failure becomes one line of the report
-            findings.add(
-                key, position, [], [str(error) if item["image"] in str(error) else f"{item['image']}: {error}"]
-            )
+        findings.add(key, position, [], *_pretraining_item_findings(item, expectations))
 
 
 def _check_datalist(
@@ -334,8 +368,10 @@ def _check_datalist(
     keys: Sequence[str],
     num_classes: int | None,
     read_all: bool = False,
+    expectations: DataExpectations | None = None,
 ) -> _Findings:
     """Every problem of the ``keys`` lists, each with the items it concerns (see :func:`validate_datalist`)."""
+    expectations = DataExpectations() if expectations is None else expectations
     from custom_nets.data.segmentation import segmentation_item_problems
     from custom_nets.datasets.luna16 import candidate_datalist_problems
     from custom_nets.datasets.vindr_cxr import detection_item_problems
@@ -344,7 +380,9 @@ def _check_datalist(
     findings = _Findings()
     for key in keys:
         if _is_candidate_datalist(content):
-            files, problems, count = candidate_datalist_problems(content, [key], base, source=str(path))
+            files, problems, count = candidate_datalist_problems(
+                content, [key], base, source=str(path), expectations=expectations
+            )
             findings.kinds["candidate cube"] += count
             findings.problems.extend(DatalistProblem(line, tuple(items)) for line, items in problems)
             for file, *where in files:
@@ -352,13 +390,15 @@ def _check_datalist(
         elif isinstance(content, dict) and _is_detection_list(content.get(key)):
             for position, item in enumerate(content[key]):
                 findings.kinds["image+boxes"] += 1
-                findings.add(key, position, *detection_item_problems(item, position, base, num_classes))
+                findings.add(key, position, *detection_item_problems(item, position, base, num_classes, expectations))
         elif isinstance(content, dict) and _is_segmentation_list(content.get(key)):
             for position, item in enumerate(content[key]):
                 findings.kinds["image+label"] += 1
-                findings.add(key, position, *segmentation_item_problems(item, position, base, num_classes))
+                findings.add(
+                    key, position, *segmentation_item_problems(item, position, base, num_classes, expectations)
+                )
         else:
-            _check_pretraining_list(findings, content, path, base_dir, key, read_all)
+            _check_pretraining_list(findings, content, path, base_dir, key, read_all, expectations)
     for file, where in findings.listed.items():
         if len(where) > 1:
             findings.problems.append(
@@ -376,6 +416,7 @@ def validate_datalist(
     base_dir: str | os.PathLike | None = None,
     keys: Sequence[str] | None = None,
     num_classes: int | None = None,
+    expectations: DataExpectations | None = None,
 ) -> dict[str, Any]:
     """Open every file of a datalist with the training readers and report all problems in one error.
 
@@ -394,7 +435,10 @@ def validate_datalist(
       :func:`custom_nets.datasets.luna16.candidate_datalist_problems` (cube shape and values, labels 0 / 1, the
       candidate inside its scan, no empty fold).
 
-    A file listed more than once (in one list or across lists) is reported too.
+    A file listed more than once (in one list or across lists) is reported too. Every image is also checked against
+    the bundle's ``expectations`` (channel count, spacing, a usable orientation; see
+    :mod:`custom_nets.data.expectations`): without them, only what no bundle can use (a zero, negative or NaN
+    spacing, a singular or sheared affine, a voxel side above 20 mm, palette / alpha PNGs) is refused.
 
     Args:
         path: the datalist JSON file.
@@ -403,12 +447,14 @@ def validate_datalist(
             (for a candidate datalist: every ``subset<N>`` fold).
         num_classes: for segmentation and detection datalists, the number of classes allowed (label values
             ``0..num_classes - 1``); ``None`` only requires non-negative integers.
+        expectations: what the bundle expects of each image (:class:`~custom_nets.data.expectations.DataExpectations`).
 
     Returns:
-        a summary ``{"items": n, "kinds": {...}, "modalities": {...}, "keys": [...]}`` when everything is usable.
+        a summary ``{"items": n, "kinds": {...}, "modalities": {...}, "keys": [...], "warnings": [...]}`` when
+        everything is usable; the warnings (e.g. thick slices) are also logged.
 
     Raises:
-        DatalistError: listing every problem (one line per file) with its fix.
+        DatalistError: listing every problem (one line per file) with its fix, and the warnings.
     """
     path = Path(path)
     content = _read_datalist_json(path)
@@ -416,16 +462,25 @@ def validate_datalist(
         keys = _default_keys(content)
         if not keys:
             raise DatalistError(f"{path}: no 'training', 'validation' or 'testing' list; regenerate the datalist")
-    findings = _check_datalist(path, content, base_dir, keys, num_classes)
+    findings = _check_datalist(path, content, base_dir, keys, num_classes, expectations=expectations)
+    _log_warnings(path, findings.warnings)
     if findings.problems:
         problems = [problem.line for problem in findings.problems]
-        raise DatalistError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), problems)
+        raise DatalistError(
+            f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), problems, findings.warnings
+        )
     return {
         "items": sum(findings.kinds.values()),
         "kinds": dict(findings.kinds),
         "modalities": dict(findings.modalities),
         "keys": list(keys),
+        "warnings": findings.warnings,
     }
+
+
+def _log_warnings(path: Path, warnings: Sequence[str]) -> None:
+    if warnings:
+        logger.warning("%s: %d warning(s):\n  %s", path, len(warnings), "\n  ".join(warnings))
 
 
 def _with_absolute_paths(item: Any, base: Path) -> Any:
@@ -452,14 +507,16 @@ def usable_datalist(
     skip_bad: bool = False,
     keys: Sequence[str] | None = ("training",),
     num_classes: int | None = None,
+    expectations: DataExpectations | None = None,
 ) -> str:
     """The start-up check of a training run: the datalist to train on.
 
-    Without ``skip_bad``: :func:`validate_datalist` of the ``keys`` lists (``None``: its default lists), then ``path``
-    itself. With ``skip_bad`` every item is checked the same way (all of them read) and the items that a problem
-    makes unusable (an unreadable file, a label out of range, a box outside its image, the second entry of a
-    duplicate...) are left out: the rest is written to ``<output_dir>/datalist_usable.json`` (files as absolute paths,
-    other fields and keys kept), whose path is returned, the skipped items with their problems to
+    Without ``skip_bad``: :func:`validate_datalist` of the ``keys`` lists (``None``: its default lists) against the
+    bundle's ``expectations``, then ``path`` itself. With ``skip_bad`` every item is checked the same way (all of
+    them read) and the items that a problem makes unusable (an unreadable file, a label out of range, a wrong channel
+    count, a broken affine, a box outside its image, the second entry of a duplicate...) are left out:
+    the rest is written to ``<output_dir>/datalist_usable.json`` (files as absolute paths, other fields and keys
+    kept), whose path is returned, the skipped items with their problems to
     ``<output_dir>/skipped_items.json``, and a warning lists them (``path`` itself when nothing is skipped; see
     :func:`log_skipped_items` to list them again when training ends).
 
@@ -469,11 +526,12 @@ def usable_datalist(
     """
     path = Path(path)
     if not skip_bad:
-        validate_datalist(path, base_dir, keys=keys, num_classes=num_classes)
+        validate_datalist(path, base_dir, keys=keys, num_classes=num_classes, expectations=expectations)
         return str(path)
     content = _read_datalist_json(path)
     keys = _default_keys(content) if keys is None else list(keys)
-    findings = _check_datalist(path, content, base_dir, keys, num_classes, read_all=True)
+    findings = _check_datalist(path, content, base_dir, keys, num_classes, read_all=True, expectations=expectations)
+    _log_warnings(path, findings.warnings)
     fatal = [problem.line for problem in findings.problems if not problem.items]
     bad: dict[tuple[str, int], list[str]] = {}
     for problem in findings.problems:

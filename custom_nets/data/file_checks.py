@@ -84,9 +84,10 @@ def check_header_size(path: str | os.PathLike, max_voxels: int = MAX_VOXELS) -> 
 def dicom_series_problems(folder: str | os.PathLike, tolerance: float = 0.01) -> list[str]:
     """Problems of a DICOM series folder as one volume, from the headers only (empty list when it is usable).
 
-    Checks that the folder holds one series (one ``SeriesInstanceUID``), one image size, one orientation, pixel data
-    in every file, and slices evenly spaced along the slice normal (relative ``tolerance``): a gap means a missing
-    slice, a zero step a duplicate.
+    Checks that the folder holds one series (one ``SeriesInstanceUID``), one image size, pixel data in every file, one
+    slice orientation (``ImageOrientationPatient``: two perpendicular unit vectors, the same in every slice), a
+    positive ``PixelSpacing``, and slices evenly spaced along the slice normal (relative ``tolerance``): a gap means a
+    missing slice, a zero step a duplicate.
     """
     import pydicom
 
@@ -110,7 +111,31 @@ def dicom_series_problems(folder: str | os.PathLike, tolerance: float = 0.01) ->
     if len(headers) < 2 or problems:
         return problems
     try:
-        orientation = np.array([float(v) for v in headers[0][1].ImageOrientationPatient]).reshape(2, 3)
+        orientations = [np.array([float(v) for v in h.ImageOrientationPatient]).reshape(2, 3) for _, h in headers]
+        spacings = [np.array([float(v) for v in h.PixelSpacing]).reshape(2) for _, h in headers]
+    except (AttributeError, ValueError) as error:
+        return [f"{folder}: slices without a usable ImageOrientationPatient / PixelSpacing ({error})"]
+    tilted = [
+        path.name
+        for (path, _), o in zip(headers, orientations, strict=True)
+        if np.abs(o - orientations[0]).max() > 1e-3
+    ]
+    if tilted:
+        return [
+            f"{folder}: slices with different orientations (ImageOrientationPatient of {tilted[0]} differs from "
+            f"{headers[0][0].name}, {len(tilted)} slice(s) in all): two stacks or a localizer in one folder; keep "
+            "the slices of one orientation per folder"
+        ]
+    rows, columns = orientations[0]
+    if abs(np.linalg.norm(rows) - 1) > 1e-3 or abs(np.linalg.norm(columns) - 1) > 1e-3 or abs(rows @ columns) > 1e-2:
+        return [
+            f"{folder}: ImageOrientationPatient {orientations[0].ravel().tolist()} is not two perpendicular unit "
+            "vectors (a broken orientation); re-export the series"
+        ]
+    if any(not np.isfinite(s).all() or np.any(s <= 0) for s in spacings):
+        return [f"{folder}: PixelSpacing {spacings[0].tolist()} must be positive numbers (mm); re-export the series"]
+    try:
+        orientation = orientations[0]
         normal = np.cross(orientation[0], orientation[1])
         positions = sorted(float(np.dot(normal, [float(v) for v in h.ImagePositionPatient])) for _, h in headers)
     except (AttributeError, ValueError) as error:

@@ -29,6 +29,8 @@ from monai.transforms import MapTransform, Randomizable
 from monai.utils import ImageMetaKey
 
 from custom_nets.atomic_files import atomic_write_json
+from custom_nets.data.datalist import file_suffix
+from custom_nets.data.expectations import DataExpectations, affine_problems, channel_problem, nifti_header_problems
 
 __all__ = [
     "CheckSegmentationPaird",
@@ -334,26 +336,33 @@ def inference_datalist(
 
 
 def segmentation_item_problems(
-    item: Any, position: int, base_dir: str | os.PathLike, num_classes: int | None = None
-) -> tuple[list[str], list[str]]:
+    item: Any,
+    position: int,
+    base_dir: str | os.PathLike,
+    num_classes: int | None = None,
+    expectations: DataExpectations | None = None,
+) -> tuple[list[str], list[str], list[str]]:
     """Check one image / label pair of a segmentation datalist with the bundles' readers; never raises.
 
     ``item`` is ``{"image": path or [paths of the channels], "label": path}``, relative paths joined to ``base_dir``.
-    Checks that every file exists and announces a sane size, reads the pair with MONAI's ``LoadImaged`` (channels
-    stacked) and applies :class:`CheckSegmentationPaird` (same grid and affine, finite image, label values in
-    ``0..num_classes - 1``; without ``num_classes``: non-negative integers), then rejects a constant image.
+    Checks that every file exists and announces a sane size, that NIfTI headers hold a usable geometry for the
+    bundle's ``expectations`` (:func:`~custom_nets.data.expectations.nifti_header_problems`), reads the pair with
+    MONAI's ``LoadImaged`` (channels stacked), checks the image's channel count (and, for other formats, the affine
+    read) against ``expectations``, applies :class:`CheckSegmentationPaird` (same grid and affine, finite image, label
+    values in ``0..num_classes - 1``; without ``num_classes``: non-negative integers), then rejects a constant image.
 
     Returns:
-        ``(files, problems)``: the resolved file paths (for duplicate detection) and one line per problem, each naming
-        the file.
+        ``(files, problems, warnings)``: the resolved file paths (for duplicate detection), one line per problem, each
+        naming the file, and one line per warning (e.g. thick slices).
     """
     from monai.transforms import LoadImaged
 
     from custom_nets.data.file_checks import check_header_size
     from custom_nets.data.loading import reader_failure
 
+    expectations = DataExpectations() if expectations is None else expectations
     if not isinstance(item, dict) or "image" not in item or "label" not in item:
-        return [], [f"item {position}: {item!r} is not a dict with 'image' and 'label' (a segmentation pair)"]
+        return [], [f"item {position}: {item!r} is not a dict with 'image' and 'label' (a segmentation pair)"], []
     base = Path(base_dir)
     images = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
     paths = {"image": [base / str(p) for p in images], "label": [base / str(item["label"])]}
@@ -365,35 +374,64 @@ def segmentation_item_problems(
         if not p.exists()
     ]
     if missing:
-        return files, missing
-    for group in paths.values():
+        return files, missing, []
+    warnings = []
+    for key, group in paths.items():
         for file in group:
             try:
                 check_header_size(file)
             except ValueError as error:
-                return files, [str(error)]
+                return files, [str(error)], []
+            if file_suffix(file) in (".nii", ".nii.gz"):
+                header = nifti_header_problems(file, expectations)
+                if header.errors:
+                    return files, header.errors, []
+                warnings += header.warnings if key == "image" and file == paths["image"][0] else []
     data = {"image": [str(p) for p in paths["image"]], "label": str(paths["label"][0])}
     if len(data["image"]) == 1:
         data["image"] = data["image"][0]
     try:
         data = LoadImaged(["image", "label"], ensure_channel_first=True, image_only=True)(data)
     except Exception as error:  # MONAI/nibabel/ITK raise many types for unreadable files
-        return files, [
-            f"{data['image']} / {data['label']}: the pair cannot be read ({reader_failure(error)}); a file is "
-            "corrupt or not of the type its name says"
-        ]
+        return (
+            files,
+            [
+                f"{data['image']} / {data['label']}: the pair cannot be read ({reader_failure(error)}); a file is "
+                "corrupt or not of the type its name says"
+            ],
+            [],
+        )
+    image_name = data["image"] if isinstance(data["image"], str) else str(paths["image"][0])
+    if isinstance(item["image"], (list, tuple)):
+        image_name = f"{paths['image'][0]} (+{len(paths['image']) - 1} channel file(s))"
+    wrong_channels = channel_problem(int(data["image"].shape[0]), image_name, expectations)
+    if wrong_channels is not None:
+        return files, [wrong_channels], warnings
+    if file_suffix(paths["image"][0]) not in (".nii", ".nii.gz") and isinstance(data["image"], MetaTensor):
+        geometry = affine_problems(data["image"].affine.numpy(), str(paths["image"][0]), expectations)
+        if geometry.errors:
+            return files, geometry.errors, []
+        warnings += geometry.warnings
     label_values = torch.unique(torch.as_tensor(data["label"])).tolist()
     negative = [v for v in label_values if v != int(v) or v < 0]
     if num_classes is None and negative:
-        return files, [f"{paths['label'][0]}: label values {negative[:10]} are not class indices (integers >= 0)"]
+        return (
+            files,
+            [f"{paths['label'][0]}: label values {negative[:10]} are not class indices (integers >= 0)"],
+            warnings,
+        )
     try:
         CheckSegmentationPaird(num_label_values=num_classes)(data)
     except ValueError as error:
-        return files, [str(error)]
+        return files, [str(error)], warnings
     image = torch.as_tensor(data["image"])
     if float(image.min()) == float(image.max()):
-        return files, [f"{paths['image'][0]}: constant image (every voxel is {float(image.min()):g}); remove the case"]
-    return files, []
+        return (
+            files,
+            [f"{paths['image'][0]}: constant image (every voxel is {float(image.min()):g}); remove the case"],
+            warnings,
+        )
+    return files, [], warnings
 
 
 def check_header_geometry(image_path: str | os.PathLike, label_path: str | os.PathLike, atol: float = 1e-3) -> None:

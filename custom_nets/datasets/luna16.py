@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from custom_nets.atomic_files import atomic_path, atomic_write_json
+from custom_nets.data.expectations import DataExpectations, affine_problems
 from custom_nets.data.segmentation import select_label_fraction
 
 __all__ = [
@@ -477,13 +478,19 @@ def _cube_problems(item: Any, where: str, base: Path, cube_size: Sequence[int]) 
 
 
 def candidate_datalist_problems(
-    content: Mapping[str, Any], keys: Sequence[str], base_dir: str | os.PathLike, source: str = "datalist"
+    content: Mapping[str, Any],
+    keys: Sequence[str],
+    base_dir: str | os.PathLike,
+    source: str = "datalist",
+    expectations: DataExpectations | None = None,
 ) -> tuple[list[tuple[str, str, int]], list[tuple[str, list[tuple[str, int]]]], int]:
     """Check the ``keys`` folds of a datalist written by :func:`prepare`; never raises.
 
     Per candidate: the cube exists, reads, has the datalist's ``cube_size`` and finite values, its label is 0 or 1,
     its ``seriesuid`` is one of the datalist's ``scans``, and its world position lies inside that scan when the scan
     is still at its recorded place (header only; training does not need the scans, so a moved scan is not checked).
+    Such a scan's geometry must also be usable (:func:`~custom_nets.data.expectations.affine_problems` against
+    ``expectations``: a zero / NaN spacing or a broken direction matrix means its cubes were cut on a wrong grid).
     Each fold must hold candidates.
 
     Returns:
@@ -543,6 +550,13 @@ def candidate_datalist_problems(
             geometry = scan_geometry(scan)
         except RuntimeError as error:
             problems.append((str(error), [(key, position) for key, position, _ in entries]))
+            continue
+        affine = np.eye(4)
+        affine[:3, :3] = geometry.direction * geometry.spacing
+        broken = affine_problems(affine, str(scan), DataExpectations() if expectations is None else expectations)
+        if broken.errors:
+            line = f"{broken.errors[0]} (the scan of {len(entries)} candidate(s): prepare them again once fixed)"
+            problems.append((line, [(key, position) for key, position, _ in entries]))
             continue
         for key, position, item in entries:
             cube = base / str(item["image"])

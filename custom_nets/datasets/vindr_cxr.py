@@ -44,6 +44,7 @@ from monai.transforms import MapTransform
 from PIL import Image
 
 from custom_nets.atomic_files import atomic_path
+from custom_nets.data.expectations import DataExpectations, raster_mode_problem
 from custom_nets.data.segmentation import split_cases, write_datalist
 
 __all__ = [
@@ -294,13 +295,19 @@ def load_detection_datalist(datalist: str | os.PathLike, split: str, dataset_dir
 
 
 def detection_item_problems(
-    item: Any, position: int, base_dir: str | os.PathLike, num_classes: int | None = None
+    item: Any,
+    position: int,
+    base_dir: str | os.PathLike,
+    num_classes: int | None = None,
+    expectations: DataExpectations | None = None,
 ) -> tuple[list[str], list[str]]:
     """Check one entry of a detection datalist with the bundle's reader; never raises.
 
     ``item`` is ``{"image": path, "box": [[x_min, y_min, x_max, y_max], ...], "label": [class id per box]}`` (boxes in
     pixels of the file, as :func:`prepare` writes them), ``image`` relative to ``base_dir``. Checks that the image
-    exists, reads as one grayscale frame (:func:`read_chest_xray`), holds finite, not constant values, that every box
+    exists, is not a palette or grey + alpha PNG (:func:`~custom_nets.data.expectations.raster_mode_problem`; RGB and
+    RGBA are fine: :func:`read_chest_xray` averages the colour channels), reads as one grayscale frame
+    (:func:`read_chest_xray`), holds finite, not constant values, that every box
     is non-empty and inside the image, and that there is one label per box, each in ``0..num_classes - 1`` (without
     ``num_classes``: a non-negative integer).
 
@@ -314,6 +321,12 @@ def detection_item_problems(
     if not path.is_file():
         return [str(path.resolve())], [f"{path}: file not found (item {position}); fix the path or the dataset_dir"]
     files = [str(path.resolve())]
+    if not _is_dicom(path):
+        mode = raster_mode_problem(
+            path, DataExpectations(averages_rgba=False) if expectations is None else expectations
+        )
+        if mode is not None:
+            return files, [mode]
     try:
         pixels = read_chest_xray(path)
     except Exception as error:  # PIL and pydicom raise many types for unreadable files

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -377,6 +378,112 @@ def nodule_empty_fold(root):
     return {**_candidates(root), "subset0": []}, "datalist.json", "no candidate in this fold", {}
 
 
+# What each bundle expects of spacing, orientation and channels (custom_nets.data.expectations; --bundle reads the
+# bundle's data_expectations from its train.json, as its start-up check does).
+def _nifti_with_raw_header(path: Path, pixdim=None, sform_rows=None) -> str:
+    """An uncompressed NIfTI whose header fields are patched as stored (nibabel would refuse or fix them on save)."""
+    nib.save(nib.Nifti1Image(_volume(), np.eye(4)), path)
+    raw = bytearray(path.read_bytes())
+    if pixdim is not None:
+        raw[80:92] = struct.pack("<3f", *pixdim)  # pixdim[1..3]
+    if sform_rows is not None:
+        raw[280:328] = struct.pack("<12f", *np.asarray(sform_rows, np.float32).ravel())  # srow_x, srow_y, srow_z
+    path.write_bytes(bytes(raw))
+    return path.name
+
+
+def zero_spacing_in_the_header(root):
+    name = _nifti_with_raw_header(root / "zero.nii", pixdim=(0.0, 1.0, 1.0))
+    return {"training": [{"image": name}]}, "zero.nii", "pixdim) [0.0, 1.0, 1.0] must be finite and positive", {}
+
+
+def negative_spacing_in_the_header(root):
+    name = _nifti_with_raw_header(root / "negative.nii", pixdim=(1.0, -2.0, 1.0))
+    return {"training": [{"image": name}]}, "negative.nii", "[1.0, -2.0, 1.0] must be finite and positive", {}
+
+
+def nan_spacing_in_the_header(root):
+    name = _nifti_with_raw_header(root / "nan_spacing.nii", pixdim=(1.0, 1.0, np.nan))
+    return {"training": [{"image": name}]}, "nan_spacing.nii", "[1.0, 1.0, nan] must be finite and positive", {}
+
+
+def singular_affine(root):
+    rows = [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]  # two voxel axes along one direction
+    return (
+        {"training": [{"image": _nifti_with_raw_header(root / "flat.nii", sform_rows=rows)}]},
+        "flat.nii",
+        ("singular affine"),
+        {},
+    )
+
+
+def sheared_affine(root):
+    rows = [[1.0, 0.5, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]  # 27 degrees from perpendicular
+    name = _nifti_with_raw_header(root / "sheared.nii", sform_rows=rows)
+    return {"training": [{"image": name}]}, "sheared.nii", "voxel axes are not perpendicular", {}
+
+
+def absurd_spacing(root):
+    name = _nifti(root / "cm.nii.gz", _volume(), np.diag([0.1, 0.1, 50.0, 1.0]))  # slices 50 mm apart
+    return {"training": [{"image": name}]}, "cm.nii.gz", "exceeds 20 mm", {}
+
+
+def heart_given_a_four_channel_image(root):
+    _nifti(root / "img.nii.gz", _volume((8, 8, 5, 4)))  # a BraTS-like 4-modality volume
+    _nifti(root / "seg.nii.gz", np.zeros((8, 8, 5), np.uint8))
+    content = {"training": [{"image": "img.nii.gz", "label": "seg.nii.gz"}]}
+    return content, "img.nii.gz", "4 channel(s), the bundle expects 1", {"bundle": "finetune_heart"}
+
+
+def brainseg_given_four_modalities_for_one(root):
+    files = [_nifti(root / f"case_{m}.nii.gz", _volume()) for m in ("flair", "t1", "t1ce", "t2")]
+    _nifti(root / "case_seg.nii.gz", np.zeros((8, 8, 5), np.uint8))
+    content = {"training": [{"image": files, "label": "case_seg.nii.gz"}]}
+    return content, "case_flair.nii.gz", "4 channel(s), the bundle expects 1", {"bundle": "finetune_brainseg"}
+
+
+def brainseg_given_one_channel_for_four(root):
+    content = _pair(root, np.zeros((8, 8, 5), np.uint8))
+    options = {"bundle": "finetune_brainseg", "expected_channels": 4}  # as with modalities flair,t1,t1ce,t2
+    return content, "img.nii.gz", "1 channel(s), the bundle expects 4", options
+
+
+def heart_given_stretched_axial_pixels(root):
+    content = _pair(root, np.zeros((8, 8, 5), np.uint8), label_affine=np.diag([0.5, 2.0, 1.0, 1.0]))
+    _nifti(root / "img.nii.gz", _volume(), np.diag([0.5, 2.0, 1.0, 1.0]))  # 0.5 x 2 mm pixels: ratio 4 > 3
+    return content, "img.nii.gz", "axial pixels of 0.5 x 2 mm (ratio 4 > 3", {"bundle": "finetune_heart"}
+
+
+def palette_png(root):
+    Image.fromarray(RNG.integers(0, 255, (8, 8), dtype=np.uint8)).convert("P").save(root / "palette.png")
+    return {"training": [{"image": "palette.png"}]}, "palette.png", "palette image (PIL mode P)", {}
+
+
+def rgba_png_for_pretraining(root):
+    Image.fromarray(RNG.integers(0, 255, (8, 8, 4), dtype=np.uint8), "RGBA").save(root / "rgba.png")
+    return {"training": [{"image": "rgba.png"}]}, "rgba.png", "RGB + alpha image", {"bundle": "pretrain_joint"}
+
+
+def cxr_grey_and_alpha_png(root):
+    Image.fromarray(RNG.integers(0, 255, (24, 32, 2), dtype=np.uint8), "LA").save(root / "cxr.png")
+    return _detection("cxr.png"), "cxr.png", "grey + alpha image", {"bundle": "finetune_cxr"}
+
+
+def dicom_series_with_a_slice_of_another_orientation(root):
+    folder = _series(root / "series")
+    dataset = pydicom.dcmread(folder / "IM0003.dcm")
+    dataset.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a sagittal slice among axial ones
+    dataset.save_as(folder / "IM0003.dcm", enforce_file_format=True)
+    return {"training": [{"image": "series"}]}, "series", "slices with different orientations", {}
+
+
+def nodule_scan_with_zero_spacing(root):
+    content = _candidates(root)
+    header = root / "scans" / "1.2.3.mhd"
+    header.write_text(header.read_text().replace("ElementSpacing = 1 1 2", "ElementSpacing = 1 0 2"))
+    return content, "1.2.3.mhd", "singular affine", {"bundle": "finetune_nodule"}
+
+
 CASES: list[Case] = [
     missing_file, zero_byte_file, truncated_nifti, png_named_nifti, nifti_named_png, text_file, text_named_dicom,
     four_d_volume, nan_volume, inf_volume, constant_volume, absurd_nifti_header, absurd_metaimage_header,
@@ -389,6 +496,10 @@ CASES: list[Case] = [
     cxr_text_named_png, cxr_multi_frame_dicom, cxr_constant_image,
     nodule_candidate_outside_its_scan, nodule_cube_of_the_wrong_shape, nodule_nan_cube, nodule_truncated_cube,
     nodule_missing_cube, nodule_label_not_binary, nodule_unknown_seriesuid, nodule_empty_fold,
+    zero_spacing_in_the_header, negative_spacing_in_the_header, nan_spacing_in_the_header, singular_affine,
+    sheared_affine, absurd_spacing, heart_given_a_four_channel_image, brainseg_given_four_modalities_for_one,
+    brainseg_given_one_channel_for_four, heart_given_stretched_axial_pixels, palette_png, rgba_png_for_pretraining,
+    cxr_grey_and_alpha_png, dicom_series_with_a_slice_of_another_orientation, nodule_scan_with_zero_spacing,
 ]  # fmt: skip
 
 
@@ -431,3 +542,28 @@ def test_skip_bad_trains_on_the_usable_items_and_lists_the_others(tmp_path):
     assert [entry["position"] for entry in skipped] == [1, 2]
     assert "unreadable NIfTI header" in skipped[0]["problem"] and "file not found" in skipped[1]["problem"]
     assert usable_datalist(usable, None, tmp_path / "out2", skip_bad=True) == str(usable)  # nothing left to skip
+
+
+def test_an_rgb_radiograph_passes_the_cxr_check_which_averages_its_channels(tmp_path):
+    """finetune_cxr converts colour PNGs (``read_chest_xray`` averages R, G, B, drops alpha): not an error."""
+    for mode, channels in (("RGB", 3), ("RGBA", 4)):
+        Image.fromarray(RNG.integers(0, 255, (24, 32, channels), dtype=np.uint8), mode).save(tmp_path / "cxr.png")
+        (tmp_path / "datalist.json").write_text(json.dumps(_detection("cxr.png")))
+        summary = validate_data(str(tmp_path / "datalist.json"), bundle="finetune_cxr", num_classes=14)
+        assert summary["items"] == 1 and summary["warnings"] == []
+
+
+def test_thick_slices_are_a_warning_in_the_summary_and_the_report(tmp_path):
+    """Slices 8 mm apart for 0.5 mm pixels (ratio 16 > 10): heart trains slice by slice, so listed, not refused."""
+    content = _pair(tmp_path, np.zeros((8, 8, 5), np.uint8), label_affine=np.diag([0.5, 0.5, 8.0, 1.0]))
+    _nifti(tmp_path / "img.nii.gz", _volume(), np.diag([0.5, 0.5, 8.0, 1.0]))
+    (tmp_path / "datalist.json").write_text(json.dumps(content))
+    report = tmp_path / "report.json"
+    summary = validate_data(str(tmp_path / "datalist.json"), bundle="finetune_heart", report=str(report))
+    (warning,) = summary["warnings"]
+    assert "img.nii.gz" in warning and "slices 8 mm apart for 0.5 mm pixels (ratio 16 > 10)" in warning
+    assert json.loads(report.read_text())["summary"]["warnings"] == [warning]
+    with pytest.raises(DatalistError, match="8 mm exceeds 7 mm"):  # a CLI option overrides the bundle's value
+        validate_data(str(tmp_path / "datalist.json"), bundle="finetune_heart", max_spacing_mm=7.0)
+    with pytest.raises(ValueError, match="no_such_bundle: not a bundle folder .* 'finetune_heart'"):
+        validate_data(str(tmp_path / "datalist.json"), bundle="no_such_bundle")
