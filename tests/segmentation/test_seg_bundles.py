@@ -272,3 +272,43 @@ def test_multi_gpu_overlay_skips_a_bad_pair_on_every_process(tmp_path, seg_data)
     assert (result.stdout + result.stderr).count("were left out of this run") == 1  # rank 0, at the end
     checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == 1  # 1 usable training volume, padded to 2 for 2 processes
+
+
+@pytest.mark.slow
+def test_start_up_check_refuses_stretched_axial_pixels_unless_turned_off(tmp_path, seg_data):
+    """The heart bundle's data_expectations are checked at start-up by default: a training pair whose axial pixels are
+    0.5 x 2 mm (ratio 4 > max_inplane_anisotropy 3) stops the run with one problem naming the image;
+    ``validate_data false`` turns the check off and the same data trains."""
+    from custom_nets.data import DatalistError
+
+    root = _copy_bundle("finetune_heart", tmp_path)
+    dataset_dir, _ = _prepare("heart", tmp_path, seg_data)
+    item = json.loads((dataset_dir / "datalist.json").read_text())["training"][0]
+    stretched = np.diag([0.5, 2.0, 2.5, 1.0])
+    for key in ("image", "label"):
+        path = dataset_dir / item[key]
+        nib.save(nib.Nifti1Image(np.asarray(nib.load(path).dataobj), stretched), str(path))
+
+    def workflow(**overrides) -> ConfigWorkflow:
+        return ConfigWorkflow(
+            config_file=str(root / "configs" / "train.json"),
+            workflow_type="train",
+            bundle_root=str(root),
+            dataset_dir=str(dataset_dir),
+            epochs=1,
+            batch_size=1,
+            slices_per_volume=2,
+            **TINY,
+            **overrides,
+        )
+
+    with pytest.raises(RuntimeError) as error:  # MONAI wraps what a config expression raises
+        workflow().initialize()
+    cause = error.value.__cause__
+    assert isinstance(cause, DatalistError), error.value
+    (problem,) = cause.problems
+    assert str(dataset_dir / item["image"]) in problem and "axial pixels of 0.5 x 2 mm (ratio 4 > 3" in problem
+    unchecked = workflow(validate_data=False)
+    unchecked.initialize()
+    unchecked.run()
+    assert unchecked.trainer.state.iteration > 0
