@@ -118,9 +118,10 @@ def affine_problems(affine: np.ndarray, source: str, expectations: DataExpectati
             "mistake (cm or m instead of mm) or a broken header; fix the header or remove the image"
         )
     if dims == 3:
-        order = np.argmax(np.abs(directions), axis=0)  # the world axis (R, A, S) each voxel axis runs along
+        from nibabel.orientations import io_orientation
+
         ras = np.empty(3)
-        ras[order] = spacing
+        ras[io_orientation(affine)[:, 0].astype(int)] = spacing  # the world axis (R, A, S) of each voxel axis
         inplane, slice_spacing = ras[:2], ras[2]
         ratio = inplane.max() / inplane.min()
         limit = expectations.max_inplane_anisotropy
@@ -155,14 +156,19 @@ def nifti_header_problems(path: str | os.PathLike, expectations: DataExpectation
     negative ``pixdim`` into a positive one; MONAI's reader replaces a broken sform by one built from ``pixdim``).
 
     The spatial ``pixdim`` must be finite and positive, then the best affine (sform, else qform, else ``pixdim``) is
-    checked with :func:`affine_problems`. Unreadable headers are left to the readers' own checks (no finding).
+    checked with :func:`affine_problems`. When MONAI's reader would use another affine than that one (sform, qform
+    and ``pixdim`` disagree: ``monai.data.utils.correct_nifti_header_if_necessary`` then takes the qform, or the
+    sform, whichever matches ``pixdim``), a warning says so: training works, on another geometry than viewers show.
+    Unreadable headers are left to the readers' own checks (no finding).
     """
     import nibabel as nib
+    from monai.data.utils import correct_nifti_header_if_necessary
     from nibabel.openers import ImageOpener
 
     path = Path(path)
     try:
-        header_class = type(nib.load(path).header)
+        image = nib.load(path)  # header only: the voxels are read on demand
+        header_class = type(image.header)
         with ImageOpener(path) as handle:
             header = header_class.from_fileobj(handle, check=False)
     except Exception:  # reported by check_header_size / the reader with the file's name
@@ -183,7 +189,15 @@ def nifti_header_problems(path: str | os.PathLike, expectations: DataExpectation
         return GeometryFindings([f"{path}: unusable orientation in the header ({error}); fix the header"], [])
     if spatial < 3:
         return GeometryFindings([], [])
-    return affine_problems(affine, str(path), expectations)
+    findings = affine_problems(affine, str(path), expectations)
+    used = correct_nifti_header_if_necessary(image).affine
+    if not findings.errors and not np.allclose(used, affine, atol=1e-3):
+        findings.warnings.append(
+            f"{path}: the header's sform, qform and pixdim disagree; MONAI's reader uses the affine "
+            f"{np.round(used[:3], 3).tolist()} instead of {np.round(affine[:3], 3).tolist()} (what viewers show): "
+            "re-save the file with one consistent geometry"
+        )
+    return findings
 
 
 _PALETTE_OR_ALPHA = {"P": "palette", "PA": "palette + alpha", "LA": "grey + alpha", "La": "grey + alpha"}

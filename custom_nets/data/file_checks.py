@@ -86,8 +86,8 @@ def dicom_series_problems(folder: str | os.PathLike, tolerance: float = 0.01) ->
 
     Checks that the folder holds one series (one ``SeriesInstanceUID``), one image size, pixel data in every file, one
     slice orientation (``ImageOrientationPatient``: two perpendicular unit vectors, the same in every slice), a
-    positive ``PixelSpacing``, and slices evenly spaced along the slice normal (relative ``tolerance``): a gap means a
-    missing slice, a zero step a duplicate.
+    positive ``PixelSpacing`` where given (without it ITK reads 1 mm), and slices evenly spaced along the slice normal
+    (relative ``tolerance``): a gap means a missing slice, a zero step a duplicate.
     """
     import pydicom
 
@@ -112,7 +112,7 @@ def dicom_series_problems(folder: str | os.PathLike, tolerance: float = 0.01) ->
         return problems
     try:
         orientations = [np.array([float(v) for v in h.ImageOrientationPatient]).reshape(2, 3) for _, h in headers]
-        spacings = [np.array([float(v) for v in h.PixelSpacing]).reshape(2) for _, h in headers]
+        spacings = [np.array([float(v) for v in h.PixelSpacing]).reshape(2) for _, h in headers if "PixelSpacing" in h]
     except (AttributeError, ValueError) as error:
         return [f"{folder}: slices without a usable ImageOrientationPatient / PixelSpacing ({error})"]
     tilted = [
@@ -132,8 +132,9 @@ def dicom_series_problems(folder: str | os.PathLike, tolerance: float = 0.01) ->
             f"{folder}: ImageOrientationPatient {orientations[0].ravel().tolist()} is not two perpendicular unit "
             "vectors (a broken orientation); re-export the series"
         ]
-    if any(not np.isfinite(s).all() or np.any(s <= 0) for s in spacings):
-        return [f"{folder}: PixelSpacing {spacings[0].tolist()} must be positive numbers (mm); re-export the series"]
+    wrong = [s.tolist() for s in spacings if not np.isfinite(s).all() or np.any(s <= 0)]
+    if wrong:
+        return [f"{folder}: PixelSpacing {wrong[0]} must be positive numbers (mm); re-export the series"]
     try:
         orientation = orientations[0]
         normal = np.cross(orientation[0], orientation[1])

@@ -567,3 +567,12 @@ def test_thick_slices_are_a_warning_in_the_summary_and_the_report(tmp_path):
         validate_data(str(tmp_path / "datalist.json"), bundle="finetune_heart", max_spacing_mm=7.0)
     with pytest.raises(ValueError, match="no_such_bundle: not a bundle folder .* 'finetune_heart'"):
         validate_data(str(tmp_path / "datalist.json"), bundle="no_such_bundle")
+
+
+def test_a_header_whose_sform_and_pixdim_disagree_is_a_warning(tmp_path):
+    """sform slices 3 mm apart, pixdim and qform 1 mm: MONAI's reader silently takes the qform; listed, not refused."""
+    rows = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]]
+    name = _nifti_with_raw_header(tmp_path / "mixed.nii", sform_rows=rows)
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [{"image": name}]}))
+    (warning,) = validate_data(str(tmp_path / "datalist.json"), bundle="pretrain_joint")["warnings"]
+    assert "mixed.nii: the header's sform, qform and pixdim disagree" in warning and "[0.0, 0.0, 3.0, 0.0]" in warning
