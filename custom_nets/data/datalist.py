@@ -371,10 +371,11 @@ def _check_datalist(
     expectations: DataExpectations | None = None,
 ) -> _Findings:
     """Every problem of the ``keys`` lists, each with the items it concerns (see :func:`validate_datalist`)."""
-    expectations = DataExpectations() if expectations is None else expectations
     from custom_nets.data.segmentation import segmentation_item_problems
     from custom_nets.datasets.luna16 import candidate_datalist_problems
     from custom_nets.datasets.vindr_cxr import detection_item_problems
+
+    expectations = DataExpectations() if expectations is None else expectations
 
     base = Path(path.parent if base_dir is None else base_dir)
     findings = _Findings()

@@ -40,7 +40,13 @@ def test_make_datalist_elsewhere_then_validate_data(tmp_path):
     assert json.loads(report.read_text()) == {
         "datalist": str(out),
         "ok": True,
-        "summary": {"items": 2, "kinds": {"volume": 2}, "modalities": {"unspecified": 2}, "keys": ["training"]},
+        "summary": {
+            "items": 2,
+            "kinds": {"volume": 2},
+            "modalities": {"unspecified": 2},
+            "keys": ["training"],
+            "warnings": [],
+        },
     }
 
 
