@@ -106,6 +106,31 @@ def test_start_up_check_failure_lists_the_problems_without_traceback(bundle, tmp
 
 
 @pytest.mark.slow
+def test_a_wrong_channel_count_stops_brainseg_with_one_line(tmp_path):
+    """The bundle's data_expectations: four modality files per case while ``modalities`` is the default ['flair']
+    (a 1-channel network) give one line naming the first file, the found and the expected count, and the fix."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    label = np.zeros((16, 16, 4), dtype=np.int16)
+    label[4:12, 4:12] = 1
+    images = [
+        _volume(folder / f"a_{m}.nii.gz", rng.random(label.shape, dtype=np.float32)) for m in brats.BRATS_MODALITIES
+    ]
+    item = {"image": images, "label": _volume(folder / "a_seg.nii.gz", label)}
+    (folder / "datalist.json").write_text(json.dumps({"training": [item]}))
+    result = _bundle_run("finetune_brainseg", tmp_path, {"validate_data": True})
+    assert result.returncode == USER_ERROR_EXIT, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    problems = [line.strip() for line in result.stderr.splitlines() if line.startswith("  [")]
+    assert problems == [
+        f"[training] {folder / 'a_flair.nii.gz'} (+3 channel file(s)): 4 channel(s), the bundle expects 1 "
+        "(expected_channels); list one single-channel file per modality of ['flair'] in that order, or set "
+        "modalities to the sequences your images hold (in_channels follows)"
+    ]
+
+
+@pytest.mark.slow
 def test_traceback_is_shown_on_request(tmp_path):
     (tmp_path / "data").mkdir()
     _segmentation_data(tmp_path / "data")
