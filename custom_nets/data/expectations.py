@@ -11,7 +11,9 @@ Errors (the item cannot be used as the bundle would use it) and warnings (listed
 
 * a spacing that is zero, negative or not a number, or an affine that is singular, not finite or whose voxel axes are
   not perpendicular (sheared): always an error - ``Orientationd`` / ``Spacingd`` and every resampling would compute
-  with a broken grid, and MONAI's NIfTI reader silently replaces such an affine by one built from ``pixdim``;
+  with a broken grid;
+* a NIfTI whose sform, qform and ``pixdim`` disagree so that MONAI's reader would silently use another affine than
+  the header's best one (what viewers show): a warning;
 * a voxel side above ``max_spacing_mm`` (default 20 mm): an error, a unit mistake (cm, m) or a broken header;
 * axial pixels (after reorientation to RAS) whose two sides differ by more than ``max_inplane_anisotropy``: an error
   for the bundles that feed axial slices to a 2D network without resampling in-plane (heart, brainseg,
@@ -20,7 +22,7 @@ Errors (the item cannot be used as the bundle would use it) and warnings (listed
   mix slices; 2.5D neighbours and slice positions become coarse);
 * a channel count other than ``channels``: an error naming the found and the expected count;
 * a raster image in a palette or grey + alpha mode (``P``, ``PA``, ``LA``), or RGBA where the bundle averages every
-  channel: an error - the readers would take palette indices or the alpha channel for intensities.
+  channel: an error - the readers would take palette indices for grey levels or average alpha into the intensities.
 """
 
 from __future__ import annotations
