@@ -101,6 +101,11 @@ class JointSSLNet(nn.Module):
         mask_ratio: fraction of valid slices replaced by the mask token (at least one per volume); 0 disables masking.
         freeze_slice_encoder: keep ``f_intra`` fixed (no gradients, batch-norm statistics frozen), as in stage B of the
             staged schedule (masked prediction with ``f_intra`` frozen).
+        freeze_stem: keep the first convolution and batch-norm affine of ``f_intra`` at their random initialisation (no
+            gradients; the batch-norm running statistics still follow the data), as MoCo v3 freezes its random patch
+            projection (Chen, Xie and He, "An Empirical Study of Training Self-Supervised Vision Transformers", ICCV
+            2021). Measured on the demo: pretraining otherwise turns the stem into a low-pass filter bank that
+            fine-tuning with a few labelled volumes does not undo (see the pretrain_joint docs).
         channels_last: the 2D encoder ``f_intra`` in channels-last memory format (see :class:`SliceEncoder`).
     """
 
@@ -124,6 +129,7 @@ class JointSSLNet(nn.Module):
         inter_slice_scale: Sequence[float] | None = None,
         mask_ratio: float = 0.1,
         freeze_slice_encoder: bool = False,
+        freeze_stem: bool = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -149,6 +155,8 @@ class JointSSLNet(nn.Module):
         self.mask_ratio = mask_ratio
         self.freeze_slice_encoder = freeze_slice_encoder
         self.slice_encoder.requires_grad_(not freeze_slice_encoder)
+        for stem_module in (self.slice_encoder.trunk.conv1, self.slice_encoder.trunk.bn1):
+            stem_module.requires_grad_(not (freeze_stem or freeze_slice_encoder))
 
     def train(self, mode: bool = True) -> JointSSLNet:
         super().train(mode)

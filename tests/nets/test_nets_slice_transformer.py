@@ -192,3 +192,25 @@ def test_eval_mode_returns_one_tensor() -> None:
     volume_feature = net(torch.randn(2, 1, 4, 32, 32))
     assert volume_feature.shape == (2, 32)
     torch.testing.assert_close(volume_feature.norm(dim=1), torch.ones(2))
+
+
+def test_freeze_stem_keeps_the_first_convolution_at_its_initialisation() -> None:
+    torch.manual_seed(0)
+    net = tiny_net(freeze_stem=True).train()
+    trunk = net.slice_encoder.trunk
+    stem_before = {name: value.clone() for name, value in trunk.conv1.state_dict().items()}
+    bn_before = {name: value.clone() for name, value in trunk.bn1.state_dict().items()}
+    layer1_before = trunk.layer1[0].conv1.weight.clone()
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5, weight_decay=0.1)
+    batch = {"image_views": [torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32)]}
+    out = net(batch)
+    loss = sum(z.square().sum() for head in out["intra_scores"] for z in head) + out["intra_projection"][0].sum()
+    loss.backward()
+    optimizer.step()
+    assert not any(p.requires_grad for p in (*trunk.conv1.parameters(), *trunk.bn1.parameters()))
+    torch.testing.assert_close(trunk.conv1.weight, stem_before["weight"], rtol=0, atol=0)
+    torch.testing.assert_close(trunk.bn1.weight, bn_before["weight"], rtol=0, atol=0)
+    torch.testing.assert_close(trunk.bn1.bias, bn_before["bias"], rtol=0, atol=0)
+    assert not torch.equal(trunk.bn1.running_mean, bn_before["running_mean"])  # statistics still follow the data
+    assert not torch.equal(trunk.layer1[0].conv1.weight, layer1_before)  # the rest of f_intra learns
+    assert tiny_net().slice_encoder.trunk.conv1.weight.requires_grad  # off by default
