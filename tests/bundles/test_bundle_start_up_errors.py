@@ -5,9 +5,6 @@ evaluate``; :func:`custom_nets.command_line.report_input_errors_without_tracebac
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -74,26 +71,22 @@ CASES = {
 }
 
 
-def _bundle_run(bundle: str, tmp_path: Path, overrides: dict, env: dict | None = None) -> subprocess.CompletedProcess:
+def _bundle_run(bundle_checks, bundle: str, tmp_path: Path, overrides: dict, env: dict | None = None):
     """``python -m monai.bundle run`` of the repository's bundle, every output sent to ``tmp_path``."""
     root = BUNDLES / bundle
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "train.json")]
-    command += ["--meta_file", str(root / "configs" / "metadata.json"), "--bundle_root", str(root)]
-    command += ["--logging_file", str(root / "configs" / "logging.conf"), "--dataset_dir", str(tmp_path / "data")]
-    command += ["--datalist", str(tmp_path / "data" / "datalist.json"), "--output_dir", str(tmp_path / "out")]
-    for key, value in {"ckpt_dir": str(tmp_path / "models"), "num_workers": 0, **overrides}.items():
-        command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+    settings = {"bundle_root": str(root), "dataset_dir": str(tmp_path / "data")}
+    settings |= {"datalist": str(tmp_path / "data" / "datalist.json"), "output_dir": str(tmp_path / "out")}
+    settings |= {"ckpt_dir": str(tmp_path / "models"), "num_workers": 0, **overrides}
+    return bundle_checks.monai_bundle_run([root / "configs" / "train.json"], settings, tmp_path, env)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle", list(CASES))
-def test_start_up_check_failure_lists_the_problems_without_traceback(bundle, tmp_path):
+def test_start_up_check_failure_lists_the_problems_without_traceback(bundle, tmp_path, bundle_checks):
     (tmp_path / "data").mkdir()
     make_data, overrides = CASES[bundle]
     expected = make_data(tmp_path / "data")
-    result = _bundle_run(bundle, tmp_path, overrides)
+    result = _bundle_run(bundle_checks, bundle, tmp_path, overrides)
     assert result.returncode == USER_ERROR_EXIT, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
     assert "Failed to evaluate" not in result.stderr
@@ -106,7 +99,7 @@ def test_start_up_check_failure_lists_the_problems_without_traceback(bundle, tmp
 
 
 @pytest.mark.slow
-def test_a_wrong_channel_count_stops_brainseg_with_one_line(tmp_path):
+def test_a_wrong_channel_count_stops_brainseg_with_one_line(tmp_path, bundle_checks):
     """The bundle's data_expectations: four modality files per case while ``modalities`` is the default ['flair']
     (a 1-channel network) give one line naming the first file, the found and the expected count, and the fix."""
     folder = tmp_path / "data"
@@ -119,7 +112,7 @@ def test_a_wrong_channel_count_stops_brainseg_with_one_line(tmp_path):
     ]
     item = {"image": images, "label": _volume(folder / "a_seg.nii.gz", label)}
     (folder / "datalist.json").write_text(json.dumps({"training": [item]}))
-    result = _bundle_run("finetune_brainseg", tmp_path, {"validate_data": True})
+    result = _bundle_run(bundle_checks, "finetune_brainseg", tmp_path, {"validate_data": True})
     assert result.returncode == USER_ERROR_EXIT, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     problems = [line.strip() for line in result.stderr.splitlines() if line.startswith("  [")]
@@ -131,10 +124,10 @@ def test_a_wrong_channel_count_stops_brainseg_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_traceback_is_shown_on_request(tmp_path):
+def test_traceback_is_shown_on_request(tmp_path, bundle_checks):
     (tmp_path / "data").mkdir()
     _segmentation_data(tmp_path / "data")
-    result = _bundle_run("finetune_heart", tmp_path, {}, env={"CUSTOM_NETS_TRACEBACK": "1"})
+    result = _bundle_run(bundle_checks, "finetune_heart", tmp_path, {}, env={"CUSTOM_NETS_TRACEBACK": "1"})
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "Failed to evaluate" in result.stderr and "DatalistError" in result.stderr
 
