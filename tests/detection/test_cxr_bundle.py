@@ -80,7 +80,8 @@ def test_prepare_train_evaluate_infer_without_identifier_leaks(cxr, tmp_path, ca
     infer_dir.mkdir()
     dicom = sorted(folder.images.iterdir())[0]
     shutil.copy(dicom, infer_dir / dicom.name)
-    Image.fromarray(np.full((50, 70), 128, dtype=np.uint8)).save(infer_dir / "plain.png")  # 70 wide, 50 high
+    ramp = np.tile(np.arange(70, dtype=np.uint8), (50, 1))  # 70 wide, 50 high; not constant (the check refuses that)
+    Image.fromarray(ramp).save(infer_dir / "plain.png")
     _run(root, ["inference.json"], **{**common, "dataset_dir": str(infer_dir)})
     results = {p.stem: json.loads(p.read_text()) for p in (root / "outputs" / "inference").glob("*.json")}
     assert set(results) == {dicom.stem, "plain"}
