@@ -127,12 +127,25 @@ def snapshot(*folders: str | os.PathLike) -> dict[str, float]:
 
 
 def monai_bundle_run(
-    config_files: list[str | os.PathLike], overrides: Mapping[str, Any], cwd: Path, env: Mapping[str, str] | None = None
+    config_files: list[str | os.PathLike],
+    overrides: Mapping[str, Any],
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    launcher: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run`` of ``config_files`` (each overlaying the ones before; ``metadata.json`` and
-    ``logging.conf`` taken beside the first) in a subprocess on the CPU, ``overrides`` as command-line flags."""
+    ``logging.conf`` taken beside the first) in a subprocess on the CPU, ``overrides`` as command-line flags;
+    ``launcher``: arguments of python before ``-m monai.bundle`` (``("-m", "torch.distributed.run", ...)``)."""
     configs = Path(config_files[0]).parent
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr([str(f) for f in config_files])]
+    command = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr([str(f) for f in config_files]),
+    ]
     command += ["--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf")]
     for key, value in overrides.items():  # fire reads Python literals: repr keeps True, None and lists exact
         command += [f"--{key}", value if isinstance(value, str) else repr(value)]

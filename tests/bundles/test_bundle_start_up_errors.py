@@ -74,16 +74,23 @@ CASES = {
 
 
 def _bundle_run(
-    bundle_checks, bundle: str, tmp_path: Path, overrides: dict, env: dict | None = None, config: str = "train.json"
+    bundle_checks,
+    bundle: str,
+    tmp_path: Path,
+    overrides: dict,
+    env: dict | None = None,
+    configs: tuple[str, ...] = ("train.json",),
+    launcher: tuple[str, ...] = (),
 ):
     """``python -m monai.bundle run`` of the repository's bundle on ``tmp_path / "data"``, every output sent to
     ``tmp_path``."""
     root = BUNDLES / bundle
     settings = {"bundle_root": str(root), "dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")}
-    if config == "train.json":
+    if configs[0] == "train.json":
         settings |= {"datalist": str(tmp_path / "data" / "datalist.json"), "ckpt_dir": str(tmp_path / "models")}
     settings |= {"num_workers": 0, **overrides}
-    return bundle_checks.monai_bundle_run([root / "configs" / config], settings, tmp_path, env)
+    files = [root / "configs" / name for name in configs]
+    return bundle_checks.monai_bundle_run(files, settings, tmp_path, env, launcher)
 
 
 def _problem_lines(result) -> list[str]:
@@ -200,9 +207,29 @@ def test_a_bad_image_stops_inference_with_one_line(case, tmp_path, bundle_checks
     bundle, make = INFERENCE_CASES[case]
     overrides, expected = make(folder)
     GOOD_IMAGE[bundle](folder)
-    result = _bundle_run(bundle_checks, bundle, tmp_path, overrides, config="inference.json")
+    result = _bundle_run(bundle_checks, bundle, tmp_path, overrides, configs=("inference.json",))
     (problem,) = _problem_lines(result)
     assert problem.startswith(expected), (problem, expected)
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_lists_the_problems_before_torchrun_reports_the_failure(tmp_path, bundle_checks):
+    """Two CPU processes with the multi-GPU overlay: rank 0 checks the datalist and prints the problems (torchrun
+    prefixes ``[rank0]:``) with exit status 1; torchrun then adds its own ChildFailedError report, which no worker can
+    turn off (documented in the README, "Bad input under torchrun")."""
+    (tmp_path / "data").mkdir()
+    expected = _segmentation_data(tmp_path / "data")
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    result = _bundle_run(
+        bundle_checks, "finetune_heart", tmp_path, {}, configs=("train.json", "multi_gpu_train.json"), launcher=launcher
+    )
+    assert result.returncode == USER_ERROR_EXIT, result.stderr[-3000:]
+    lines = [line.removeprefix("[rank0]: ") for line in result.stderr.splitlines() if line.startswith("[rank0]:")]
+    header = lines.index("error: 2 problem(s):")
+    for problem, start in zip(lines[header + 1 : header + 3], expected, strict=True):
+        assert problem.strip().startswith(start), (problem, start)
+    assert "Traceback" not in "\n".join(lines)  # the worker's own output: the list only
+    assert "ChildFailedError" in result.stderr and "exitcode  : 1" in result.stderr  # torchrun's report follows
 
 
 @pytest.mark.slow
