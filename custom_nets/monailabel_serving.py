@@ -20,10 +20,11 @@ What the ``monaibundle`` app of monailabel 0.8.5 does with a bundle (read from i
   ``validate#dataset#data``, the request's ``max_epochs`` and ``device``, and a ``CheckpointLoader`` of
   ``models/model.pt`` inserted into ``train#handlers``. ``initialize`` still runs.
 
-Hence :data:`SERVED_OVERRIDES`: the served copy does not check the bundle's own datalist (MONAI Label does not use
-it); user overrides (network size, ``class_names``, ``val_interval``, ``num_workers``) are written into both config
-files, and ``metadata.json``'s label names follow ``class_names``. MONAI Label saves a new ``models/model.pt`` only when
-the bundle validates (every ``val_interval`` epochs), so a training request needs ``max_epochs >= val_interval``.
+Hence :data:`SERVED_OVERRIDES`: the served copy does not check the bundle's own datalist or inference inputs (MONAI
+Label does not use them); user overrides (network size, ``class_names``, ``val_interval``, ``num_workers``) are
+written into both config files, and ``metadata.json``'s label names follow ``class_names``. MONAI Label saves a new
+``models/model.pt`` only when the bundle validates (every ``val_interval`` epochs), so a training request needs
+``max_epochs >= val_interval``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ SERVED_OVERRIDES: dict[str, dict[str, object]] = {
     # the bundle's datalist check reads `datalist`, which MONAI Label replaces by its datastore; each image/label pair
     # is still checked when it is loaded (CheckSegmentationPaird)
     "train.json": {"validate_data": False},
+    # MONAI Label hands inference.json the image of each request itself, never the folder or datalist it would check
+    "inference.json": {"validate_data": False},
 }
 EXCLUDED_NAMES = ("outputs", "runs", "embeddings", "eval", "__pycache__", "*.pyc")
 

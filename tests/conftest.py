@@ -1,14 +1,19 @@
 """Helpers shared by the tests (conftest is not importable as a module, so they come as fixtures): ``bundle_checks``
 (a loss that turns NaN at one call, DICOM files stamped with patient identifiers, the search of every output of a run
-for those identifiers, output confinement) and tiny generated MM-WHS and BraTS folders (``heart_raw``, ``brats_raw``,
-``seg_data``: raw label codes, non-RAS affines)."""
+for those identifiers, output confinement, ``python -m monai.bundle run`` in a subprocess, a training killed with
+SIGKILL mid-epoch and the checks of what it left) and tiny generated MM-WHS and BraTS folders (``heart_raw``,
+``brats_raw``, ``seg_data``: raw label codes, non-RAS affines)."""
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -121,6 +126,95 @@ def snapshot(*folders: str | os.PathLike) -> dict[str, float]:
     return {str(p): p.stat().st_mtime for folder in folders for p in Path(folder).rglob("*")}
 
 
+def monai_bundle_run(
+    config_files: list[str | os.PathLike],
+    overrides: Mapping[str, Any],
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    launcher: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of ``config_files`` (each overlaying the ones before; ``metadata.json`` and
+    ``logging.conf`` taken beside the first) in a subprocess on the CPU, ``overrides`` as command-line flags;
+    ``launcher``: arguments of python before ``-m monai.bundle`` (``("-m", "torch.distributed.run", ...)``)."""
+    configs = Path(config_files[0]).parent
+    command = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr([str(f) for f in config_files]),
+    ]
+    command += ["--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf")]
+    for key, value in overrides.items():  # fire reads Python literals: repr keeps True, None and lists exact
+        command += [f"--{key}", value if isinstance(value, str) else repr(value)]
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=cwd)
+
+
+def train_until_sigkill(
+    config_files: list[str | os.PathLike], overrides: Mapping[str, Any], kill_at_iteration: int, cwd: Path
+) -> subprocess.CompletedProcess:
+    """Train through ``python -m monai.bundle run`` with an overlay config whose last ``initialize`` step makes the
+    trainer SIGKILL its own process when iteration ``kill_at_iteration`` completes: a known point of training that
+    nothing can catch or clean up after, like a node failure or the OOM killer. Asserts that the kill happened."""
+    overlay = cwd / "sigkill_overlay.json"
+    kill = "lambda engine: os.kill(os.getpid(), signal.SIGKILL)"
+    when = f"ignite.engine.Events.ITERATION_COMPLETED(once={kill_at_iteration})"
+    content = {"+imports": ["$import signal", "$import ignite"]}
+    content["+initialize"] = [f"$@train#trainer.add_event_handler({when}, {kill})"]
+    overlay.write_text(json.dumps(content))
+    killed = monai_bundle_run([*config_files, overlay], overrides, cwd)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    return killed
+
+
+def assert_checkpoints_loadable(folder: str | os.PathLike) -> list[dict]:
+    """``folder`` holds checkpoints (``*.pt``) that ``torch.load(weights_only=True)`` reads (it raises on a truncated
+    one) and no temporary file of the atomic writer (``.<name>.*.tmp*``); returns their contents, in name order."""
+    import torch
+
+    folder = Path(folder)
+    assert not [path.name for path in folder.iterdir() if ".tmp" in path.name]
+    files = sorted(path for path in folder.glob("*.pt") if not path.name.startswith("."))
+    assert files, f"no checkpoint in {folder}"
+    return [torch.load(path, map_location="cpu", weights_only=True) for path in files]
+
+
+def assert_same_weights(state: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """Two state dicts hold the same keys and bit-identical tensors."""
+    import torch
+
+    assert state.keys() == expected.keys()
+    different = [key for key in expected if not torch.equal(state[key], expected[key])]
+    assert not different, different[:5]
+
+
+def assert_one_whole_checkpoint_left(bundle_root: str | os.PathLike, iteration: int) -> Path:
+    """What a fine-tune bundle killed mid-epoch leaves: one loadable ``outputs/checkpoints`` checkpoint, at
+    ``iteration`` and with the random state, and loadable ``models``; returns the checkpoint's path (to resume)."""
+    checkpoints = Path(bundle_root) / "outputs" / "checkpoints"
+    (saved,) = assert_checkpoints_loadable(checkpoints)
+    assert saved["trainer"]["iteration"] == iteration and "random_state" in saved
+    assert_checkpoints_loadable(Path(bundle_root) / "models")
+    (path,) = checkpoints.glob("*.pt")
+    return path
+
+
+def assert_same_final_checkpoint(bundle_root: str | os.PathLike, reference_root: str | os.PathLike, iteration: int):
+    """``outputs/checkpoints/checkpoint_final.pt`` of two copies of a fine-tune bundle: both at ``iteration``, with
+    bit-identical model weights (a resumed run against an uninterrupted one)."""
+    import torch
+
+    final, expected = (
+        torch.load(Path(root) / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+        for root in (bundle_root, reference_root)
+    )
+    assert final["trainer"]["iteration"] == expected["trainer"]["iteration"] == iteration
+    assert_same_weights(final["model"], expected["model"])
+
+
 @pytest.fixture
 def bundle_checks() -> SimpleNamespace:
     return SimpleNamespace(
@@ -133,6 +227,12 @@ def bundle_checks() -> SimpleNamespace:
         assert_confined=assert_confined,
         log_to=log_to,
         terminate_after_epoch=terminate_after_epoch,
+        monai_bundle_run=monai_bundle_run,
+        train_until_sigkill=train_until_sigkill,
+        assert_checkpoints_loadable=assert_checkpoints_loadable,
+        assert_same_weights=assert_same_weights,
+        assert_one_whole_checkpoint_left=assert_one_whole_checkpoint_left,
+        assert_same_final_checkpoint=assert_same_final_checkpoint,
     )
 
 

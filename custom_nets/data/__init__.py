@@ -4,6 +4,7 @@
 from custom_nets.data.collate import joint_collate
 from custom_nets.data.datalist import (
     DatalistError,
+    checked_inference_items,
     infer_kind,
     load_datalist,
     log_skipped_items,
@@ -47,6 +48,7 @@ __all__ = [
     "build_joint_dataloader",
     "build_joint_dataset",
     "canonical_modality",
+    "checked_inference_items",
     "image_base_transforms",
     "infer_kind",
     "joint_collate",

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,6 +45,7 @@ __all__ = [
     "VOLUME_EXTENSIONS",
     "DICOM_EXTENSIONS",
     "KINDS",
+    "checked_inference_items",
     "file_suffix",
     "infer_kind",
     "is_dicom_file",
@@ -569,6 +570,36 @@ def usable_datalist(
         "\n  ".join(_skipped_lines(skipped)),
     )
     return str(usable_path)
+
+
+def checked_inference_items(
+    items: Sequence[Any],
+    image_problems: Callable[[Any, int, str, DataExpectations], tuple[list[str], list[str]]],
+    expectations: DataExpectations | None = None,
+) -> list[Any]:
+    """The start-up check of an inference or evaluation run on images without labels: ``items`` (as the bundle's
+    inference config lists them, paths resolved) when every one passes ``image_problems(item, position, base_dir,
+    expectations)``, the bundle's image-only check (e.g.
+    :func:`custom_nets.data.segmentation.segmentation_image_problems`), against the same ``expectations`` as its
+    training; warnings are logged.
+
+    Raises:
+        DatalistError: listing every problem, one line per file, each with its fix.
+    """
+    expectations = DataExpectations() if expectations is None else expectations
+    problems: list[str] = []
+    warnings: list[str] = []
+    for position, item in enumerate(items):
+        lines, notes = image_problems(item, position, "", expectations)
+        problems += lines
+        warnings += notes
+    if warnings:
+        logger.warning("inference inputs: %d warning(s):\n  %s", len(warnings), "\n  ".join(warnings))
+    if problems:
+        raise DatalistError(
+            f"{len(problems)} problem(s) with the inference inputs:\n  " + "\n  ".join(problems), problems, warnings
+        )
+    return list(items)
 
 
 def _skipped_lines(skipped: Sequence[Mapping[str, Any]]) -> list[str]:

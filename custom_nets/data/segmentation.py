@@ -40,6 +40,7 @@ __all__ = [
     "inference_datalist",
     "load_segmentation_datalist",
     "make_datalist",
+    "segmentation_image_problems",
     "segmentation_item_problems",
     "select_label_fraction",
     "select_stratified",
@@ -335,6 +336,62 @@ def inference_datalist(
     return items
 
 
+def _file_problems(
+    paths: Mapping[str, Sequence[Path]], position: int, base: Path, expectations: DataExpectations
+) -> tuple[list[str], list[str]]:
+    """Before any voxel is read: every file of one item exists, announces a sane size and, for NIfTI, holds a usable
+    geometry for ``expectations``. Returns ``(problems, warnings of the first image file)``."""
+    from custom_nets.data.file_checks import check_header_size
+
+    missing = [
+        f"{p}: file not found (item {position}, {key}); fix the path or the base_dir ({base})"
+        for key, group in paths.items()
+        for p in group
+        if not p.exists()
+    ]
+    if missing:
+        return missing, []
+    warnings = []
+    for key, group in paths.items():
+        for file in group:
+            try:
+                check_header_size(file)
+            except ValueError as error:
+                return [str(error)], []
+            if file_suffix(file) in (".nii", ".nii.gz"):
+                header = nifti_header_problems(file, expectations)
+                if header.errors:
+                    return header.errors, []
+                warnings += header.warnings if key == "image" and file == paths["image"][0] else []
+    return [], warnings
+
+
+def _image_name(image: Any, paths: Sequence[Path]) -> str:
+    """How problems name an image item: its file, or its first channel file and how many more."""
+    return f"{paths[0]} (+{len(paths) - 1} channel file(s))" if isinstance(image, (list, tuple)) else str(paths[0])
+
+
+def _read_image_problems(
+    image: torch.Tensor, name: str, first_file: Path, expectations: DataExpectations
+) -> tuple[list[str], list[str]]:
+    """An image as read (channels first): its channel count and, for other formats than NIfTI (whose header was
+    checked before reading), its affine against ``expectations``. Returns ``(problems, warnings)``."""
+    wrong_channels = channel_problem(int(image.shape[0]), name, expectations)
+    if wrong_channels is not None:
+        return [wrong_channels], []
+    if file_suffix(first_file) not in (".nii", ".nii.gz") and isinstance(image, MetaTensor):
+        geometry = affine_problems(image.affine.numpy(), str(first_file), expectations)
+        return geometry.errors, [] if geometry.errors else geometry.warnings
+    return [], []
+
+
+def _constant_image_problem(image: torch.Tensor, first_file: Path) -> list[str]:
+    values = torch.as_tensor(image)
+    if float(values.min()) == float(values.max()):
+        return [f"{first_file}: constant image (every voxel is {float(values.min()):g}); remove the case"]
+    return []
+
+
 def segmentation_item_problems(
     item: Any,
     position: int,
@@ -357,7 +414,6 @@ def segmentation_item_problems(
     """
     from monai.transforms import LoadImaged
 
-    from custom_nets.data.file_checks import check_header_size
     from custom_nets.data.loading import reader_failure
 
     expectations = DataExpectations() if expectations is None else expectations
@@ -367,26 +423,9 @@ def segmentation_item_problems(
     images = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
     paths = {"image": [base / str(p) for p in images], "label": [base / str(item["label"])]}
     files = [str(p.resolve()) for group in paths.values() for p in group]
-    missing = [
-        f"{p}: file not found (item {position}, {key}); fix the path or the base_dir ({base})"
-        for key, group in paths.items()
-        for p in group
-        if not p.exists()
-    ]
-    if missing:
-        return files, missing, []
-    warnings = []
-    for key, group in paths.items():
-        for file in group:
-            try:
-                check_header_size(file)
-            except ValueError as error:
-                return files, [str(error)], []
-            if file_suffix(file) in (".nii", ".nii.gz"):
-                header = nifti_header_problems(file, expectations)
-                if header.errors:
-                    return files, header.errors, []
-                warnings += header.warnings if key == "image" and file == paths["image"][0] else []
+    problems, warnings = _file_problems(paths, position, base, expectations)
+    if problems:
+        return files, problems, []
     data = {"image": [str(p) for p in paths["image"]], "label": str(paths["label"][0])}
     if len(data["image"]) == 1:
         data["image"] = data["image"][0]
@@ -401,17 +440,12 @@ def segmentation_item_problems(
             ],
             [],
         )
-    image_name = data["image"] if isinstance(data["image"], str) else str(paths["image"][0])
-    if isinstance(item["image"], (list, tuple)):
-        image_name = f"{paths['image'][0]} (+{len(paths['image']) - 1} channel file(s))"
-    wrong_channels = channel_problem(int(data["image"].shape[0]), image_name, expectations)
-    if wrong_channels is not None:
-        return files, [wrong_channels], warnings
-    if file_suffix(paths["image"][0]) not in (".nii", ".nii.gz") and isinstance(data["image"], MetaTensor):
-        geometry = affine_problems(data["image"].affine.numpy(), str(paths["image"][0]), expectations)
-        if geometry.errors:
-            return files, geometry.errors, []
-        warnings += geometry.warnings
+    problems, read_warnings = _read_image_problems(
+        data["image"], _image_name(item["image"], paths["image"]), paths["image"][0], expectations
+    )
+    if problems:
+        return files, problems, warnings
+    warnings += read_warnings
     label_values = torch.unique(torch.as_tensor(data["label"])).tolist()
     negative = [v for v in label_values if v != int(v) or v < 0]
     if num_classes is None and negative:
@@ -424,14 +458,46 @@ def segmentation_item_problems(
         CheckSegmentationPaird(num_label_values=num_classes)(data)
     except ValueError as error:
         return files, [str(error)], warnings
-    image = torch.as_tensor(data["image"])
-    if float(image.min()) == float(image.max()):
-        return (
-            files,
-            [f"{paths['image'][0]}: constant image (every voxel is {float(image.min()):g}); remove the case"],
-            warnings,
+    return files, _constant_image_problem(data["image"], paths["image"][0]), warnings
+
+
+def segmentation_image_problems(
+    item: Any, position: int, base_dir: str | os.PathLike, expectations: DataExpectations | None = None
+) -> tuple[list[str], list[str]]:
+    """Check one inference input of the segmentation bundles (``{"image": path or [paths of the channels]}``, as
+    :func:`inference_datalist` gives them) with the reader of their preprocessing; never raises.
+
+    The checks of :func:`segmentation_item_problems` that concern the image: it exists, announces a sane size, has a
+    usable geometry and the channel count of ``expectations``, reads with ``LoadImaged``, holds only finite values and
+    is not constant. Returns ``(problems, warnings)``, each line naming the file.
+    """
+    from monai.transforms import LoadImage
+
+    from custom_nets.data.loading import reader_failure
+
+    expectations = DataExpectations() if expectations is None else expectations
+    if not isinstance(item, dict) or not isinstance(item.get("image"), (str, list, tuple)):
+        return [f"item {position}: {item!r} is not a dict with 'image' (a path or a list of channel files)"], []
+    base = Path(base_dir)
+    paths = [base / str(p) for p in (item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]])]
+    problems, warnings = _file_problems({"image": paths}, position, base, expectations)
+    if problems:
+        return problems, []
+    name = _image_name(item["image"], paths)
+    try:
+        image = LoadImage(image_only=True, ensure_channel_first=True)(
+            str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
         )
-    return files, [], warnings
+    except Exception as error:  # MONAI/nibabel/ITK raise many types for unreadable files
+        return [
+            f"{name}: cannot be read ({reader_failure(error)}); a file is corrupt or not of the type its name says"
+        ], []
+    problems, read_warnings = _read_image_problems(image, name, paths[0], expectations)
+    if problems:
+        return problems, []
+    if not torch.isfinite(torch.as_tensor(image)).all():
+        return [f"{name}: NaN or infinite voxel values; fix or re-export the image"], warnings + read_warnings
+    return _constant_image_problem(image, paths[0]), warnings + read_warnings
 
 
 def check_header_geometry(image_path: str | os.PathLike, label_path: str | os.PathLike, atol: float = 1e-3) -> None:

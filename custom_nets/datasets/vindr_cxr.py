@@ -58,6 +58,7 @@ __all__ = [
     "inference_items",
     "load_detection_datalist",
     "prepare",
+    "radiograph_problems",
     "read_annotations",
     "read_chest_xray",
     "read_dicom_radiograph",
@@ -294,6 +295,45 @@ def load_detection_datalist(datalist: str | os.PathLike, split: str, dataset_dir
     return items
 
 
+def _radiograph(
+    path: Path, position: int, expectations: DataExpectations | None
+) -> tuple[np.ndarray | None, list[str]]:
+    """Read one radiograph as the bundle does and check it: ``(pixels, [])``, or ``(None, [the problem])`` for a
+    missing file, a palette or grey + alpha PNG, an unreadable file, NaN / infinite or constant pixels."""
+    if not path.is_file():
+        return None, [f"{path}: file not found (item {position}); fix the path or the dataset_dir"]
+    if not _is_dicom(path):
+        mode = raster_mode_problem(
+            path, DataExpectations(averages_rgba=False) if expectations is None else expectations
+        )
+        if mode is not None:
+            return None, [mode]
+    try:
+        pixels = read_chest_xray(path)
+    except Exception as error:  # PIL and pydicom raise many types for unreadable files
+        detail = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        return None, [
+            f"{path}: cannot read it as a radiograph ({detail}); it must be one grayscale PNG or DICOM frame: "
+            "re-export it or remove it from the datalist"
+        ]
+    if not np.isfinite(pixels).all():
+        return None, [f"{path}: NaN or infinite pixel values; re-export the image or remove it from the datalist"]
+    if float(pixels.min()) == float(pixels.max()):
+        return None, [f"{path}: constant image (every pixel is {float(pixels.min()):g}); remove it from the datalist"]
+    return pixels, []
+
+
+def radiograph_problems(
+    item: Any, position: int, base_dir: str | os.PathLike, expectations: DataExpectations | None = None
+) -> tuple[list[str], list[str]]:
+    """Check one inference input (``{"image": path}``, as :func:`inference_items` gives them) with the bundle's
+    reader, as :func:`detection_item_problems` checks the image of a training entry; never raises. Returns
+    ``(problems, warnings)`` (no warnings: nothing about a radiograph is only doubtful)."""
+    if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+        return [f"item {position}: {item!r} is not a dict with an 'image' path"], []
+    return _radiograph(Path(base_dir) / item["image"], position, expectations)[1], []
+
+
 def detection_item_problems(
     item: Any,
     position: int,
@@ -318,27 +358,10 @@ def detection_item_problems(
     if not isinstance(item, dict) or not {"image", "box", "label"} <= set(item):
         return [], [f"item {position}: {item!r} is not a dict with 'image', 'box' and 'label' (a detection entry)"]
     path = Path(base_dir) / str(item["image"])
-    if not path.is_file():
-        return [str(path.resolve())], [f"{path}: file not found (item {position}); fix the path or the dataset_dir"]
     files = [str(path.resolve())]
-    if not _is_dicom(path):
-        mode = raster_mode_problem(
-            path, DataExpectations(averages_rgba=False) if expectations is None else expectations
-        )
-        if mode is not None:
-            return files, [mode]
-    try:
-        pixels = read_chest_xray(path)
-    except Exception as error:  # PIL and pydicom raise many types for unreadable files
-        detail = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-        return files, [
-            f"{path}: cannot read it as a radiograph ({detail}); it must be one grayscale PNG or DICOM frame: "
-            "re-export it or remove it from the datalist"
-        ]
-    if not np.isfinite(pixels).all():
-        return files, [f"{path}: NaN or infinite pixel values; re-export the image or remove it from the datalist"]
-    if float(pixels.min()) == float(pixels.max()):
-        return files, [f"{path}: constant image (every pixel is {float(pixels.min()):g}); remove it from the datalist"]
+    pixels, problems = _radiograph(path, position, expectations)
+    if pixels is None:
+        return files, problems
     try:
         boxes = np.asarray(item["box"], dtype=np.float64).reshape(-1, 4)
         labels = np.asarray(item["label"], dtype=np.float64).reshape(-1)

@@ -262,7 +262,7 @@ def test_install_bundle_writes_overrides_and_checks_weights(tmp_path):
     train = json.loads((served / "configs" / "train.json").read_text())
     assert inference["encoder_depth"] == train["encoder_depth"] == 18 and train["val_interval"] == 1
     assert "val_interval" not in inference  # a key is only written where the bundle has it
-    assert train["validate_data"] is False  # MONAI Label's datastore replaces the bundle's datalist
+    assert train["validate_data"] is inference["validate_data"] is False  # MONAI Label's datastore replaces the inputs
     assert (served / "models" / "model.pt").read_bytes() == heart_weights.read_bytes()
     assert not (served / "outputs").exists()
 

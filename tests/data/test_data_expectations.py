@@ -87,3 +87,25 @@ def test_expectations_follow_the_bundle_keys_they_derive_from():
     pretrain["spacing"] = [1.0, 1.0, 2.5]  # Spacingd resamples in-plane: any axial pixel shape is fine
     assert pretrain.get_parsed_content("data_expectations").max_inplane_anisotropy is None
     assert bundle_expectations("finetune_cxr").averages_rgba is False  # read_chest_xray keeps R, G, B only
+
+
+@pytest.mark.parametrize(
+    "bundle, overrides",
+    [
+        ("finetune_heart", {}),
+        ("finetune_brainseg", {}),
+        ("finetune_brainseg", {"modalities": ["flair", "t1", "t1ce", "t2"]}),
+        ("finetune_cxr", {}),
+        ("pretrain_joint", {}),
+        ("pretrain_joint", {"spacing": [1.0, 1.0, 2.5]}),
+    ],
+)
+def test_inference_checks_what_training_checks(bundle, overrides):
+    """inference.json runs alone (not over train.json), so it states the expectations again: they must agree."""
+    parsed = []
+    for name in ("train.json", "inference.json"):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / bundle / "configs" / name))
+        parser.update(overrides)
+        parsed.append(parser.get_parsed_content("data_expectations"))
+    assert parsed[0] == parsed[1]

@@ -80,7 +80,8 @@ def test_prepare_train_evaluate_infer_without_identifier_leaks(cxr, tmp_path, ca
     infer_dir.mkdir()
     dicom = sorted(folder.images.iterdir())[0]
     shutil.copy(dicom, infer_dir / dicom.name)
-    Image.fromarray(np.full((50, 70), 128, dtype=np.uint8)).save(infer_dir / "plain.png")  # 70 wide, 50 high
+    ramp = np.tile(np.arange(70, dtype=np.uint8), (50, 1))  # 70 wide, 50 high; not constant (the check refuses that)
+    Image.fromarray(ramp).save(infer_dir / "plain.png")
     _run(root, ["inference.json"], **{**common, "dataset_dir": str(infer_dir)})
     results = {p.stem: json.loads(p.read_text()) for p in (root / "outputs" / "inference").glob("*.json")}
     assert set(results) == {dicom.stem, "plain"}
@@ -253,10 +254,23 @@ def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_weights(cxr
     checkpoints = root / "outputs" / "checkpoints"
     resumed = _workflow(root, dataset_dir, epochs=2, resume=str(checkpoints / "checkpoint_epoch=1.pt"))
     resumed.run()
-    final = torch.load(checkpoints / "checkpoint_final.pt", weights_only=True)
-    expected = torch.load(reference_root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
-    assert final["trainer"]["iteration"] == expected["trainer"]["iteration"] == 4
-    assert [k for k, v in expected["model"].items() if not torch.equal(final["model"][k], v)] == []
+    bundle_checks.assert_same_final_checkpoint(root, reference_root, 4)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_leaves_loadable_checkpoints_and_resumes_exactly(cxr, tmp_path, bundle_checks):
+    """``python -m monai.bundle run`` killed with SIGKILL after iteration 3 (epoch 2 of 2 iterations): the epoch-1
+    checkpoint is whole, no temporary file remains, and resuming from it ends with the uninterrupted weights."""
+    dataset_dir = _prepared(cxr, tmp_path)
+    reference_root = _copy_bundle(tmp_path / "reference")
+    _workflow(reference_root, dataset_dir, epochs=2).run()
+    root = _copy_bundle(tmp_path / "killed")
+    settings = {"bundle_root": str(root), "dataset_dir": str(dataset_dir), "batch_size": 3, **TINY, "epochs": 2}
+    bundle_checks.train_until_sigkill([root / "configs" / "train.json"], settings, 3, tmp_path)
+    left = bundle_checks.assert_one_whole_checkpoint_left(root, iteration=2)
+    assert left.name == "checkpoint_epoch=1.pt"
+    _workflow(root, dataset_dir, epochs=2, resume=str(left)).run()
+    bundle_checks.assert_same_final_checkpoint(root, reference_root, 4)
 
 
 @pytest.mark.slow

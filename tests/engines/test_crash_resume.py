@@ -1,16 +1,13 @@
-"""A training killed with SIGKILL mid-epoch leaves only loadable checkpoints, resumes from the last saved iteration and
-ends with the weights of an uninterrupted run (CPU, deterministic, num_workers 0): pretrain_joint (cpu_demo preset)
-and finetune_heart. Also the atomic saver and the random-state checkpoint on their own."""
+"""A training run by ``python -m monai.bundle run`` and killed with SIGKILL mid-epoch leaves only loadable
+checkpoints, resumes from the last saved iteration and ends with the weights of an uninterrupted run (CPU,
+deterministic, num_workers 0): pretrain_joint (cpu_demo preset) and finetune_heart here, finetune_nodule and
+finetune_cxr with their bundle tests. Also the atomic saver and the random-state checkpoint on their own."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,6 @@ from custom_nets.engines import AtomicCheckpointSaver, AtomicDiskSaver, atomic_t
 from custom_nets.engines.handlers import RandomStateCheckpoint, random_transforms
 
 REPO = Path(__file__).resolve().parents[2]
-KILLER = Path(__file__).with_name("train_then_sigkill.py")
 PRETRAIN = REPO / "bundles" / "pretrain_joint"
 HEART = REPO / "bundles" / "finetune_heart"
 
@@ -121,12 +117,11 @@ PRETRAIN_TINY = {  # the cpu_demo preset shrunk to seconds; 4 images + 4 volumes
 }
 
 
-def _kill_then_resume(tmp_path: Path, config_file: list[str], overrides: dict, kill_at: int, resume: dict) -> Engine:
-    """Train in a subprocess that SIGKILLs itself after iteration ``kill_at``, then resume in-process."""
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"config_file": config_file, "kill_at_iteration": kill_at, "overrides": overrides}))
-    killed = subprocess.run([sys.executable, str(KILLER), str(spec)], capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+def _kill_then_resume(
+    tmp_path: Path, bundle_checks, config_file: list[str], overrides: dict, kill_at: int, resume: dict
+) -> ConfigWorkflow:
+    """Train in a subprocess killed with SIGKILL after iteration ``kill_at``, then resume in-process."""
+    bundle_checks.train_until_sigkill(config_file, overrides, kill_at, tmp_path)
     return _train(config_file, {**overrides, **resume})
 
 
@@ -141,20 +136,8 @@ def _train(config_file: list[str], overrides: dict) -> ConfigWorkflow:
     return workflow
 
 
-def _assert_loadable(folder: Path) -> list[dict]:
-    files = sorted(folder.glob("*.pt"))
-    assert files and not list(folder.glob(".*.tmp"))
-    return [torch.load(path, map_location="cpu", weights_only=True) for path in files]  # raises on a corrupt file
-
-
-def _assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [key for key in a if not torch.equal(a[key], b[key])]
-    assert not different, different[:5]
-
-
 @pytest.mark.slow
-def test_pretrain_joint_sigkill_mid_epoch_resumes_exactly(tmp_path):
+def test_pretrain_joint_sigkill_mid_epoch_resumes_exactly(tmp_path, bundle_checks):
     corpus = make_demo_corpus(tmp_path / "corpus", num_per_class=1, in_plane=32, image_size=32)
     config = [str(PRETRAIN / "configs" / "train.json"), str(PRETRAIN / "configs" / "presets" / "cpu_demo.json")]
     common = {"bundle_root": str(PRETRAIN), "dataset_dir": str(corpus.parent), "datalist": str(corpus), **PRETRAIN_TINY}
@@ -163,19 +146,19 @@ def test_pretrain_joint_sigkill_mid_epoch_resumes_exactly(tmp_path):
 
     crashed = tmp_path / "crashed"
     resumed = _kill_then_resume(
-        tmp_path, config, {**common, "output_dir": str(crashed)}, kill_at=3, resume={"resume": True}
+        tmp_path, bundle_checks, config, {**common, "output_dir": str(crashed)}, kill_at=3, resume={"resume": True}
     )
     # killed in epoch 2: only the epoch-1 checkpoint existed, loadable, and the run went on from its iteration
     assert resumed.started_at == [2]
-    checkpoints = _assert_loadable(crashed)
+    checkpoints = bundle_checks.assert_checkpoints_loadable(crashed)
     final = torch.load(crashed / "model_final.pt", map_location="cpu", weights_only=True)
     assert final["trainer"]["iteration"] == 4 and len(checkpoints) >= 2
     expected = torch.load(tmp_path / "reference" / "model_final.pt", map_location="cpu", weights_only=True)
-    _assert_same_weights(final["model"], expected["model"])
+    bundle_checks.assert_same_weights(final["model"], expected["model"])
 
 
 @pytest.mark.slow
-def test_finetune_heart_sigkill_mid_epoch_resumes_exactly(tmp_path, heart_raw):
+def test_finetune_heart_sigkill_mid_epoch_resumes_exactly(tmp_path, heart_raw, bundle_checks):
     mmwhs.prepare(str(heart_raw), str(tmp_path / "data"), split="random", val_fraction=0.25, test_fraction=0.25)
     config = [str(HEART / "configs" / "train.json")]
     common = {
@@ -202,12 +185,8 @@ def test_finetune_heart_sigkill_mid_epoch_resumes_exactly(tmp_path, heart_raw):
     crashed = bundle_copy("crashed")
     checkpoints = Path(crashed["bundle_root"]) / "outputs" / "checkpoints"
     resume = {"resume": str(checkpoints / "checkpoint_epoch=1.pt")}
-    resumed = _kill_then_resume(tmp_path, config, crashed, kill_at=3, resume=resume)
+    resumed = _kill_then_resume(tmp_path, bundle_checks, config, crashed, kill_at=3, resume=resume)
     assert resumed.started_at == [2, 4]
-    _assert_loadable(checkpoints)
-    _assert_loadable(Path(crashed["bundle_root"]) / "models")
-    final = torch.load(checkpoints / "checkpoint_final.pt", weights_only=True)
-    expected_file = tmp_path / "reference" / "outputs" / "checkpoints" / "checkpoint_final.pt"
-    expected = torch.load(expected_file, weights_only=True)
-    assert final["trainer"]["iteration"] == expected["trainer"]["iteration"] == 6
-    _assert_same_weights(final["model"], expected["model"])
+    bundle_checks.assert_checkpoints_loadable(checkpoints)
+    bundle_checks.assert_checkpoints_loadable(Path(crashed["bundle_root"]) / "models")
+    bundle_checks.assert_same_final_checkpoint(crashed["bundle_root"], tmp_path / "reference", 6)

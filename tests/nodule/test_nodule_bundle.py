@@ -258,10 +258,23 @@ def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_weights(tmp
     assert "random_state" in torch.load(checkpoints / "checkpoint_epoch=1.pt", weights_only=True)
     resumed = _workflow(root, dataset_dir, epochs=2, resume=str(checkpoints / "checkpoint_epoch=1.pt"))
     resumed.run()
-    final = torch.load(checkpoints / "checkpoint_final.pt", weights_only=True)
-    expected = torch.load(reference_root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
-    assert final["trainer"]["iteration"] == expected["trainer"]["iteration"] == 4
-    assert [k for k, v in expected["model"].items() if not torch.equal(final["model"][k], v)] == []
+    bundle_checks.assert_same_final_checkpoint(root, reference_root, 4)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_leaves_loadable_checkpoints_and_resumes_exactly(tmp_path, luna_data, bundle_checks):
+    """``python -m monai.bundle run`` killed with SIGKILL after iteration 3 (epoch 2 of 2 iterations): the epoch-1
+    checkpoint is whole, no temporary file remains, and resuming from it ends with the uninterrupted weights."""
+    _, dataset_dir = _prepare(tmp_path, luna_data)
+    reference_root = _copy_bundle(tmp_path / "reference")
+    _workflow(reference_root, dataset_dir, epochs=2).run()
+    root = _copy_bundle(tmp_path / "killed")
+    settings = {"bundle_root": str(root), "dataset_dir": str(dataset_dir), "samples_per_epoch": 4, **TINY, **FOLDS}
+    bundle_checks.train_until_sigkill([root / "configs" / "train.json"], {**settings, "epochs": 2}, 3, tmp_path)
+    left = bundle_checks.assert_one_whole_checkpoint_left(root, iteration=2)
+    assert left.name == "checkpoint_epoch=1.pt"
+    _workflow(root, dataset_dir, epochs=2, resume=str(left)).run()
+    bundle_checks.assert_same_final_checkpoint(root, reference_root, 4)
 
 
 def _dicom_luna_folder(root: Path, luna_data, stamp_identifiers):
