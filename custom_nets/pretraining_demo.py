@@ -352,7 +352,7 @@ def run_demo(
     test_per_class: int = 4,
     slices_per_epoch: int = 18,
     split: str = "testing",
-    protocols: Sequence[str] = ("end_to_end",),
+    protocols: Sequence[str] = ("end_to_end", "frozen"),
     pretrain_overrides: Mapping[str, object] | None = None,
     finetune_overrides: Mapping[str, object] | None = None,
 ) -> dict:
@@ -373,7 +373,8 @@ def run_demo(
         slices_per_epoch: labelled slices per fine-tuning epoch, whatever the budget: a multiple of every budget and of
             the preset's batch size (6) keeps every step a full batch (18: 6 slices of each of 3 volumes, 2 of 9).
         split: ``"testing"`` scores the held-out test corpus; ``"validation"`` the validation corpus (for tuning).
-        protocols: fine-tuning protocols (keys of ``PROTOCOLS``), each a full ladder of trials.
+        protocols: fine-tuning protocols (keys of ``PROTOCOLS``), each a full ladder of trials. Both by default:
+            end to end is what users do; the frozen encoder shows what pretraining put into the features.
         pretrain_overrides / finetune_overrides: further bundle overrides (experiments).
     """
     workdir = Path(workdir).resolve()
