@@ -49,6 +49,20 @@ def _copy_bundle(name: str, tmp_path: Path) -> Path:
     return root
 
 
+def _one_epoch_workflow(root: Path, dataset_dir: Path, **overrides) -> ConfigWorkflow:
+    """The training workflow of the bundle copy ``root``: one epoch of 2 slices per volume, batch 1, tiny network."""
+    return ConfigWorkflow(
+        config_file=str(root / "configs" / "train.json"),
+        workflow_type="train",
+        bundle_root=str(root),
+        dataset_dir=str(dataset_dir),
+        epochs=1,
+        batch_size=1,
+        slices_per_volume=2,
+        **{**TINY, **overrides},
+    )
+
+
 def _prepare(case: str, tmp_path: Path, seg_data) -> tuple[Path, Path]:
     """Returns (prepared dataset_dir, raw folder holding the test case's image)."""
     if case == "heart":
@@ -220,17 +234,7 @@ def test_skip_bad_trains_past_a_bad_pair_and_lists_it(tmp_path, seg_data):
     values = np.asarray(label.dataobj).copy()
     values[0, 0, 0] = 42  # not a class index of the 8 heart classes
     nib.save(nib.Nifti1Image(values, label.affine), str(dataset_dir / bad["label"]))
-    workflow = ConfigWorkflow(
-        config_file=str(root / "configs" / "train.json"),
-        workflow_type="train",
-        bundle_root=str(root),
-        dataset_dir=str(dataset_dir),
-        epochs=1,
-        batch_size=1,
-        slices_per_volume=2,
-        skip_bad=True,
-        **TINY,
-    )
+    workflow = _one_epoch_workflow(root, dataset_dir, skip_bad=True)
     workflow.initialize()
     assert [item["label"] for item in workflow.parser.get_parsed_content("train#data")] == [
         str(dataset_dir / good["label"])
@@ -289,26 +293,13 @@ def test_start_up_check_refuses_stretched_axial_pixels_unless_turned_off(tmp_pat
         path = dataset_dir / item[key]
         nib.save(nib.Nifti1Image(np.asarray(nib.load(path).dataobj), stretched), str(path))
 
-    def workflow(**overrides) -> ConfigWorkflow:
-        return ConfigWorkflow(
-            config_file=str(root / "configs" / "train.json"),
-            workflow_type="train",
-            bundle_root=str(root),
-            dataset_dir=str(dataset_dir),
-            epochs=1,
-            batch_size=1,
-            slices_per_volume=2,
-            **TINY,
-            **overrides,
-        )
-
     with pytest.raises(RuntimeError) as error:  # MONAI wraps what a config expression raises
-        workflow().initialize()
+        _one_epoch_workflow(root, dataset_dir).initialize()
     cause = error.value.__cause__
     assert isinstance(cause, DatalistError), error.value
     (problem,) = cause.problems
     assert str(dataset_dir / item["image"]) in problem and "axial pixels of 0.5 x 2 mm (ratio 4 > 3" in problem
-    unchecked = workflow(validate_data=False)
+    unchecked = _one_epoch_workflow(root, dataset_dir, validate_data=False)
     unchecked.initialize()
     unchecked.run()
     assert unchecked.trainer.state.iteration > 0
