@@ -11,6 +11,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,20 @@ def monai_bundle_run(
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=cwd)
 
 
+def torchrun_failure(stderr: str, per_rank: int = 1500, tail: int = 1200) -> str:
+    """The part of a failed torchrun's stderr that names the cause: each rank's exception lines (``[rankN]: Error:
+    ...``, outside the traceback frames; the first is the original cause, the last MONAI's wrapper), rank 0 first,
+    then torchrun's closing summary. The plain tail of stderr is not enough: when a second rank fails because the
+    first one died, its traceback pushes the first one's out."""
+    by_rank: dict[int, list[str]] = {}
+    for line in stderr.splitlines():
+        match = re.match(r"\[rank(\d+)\]: (\S.*)", line)
+        if match and not match.group(2).startswith(("Traceback", "The above", "During handling", "^", "~")):
+            by_rank.setdefault(int(match.group(1)), []).append(line)
+    parts = ["\n".join(lines)[:per_rank] for _, lines in sorted(by_rank.items())]
+    return "\n...\n".join([*parts, stderr[-tail:]])
+
+
 def train_until_sigkill(
     config_files: list[str | os.PathLike], overrides: Mapping[str, Any], kill_at_iteration: int, cwd: Path
 ) -> subprocess.CompletedProcess:
@@ -228,6 +243,7 @@ def bundle_checks() -> SimpleNamespace:
         log_to=log_to,
         terminate_after_epoch=terminate_after_epoch,
         monai_bundle_run=monai_bundle_run,
+        torchrun_failure=torchrun_failure,
         train_until_sigkill=train_until_sigkill,
         assert_checkpoints_loadable=assert_checkpoints_loadable,
         assert_same_weights=assert_same_weights,
