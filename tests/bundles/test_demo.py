@@ -51,6 +51,30 @@ def test_validation_split_trials_turn_off_only_the_duplicate_check(tmp_path: Pat
     assert [call.get("validate_data", True) for call in calls] == [False, False, True, True]  # two inits per split
 
 
+def test_frozen_protocol_trains_longer_unless_overridden(tmp_path: Path, monkeypatch) -> None:
+    """The decoder alone on a fixed encoder gets 120 epochs, end to end keeps the preset's (no ``epochs`` override);
+    an explicit ``epochs`` override wins over both."""
+    corpora = {
+        "pool": [{"image": f"pool/{c}.nii.gz", "class_label": c} for c in range(3)],
+        "test": [{"image": f"test/{c}.nii.gz", "class_label": c} for c in range(3)],
+        "validation": [{"image": f"val/{c}.nii.gz", "class_label": c} for c in range(3)],
+    }
+    calls = []
+    monkeypatch.setattr(pretraining_demo, "run_trial", lambda *args, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(pretraining_demo, "trial_metric", lambda *args: 0.5)
+    for protocol in ("frozen", "end_to_end"):
+        pretraining_demo.run_label_efficiency(tmp_path, corpora, tmp_path / "w.pt", [3], [0], 6, 18, protocol=protocol)
+    pretraining_demo.run_label_efficiency(tmp_path, corpora, tmp_path / "w.pt", [3], [0], 6, 18, "frozen", epochs=2)
+    assert [(call["freeze_encoder"], call.get("epochs")) for call in calls] == [
+        (True, 120),
+        (True, 120),
+        (False, None),
+        (False, None),
+        (True, 2),
+        (True, 2),
+    ]
+
+
 @pytest.mark.slow
 def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path) -> None:
     report = run_demo(
