@@ -299,7 +299,8 @@ def _format_report(report: Mapping) -> str:
         f"volumes, {len(downstream['seeds'])} seeds per cell"
     )
     lines.append(
-        "  protocol    labelled  metric  random init       pretrained        gain    clear (> larger std)  seeds won"
+        "  protocol    labelled  metric  random init       pretrained        gain +- paired std  clear (> larger std)"
+        "  seeds won"
     )
     for protocol, result in downstream["protocols"].items():
         for metric, rows in result["rows"].items():
@@ -309,7 +310,8 @@ def _format_report(report: Mapping) -> str:
                 lines.append(
                     f"  {protocol:<11} {budget:>8}  {metric[:-5]:<6}  "
                     + "  ".join(f"{found[i]['mean']:.3f} +- {found[i]['std']:.3f}" for i in INITS)
-                    + f"  {gain['gain']:+.3f}  {'yes' if gain['clear'] else 'no':<20}  {gain['wins']}/{gain['trials']}"
+                    + f"  {gain['gain']:+.3f} +- {gain['paired_std']:.3f}     {'yes' if gain['clear'] else 'no':<20}"
+                    + f"  {gain['wins']}/{gain['trials']}"
                 )
     lines.append("")
     lines.append("held-out embeddings                      random init -> pretrained")
