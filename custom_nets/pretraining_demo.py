@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 PRESET = "configs/presets/cpu_demo.json"
 FINETUNE_PRESET = "presets/cpu_demo.json"
+SLICES_PER_STEP = 6
+"""Labelled slices per fine-tuning step, whatever the budget. The bundle batches volumes (``batch_size``), each giving
+``slices_per_volume`` slices, so the trials set ``batch_size = SLICES_PER_STEP // slices_per_volume``."""
 SHARED_WITH_INFERENCE = ("encoder_depth", "embed_dim", "image_size", "volume_size", "num_slices", "spacing", "amp")
 SEGMENTATION_CLASSES = ("head", "thorax", "abdomen")
 """Hidden classes of the labelled volumes: those with both structures (the limb has no solid organ, and a class absent
@@ -200,15 +203,22 @@ def run_label_efficiency(
 
     Both inits of one (budget, seed) see the same labelled volumes, the same slices and the same schedule. Every trial
     sees ``slices_per_epoch`` slices per epoch whatever its budget (``slices_per_epoch // k`` of each of its ``k``
-    volumes), so the budgets differ in labelled data, not in optimisation steps.
+    volumes) in steps of ``SLICES_PER_STEP`` slices, so the budgets differ in labelled data, not in optimisation
+    steps or batch size.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}.")
-    uneven = [budget for budget in labelled_volumes if slices_per_epoch % budget]
+    uneven = [
+        budget
+        for budget in labelled_volumes
+        if slices_per_epoch % budget or SLICES_PER_STEP % max(1, slices_per_epoch // budget)
+    ]
     if uneven:
         logger.warning(
-            "slices_per_epoch %d is not a multiple of the budgets %s: those trials see fewer slices per epoch",
+            "slices_per_epoch %d does not split into whole steps of %d slices from each of %s volumes: those trials "
+            "see fewer slices per epoch or other batch sizes",
             slices_per_epoch,
+            SLICES_PER_STEP,
             uneven,
         )
     bundle_root = finetune_bundle_root()
@@ -236,6 +246,7 @@ def run_label_efficiency(
                     pretrained_ckpt=str(weights) if init == "pretrained" else None,
                     encoder_depth=encoder_depth,
                     slices_per_volume=max(1, slices_per_epoch // budget),
+                    batch_size=max(1, SLICES_PER_STEP // max(1, slices_per_epoch // budget)),
                     **{**PROTOCOLS[protocol], **overrides},
                 )
                 for metric, by_init in results.items():
@@ -375,8 +386,9 @@ def run_demo(
         labelled_volumes: the label budgets of the fine-tuning ladder.
         finetune_seeds: one fine-tuning trial per seed, init and budget (the seed picks the labelled volumes too).
         pool_per_class / test_per_class: labelled volumes per class of the pool and of the test (and validation) corpus.
-        slices_per_epoch: labelled slices per fine-tuning epoch, whatever the budget: a multiple of every budget and of
-            the preset's batch size (6) keeps every step a full batch (18: 6 slices of each of 3 volumes, 2 of 9).
+        slices_per_epoch: labelled slices per fine-tuning epoch, whatever the budget: a multiple of every budget whose
+            share per volume divides ``SLICES_PER_STEP`` keeps every step a full batch of 6 slices (18: 6 slices of
+            each of 3 volumes, one volume per step; 2 of each of 9, three volumes per step; 3 steps per epoch).
         split: ``"testing"`` scores the held-out test corpus; ``"validation"`` the validation corpus (for tuning).
         protocols: fine-tuning protocols (keys of ``PROTOCOLS``), each a full ladder of trials. Both by default:
             end to end is what users do; the frozen encoder shows what pretraining put into the features.

@@ -51,6 +51,22 @@ def test_validation_split_trials_turn_off_only_the_duplicate_check(tmp_path: Pat
     assert [call.get("validate_data", True) for call in calls] == [False, False, True, True]  # two inits per split
 
 
+def test_every_budget_takes_steps_of_the_same_slice_count(tmp_path: Path, monkeypatch) -> None:
+    """The bundle batches volumes, each giving ``slices_per_volume`` slices: 18 slices per epoch are 6 of each of 3
+    volumes (one volume per step) or 2 of each of 9 (three volumes per step), so both budgets take 3 steps of 6."""
+    corpora = {
+        name: [{"image": f"{name}/{c}_{i}.nii.gz", "class_label": c} for c in range(3) for i in range(3)]
+        for name in ("pool", "test", "validation")
+    }
+    calls = []
+    monkeypatch.setattr(pretraining_demo, "run_trial", lambda *args, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(pretraining_demo, "trial_metric", lambda *args: 0.5)
+    pretraining_demo.run_label_efficiency(tmp_path, corpora, tmp_path / "w.pt", [3, 9], [0], 18, 18)
+    shapes = [(call["slices_per_volume"], call["batch_size"]) for call in calls]
+    assert shapes == [(6, 1), (6, 1), (2, 3), (2, 3)]
+    assert {volumes * slices for slices, volumes in shapes} == {pretraining_demo.SLICES_PER_STEP}
+
+
 def test_frozen_protocol_trains_longer_unless_overridden(tmp_path: Path, monkeypatch) -> None:
     """The decoder alone on a fixed encoder gets 120 epochs, end to end keeps the preset's (no ``epochs`` override);
     an explicit ``epochs`` override wins over both."""
