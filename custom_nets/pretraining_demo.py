@@ -58,9 +58,9 @@ PROTOCOLS = {"frozen": {"freeze_encoder": True, "epochs": 120}, "end_to_end": {"
 """Fine-tuning protocols, bundle overrides over the finetune_heart ``cpu_demo`` preset: ``frozen`` trains the decoder on
 the fixed encoder (what the pretraining put into ``f_intra``), for 120 epochs (360 steps); ``end_to_end`` trains the
 whole U-Net (what the paper's downstream tables do) for the preset's 60 epochs (180 steps). The decoder alone on fixed
-features needs more steps to converge: on the validation corpus (6 seeds, 2026-11-28) 60 -> 90 -> 120 epochs raised
-the random-feature decoder's Dice at 9 volumes 0.451 -> 0.556 -> 0.609 and the pretrained one's 0.571 -> 0.658 ->
-0.664 (finetune_heart docs, "The demo preset")."""
+features needs more steps to converge: on the validation corpus (6 seeds, 2026-11-28, with the batching before
+commit f4d8ee1) 60 -> 90 -> 120 epochs raised the random-feature decoder's Dice at 9 volumes 0.451 -> 0.556 -> 0.609
+and the pretrained one's 0.571 -> 0.658 -> 0.664 (finetune_heart docs, "The demo preset")."""
 
 
 def _bundle(name: str) -> Path:
