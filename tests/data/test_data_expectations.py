@@ -96,6 +96,7 @@ def test_expectations_follow_the_bundle_keys_they_derive_from():
         ("finetune_brainseg", {}),
         ("finetune_brainseg", {"modalities": ["flair", "t1", "t1ce", "t2"]}),
         ("finetune_cxr", {}),
+        ("finetune_nodule", {}),
         ("pretrain_joint", {}),
         ("pretrain_joint", {"spacing": [1.0, 1.0, 2.5]}),
     ],
