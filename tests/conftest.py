@@ -1,8 +1,8 @@
 """Helpers shared by the tests (conftest is not importable as a module, so they come as fixtures): ``bundle_checks``
 (a loss that turns NaN at one call, DICOM files stamped with patient identifiers, the search of every output of a run
 for those identifiers, output confinement, ``python -m monai.bundle run`` in a subprocess, a training killed with
-SIGKILL mid-epoch and the checks of what it left) and tiny generated MM-WHS and BraTS folders (``heart_raw``,
-``brats_raw``, ``seg_data``: raw label codes, non-RAS affines)."""
+SIGKILL mid-epoch and the checks of what it left, an inference workflow with an untrained model) and tiny generated
+MM-WHS and BraTS folders (``heart_raw``, ``brats_raw``, ``seg_data``: raw label codes, non-RAS affines)."""
 
 from __future__ import annotations
 
@@ -230,6 +230,26 @@ def assert_same_final_checkpoint(bundle_root: str | os.PathLike, reference_root:
     assert_same_weights(final["model"], expected["model"])
 
 
+def inference_workflow(bundle_root: str | os.PathLike, **overrides: Any) -> Any:
+    """The ``inference.json`` workflow of a bundle copy, initialised (its start-up check run), with an untrained
+    network of the same settings saved as ``<bundle_root>/models/model.pt`` for it to load: for tests of what
+    inference reads and writes, not of what it predicts."""
+    import torch
+    from monai.bundle import ConfigParser, ConfigWorkflow
+
+    config = Path(bundle_root) / "configs" / "inference.json"
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.update({"bundle_root": str(bundle_root), **overrides})
+    (Path(bundle_root) / "models").mkdir(exist_ok=True)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), Path(bundle_root) / "models" / "model.pt")
+    workflow = ConfigWorkflow(
+        config_file=str(config), workflow_type="inference", bundle_root=str(bundle_root), **overrides
+    )
+    workflow.initialize()
+    return workflow
+
+
 @pytest.fixture
 def bundle_checks() -> SimpleNamespace:
     return SimpleNamespace(
@@ -249,6 +269,7 @@ def bundle_checks() -> SimpleNamespace:
         assert_same_weights=assert_same_weights,
         assert_one_whole_checkpoint_left=assert_one_whole_checkpoint_left,
         assert_same_final_checkpoint=assert_same_final_checkpoint,
+        inference_workflow=inference_workflow,
     )
 
 

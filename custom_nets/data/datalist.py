@@ -45,6 +45,7 @@ __all__ = [
     "VOLUME_EXTENSIONS",
     "DICOM_EXTENSIONS",
     "KINDS",
+    "INFERENCE_KEY",
     "checked_inference_items",
     "file_suffix",
     "infer_kind",
@@ -53,6 +54,7 @@ __all__ = [
     "log_skipped_items",
     "prepare_items",
     "usable_datalist",
+    "usable_inference_items",
     "validate_datalist",
 ]
 
@@ -556,19 +558,10 @@ def usable_datalist(
         for key, position in sorted(bad, key=lambda where: (keys.index(where[0]), where[1]))
     ]
     output = Path(output_dir)
-    report = output / "skipped_items.json"
-    atomic_write_json(report, {"datalist": str(path), "keys": list(keys), "skipped": skipped})
     usable_path = output / "datalist_usable.json"
     atomic_write_json(usable_path, {**content, **usable})
     total = sum(len(content[key]) for key in keys)
-    logger.warning(
-        "skip_bad: training on %d of %d items of %s; skipped (also in %s):\n  %s",
-        total - len(skipped),
-        total,
-        path,
-        report,
-        "\n  ".join(_skipped_lines(skipped)),
-    )
+    _write_skipped_report(output, str(path), keys, skipped, total, "training on")
     return str(usable_path)
 
 
@@ -576,30 +569,107 @@ def checked_inference_items(
     items: Sequence[Any],
     image_problems: Callable[[Any, int, str, DataExpectations], tuple[list[str], list[str]]],
     expectations: DataExpectations | None = None,
+    skip_bad: bool = False,
+    output_dir: str | os.PathLike | None = None,
+    source: str = "the inference inputs",
 ) -> list[Any]:
-    """The start-up check of an inference or evaluation run on images without labels: ``items`` (as the bundle's
-    inference config lists them, paths resolved) when every one passes ``image_problems(item, position, base_dir,
-    expectations)``, the bundle's image-only check (e.g.
+    """The start-up check of an inference or evaluation run on images without labels: every item of ``items`` (as
+    the bundle's inference config lists them, paths resolved) is checked with ``image_problems(item, position,
+    base_dir, expectations)``, the bundle's image-only check (e.g.
     :func:`custom_nets.data.segmentation.segmentation_image_problems`), against the same ``expectations`` as its
-    training; warnings are logged.
+    training; warnings are logged. Returns the items to infer: all of them, or with ``skip_bad`` those without a
+    problem (see :func:`usable_inference_items`; ``source`` names where they came from in its report).
 
     Raises:
-        DatalistError: listing every problem, one line per file, each with its fix.
+        DatalistError: listing every problem, one line per file, each with its fix (with ``skip_bad``: only when no
+            item is left).
     """
     expectations = DataExpectations() if expectations is None else expectations
-    problems: list[str] = []
+    problems: list[DatalistProblem] = []
     warnings: list[str] = []
     for position, item in enumerate(items):
         lines, notes = image_problems(item, position, "", expectations)
-        problems += lines
+        problems += [DatalistProblem(line, ((INFERENCE_KEY, position),)) for line in lines]
         warnings += notes
+    return usable_inference_items(items, problems, warnings, skip_bad, output_dir, source)
+
+
+INFERENCE_KEY = "inference"
+"""The list name under which :func:`usable_inference_items` reports (and :func:`log_skipped_items` lists) skipped
+inference inputs."""
+
+
+def usable_inference_items(
+    items: Sequence[Any],
+    problems: Sequence[DatalistProblem],
+    warnings: Sequence[str] = (),
+    skip_bad: bool = False,
+    output_dir: str | os.PathLike | None = None,
+    source: str = "the inference inputs",
+) -> list[Any]:
+    """What an inference run goes on with once its inputs are checked: ``items`` when there is no problem.
+
+    ``problems`` name the items they make unusable as ``(INFERENCE_KEY, position in items)``; a problem without
+    items (an unreadable scan, a missing candidates file) concerns the input as a whole. Without ``skip_bad`` any
+    problem stops the run. With ``skip_bad`` the unusable items are left out: they are listed in a warning and, with
+    their problems, in ``<output_dir>/skipped_items.json`` (the same report as :func:`usable_datalist`'s, so
+    :func:`log_skipped_items` lists them again when the run ends), and the others are returned.
+
+    Raises:
+        DatalistError: every problem, one line each, without ``skip_bad``; with it, a problem of the input as a whole
+            or no item left.
+    """
     if warnings:
-        logger.warning("inference inputs: %d warning(s):\n  %s", len(warnings), "\n  ".join(warnings))
-    if problems:
-        raise DatalistError(
-            f"{len(problems)} problem(s) with the inference inputs:\n  " + "\n  ".join(problems), problems, warnings
-        )
-    return list(items)
+        logger.warning("%s: %d warning(s):\n  %s", source, len(warnings), "\n  ".join(warnings))
+    fatal = [problem.line for problem in problems if not problem.items]
+    bad: dict[int, list[str]] = {}
+    for problem in problems:
+        for _, position in problem.items:
+            bad.setdefault(position, []).append(problem.line)
+    if output_dir is not None:
+        (Path(output_dir) / "skipped_items.json").unlink(missing_ok=True)  # the report of an earlier run
+    if not problems:
+        return list(items)
+    if skip_bad and not fatal and len(bad) == len(items):
+        fatal.append(f"{source}: no usable item left ({len(items)} bad)")
+    if not skip_bad or fatal:
+        lines = fatal + [line for position in sorted(bad) for line in bad[position]]
+        raise DatalistError(f"{len(lines)} problem(s) with {source}:\n  " + "\n  ".join(lines), lines, warnings)
+    if output_dir is None:
+        raise ValueError("skip_bad needs an output_dir to write skipped_items.json to")
+    skipped = [
+        {"key": INFERENCE_KEY, "position": position, "item": _jsonable(items[position]), "problem": "; ".join(lines)}
+        for position, lines in sorted(bad.items())
+    ]
+    _write_skipped_report(Path(output_dir), source, [INFERENCE_KEY], skipped, len(items), "inferring")
+    return [item for position, item in enumerate(items) if position not in bad]
+
+
+def _jsonable(item: Any) -> Any:
+    """``item`` for a JSON report: paths as strings, arrays (e.g. a cut cube) left out."""
+    if isinstance(item, Mapping):
+        return {str(k): _jsonable(v) for k, v in item.items() if not hasattr(v, "shape")}
+    if isinstance(item, (list, tuple)):
+        return [_jsonable(v) for v in item]
+    return str(item) if isinstance(item, os.PathLike) else item
+
+
+def _write_skipped_report(
+    output: Path, source: str, keys: Sequence[str], skipped: Sequence[Mapping[str, Any]], total: int, doing: str
+) -> Path:
+    """Write ``skipped_items.json`` under ``output`` and warn with its lines; returns the report's path."""
+    report = output / "skipped_items.json"
+    atomic_write_json(report, {"datalist": source, "keys": list(keys), "skipped": list(skipped)})
+    logger.warning(
+        "skip_bad: %s %d of %d items of %s; skipped (also in %s):\n  %s",
+        doing,
+        total - len(skipped),
+        total,
+        source,
+        report,
+        "\n  ".join(_skipped_lines(skipped)),
+    )
+    return report
 
 
 def _skipped_lines(skipped: Sequence[Mapping[str, Any]]) -> list[str]:

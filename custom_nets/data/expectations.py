@@ -21,6 +21,9 @@ Errors (the item cannot be used as the bundle would use it) and warnings (listed
 * a slice spacing more than ``max_slice_anisotropy`` times the in-plane spacing: a warning (slice-wise networks do not
   mix slices; 2.5D neighbours and slice positions become coarse);
 * a channel count other than ``channels``: an error naming the found and the expected count;
+* a 2D DICOM radiograph whose ``PixelSpacing`` / ``ImagerPixelSpacing`` is not two positive numbers, or has a side
+  outside ``pixel_spacing_range_mm`` (a unit mistake: m, cm or um read as mm): an error; neither tag, or pixels that
+  are not square (the readers resize them as if they were): a warning;
 * a raster image in a palette or grey + alpha mode (``P``, ``PA``, ``LA``), or RGBA where the bundle averages every
   channel: an error - the readers would take palette indices for grey levels or average alpha into the intensities.
 """
@@ -28,9 +31,10 @@ Errors (the item cannot be used as the bundle would use it) and warnings (listed
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +44,16 @@ __all__ = [
     "affine_problems",
     "channel_problem",
     "nifti_header_problems",
+    "radiograph_spacing_problems",
     "raster_mode_problem",
+    "RADIOGRAPH_SPACING_TAGS",
 ]
+
+RADIOGRAPH_SPACING_TAGS = ("PixelSpacing", "ImagerPixelSpacing")
+"""DICOM tags of a radiograph's pixel size (mm, row spacing then column spacing): in the patient, at the detector."""
+
+SQUARE_PIXEL_TOLERANCE = 1.01
+"""Largest ratio of a 2D pixel's two sides taken as square; more gets a warning."""
 
 PERPENDICULAR_TOLERANCE = float(np.sin(np.deg2rad(1.0)))
 """Largest accepted ``|cos|`` between two voxel axes (1 degree from perpendicular): more is a sheared grid."""
@@ -61,6 +73,8 @@ class DataExpectations:
         averages_rgba: the bundle averages every channel of a raster image, alpha included (so RGBA is an error);
             False when it keeps the three colour channels only.
         channels_fix: how to fix a wrong channel count, in the bundle's words.
+        pixel_spacing_range_mm: ``(smallest, largest)`` accepted side (mm) of a 2D DICOM radiograph's pixels
+            (``PixelSpacing``, ``ImagerPixelSpacing``); ``None``: any positive side up to ``max_spacing_mm``.
     """
 
     channels: int | None = None
@@ -69,6 +83,7 @@ class DataExpectations:
     max_slice_anisotropy: float | None = None
     averages_rgba: bool = True
     channels_fix: str = "give images with that many channels or change the bundle's expected_channels"
+    pixel_spacing_range_mm: Sequence[float] | None = None
 
 
 @dataclass
@@ -140,6 +155,63 @@ def affine_problems(affine: np.ndarray, source: str, expectations: DataExpectati
                 f"{slice_spacing / inplane.min():.3g} > {slice_limit:g}): thick slices, neighbouring slices differ "
                 "much; usable, but consider thinner slices"
             )
+    return GeometryFindings(errors, warnings)
+
+
+def _two_sides(value: Any) -> list[float] | None:
+    """A DICOM pixel spacing value as ``[row spacing, column spacing]``, or ``None`` unless it is two numbers."""
+    values = [value] if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") else list(value)
+    try:
+        sides = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    return sides if len(sides) == 2 else None
+
+
+def radiograph_spacing_problems(
+    header: Mapping[str, Any], source: str, expectations: DataExpectations
+) -> GeometryFindings:
+    """Check the pixel size of a 2D DICOM radiograph: ``header`` maps each of :data:`RADIOGRAPH_SPACING_TAGS` to its
+    value as read (``None`` when absent).
+
+    Errors: a tag present but not two finite positive numbers (a broken header), or a side outside
+    ``expectations.pixel_spacing_range_mm`` (else above ``max_spacing_mm``): a unit mistake (m, cm or um read as
+    mm) or a header that does not describe the image. Warnings: neither tag (the pixel size is unknown, so it cannot
+    be checked), and pixels whose sides differ by more than 1 % (the readers resize them as if they were square).
+    """
+    low, high = expectations.pixel_spacing_range_mm or (0.0, expectations.max_spacing_mm)
+    fix = "fix the header (re-export the image) or remove it from the datalist"
+    present = {tag: header[tag] for tag in RADIOGRAPH_SPACING_TAGS if header.get(tag) not in (None, "")}
+    if not present:
+        return GeometryFindings(
+            [],
+            [
+                f"{source}: no PixelSpacing or ImagerPixelSpacing in the header: the pixel size is unknown and cannot "
+                "be checked; the image is used as if its pixels were square"
+            ],
+        )
+    errors: list[str] = []
+    square = None
+    for tag, value in present.items():
+        sides = _two_sides(value)
+        if sides is None or not all(np.isfinite(sides)) or min(sides) <= 0:
+            errors.append(f"{source}: {tag} {value!s} is not two positive numbers (row, column spacing in mm); {fix}")
+        elif min(sides) < low or max(sides) > high:
+            errors.append(
+                f"{source}: {tag} {_spacing_text(sides)} is outside {low:g} - {high:g} mm per pixel "
+                f"(pixel_spacing_range_mm): a unit mistake (m, cm or um instead of mm) or a header that does not "
+                f"describe the image; {fix}"
+            )
+        elif square is None:
+            square = (tag, sides)
+    warnings = []
+    if not errors and square is not None and max(square[1]) / min(square[1]) > SQUARE_PIXEL_TOLERANCE:
+        tag, sides = square
+        warnings.append(
+            f"{source}: {tag} {_spacing_text(sides)}: pixels {max(sides) / min(sides):.3g} times longer one way "
+            "than the other; the image is resized as if they were square, so the anatomy looks stretched: resample "
+            "it to square pixels"
+        )
     return GeometryFindings(errors, warnings)
 
 

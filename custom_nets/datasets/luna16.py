@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from custom_nets.atomic_files import atomic_path, atomic_write_json
-from custom_nets.data.expectations import DataExpectations, affine_problems
+from custom_nets.data.datalist import INFERENCE_KEY, DatalistProblem, usable_inference_items
+from custom_nets.data.expectations import DataExpectations, GeometryFindings, affine_problems
 from custom_nets.data.segmentation import select_label_fraction
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "candidate_datalist_problems",
     "check_inside",
     "check_prepared",
+    "checked_scan_candidates",
     "class_balanced_weights",
     "cube_index_grid",
     "fold_keys",
@@ -56,6 +58,7 @@ __all__ = [
     "read_scan",
     "scan_candidates",
     "scan_geometry",
+    "scan_inference_problems",
     "scan_ids",
     "scan_seriesuid",
     "select_fraction_per_class",
@@ -551,9 +554,7 @@ def candidate_datalist_problems(
         except RuntimeError as error:
             problems.append((str(error), [(key, position) for key, position, _ in entries]))
             continue
-        affine = np.eye(4)
-        affine[:3, :3] = geometry.direction * geometry.spacing
-        broken = affine_problems(affine, str(scan), DataExpectations() if expectations is None else expectations)
+        broken = _geometry_findings(geometry, scan, expectations)
         if broken.errors:
             line = f"{broken.errors[0]} (the scan of {len(entries)} candidate(s): prepare them again once fixed)"
             problems.append((line, [(key, position) for key, position, _ in entries]))
@@ -581,6 +582,13 @@ def candidate_datalist_problems(
                     )
                 )
     return files, problems, count
+
+
+def _geometry_findings(geometry: ScanGeometry, scan: Path, expectations: DataExpectations | None) -> GeometryFindings:
+    """:func:`~custom_nets.data.expectations.affine_problems` of a scan's header geometry."""
+    affine = np.eye(4)
+    affine[:3, :3] = geometry.direction * geometry.spacing
+    return affine_problems(affine, str(scan), DataExpectations() if expectations is None else expectations)
 
 
 def check_prepared(datalist: str | os.PathLike, cube_size: Sequence[int], spacing_mm: Sequence[float]) -> None:
@@ -641,29 +649,109 @@ def class_balanced_weights(items: Sequence[Mapping[str, Any]], key: str = "label
     return [1.0 / counts[label] for label in labels]
 
 
-def scan_candidates(
+def scan_inference_problems(
+    scan: str | os.PathLike, candidates_csv: str | os.PathLike, expectations: DataExpectations | None = None
+) -> tuple[list[dict[str, Any]], list[DatalistProblem], list[str]]:
+    """The start-up check of nodule inference on one scan and its candidates CSV; never raises.
+
+    Checks that the scan exists and reads (a MetaImage with its ``.raw``, or a folder of one DICOM series), that its
+    geometry is usable for ``expectations`` (:func:`~custom_nets.data.expectations.affine_problems`: no zero / NaN
+    spacing, a voxel side within ``max_spacing_mm``, no singular or sheared direction), that its voxels are finite
+    and not all equal, that the CSV reads and holds rows of the scan's seriesuid, and that each of those candidates
+    lies inside the scan. The scan is read whole (its voxels are checked); :func:`scan_candidates` reads it again to
+    cut the cubes, a second read that costs little next to cutting them.
+
+    Returns:
+        ``(rows, problems, warnings)``: the CSV rows of this scan (as :func:`read_candidates_csv` gives them), one
+        :class:`~custom_nets.data.datalist.DatalistProblem` per problem, its line naming the file and the fix and its
+        items ``(INFERENCE_KEY, position in rows)`` the candidates it makes unusable (none for a problem of the scan
+        or the CSV: nothing can be inferred then), and the geometry warnings.
+    """
+    scan, table = Path(scan), Path(candidates_csv)
+    if not scan.exists():
+        fix = "fix scan: a .mhd / .mha file beside its .raw, or a folder holding one DICOM series"
+        return [], [DatalistProblem(f"{scan}: scan not found; {fix}")], []
+    if not table.is_file():
+        return [], [DatalistProblem(f"{table}: candidates file not found; fix candidates_csv")], []
+    try:
+        uid = scan_seriesuid(scan)
+        rows = [row for row in read_candidates_csv(table) if row["seriesuid"] == uid]
+    except ValueError as error:  # a CSV row or column, or a folder of several series: the message names it
+        return [], [DatalistProblem(str(error))], []
+    except Exception as error:  # pydicom raises several types for a broken DICOM header
+        return [], [DatalistProblem(f"{scan}: cannot read its DICOM series ({type(error).__name__}: {error})")], []
+    if not rows:
+        line = f"{table}: no row with seriesuid {uid}, the seriesuid of the scan {scan}; give the candidates of this "
+        return [], [DatalistProblem(line + "scan, or the scan they were found on")], []
+    try:
+        array, geometry = read_scan(scan)
+    except RuntimeError as error:
+        return rows, [DatalistProblem(str(error))], []
+    findings = _geometry_findings(geometry, scan, expectations)
+    whole = [f"{line} (the scan of {len(rows)} candidate(s))" for line in findings.errors]
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        whole.append(f"{scan}: NaN or infinite voxel values; re-export the scan")
+    elif float(array.min()) == float(array.max()):
+        whole.append(f"{scan}: constant scan (every voxel is {float(array.min()):g} HU); is its .raw the scan's data?")
+    if whole:
+        return rows, [DatalistProblem(line) for line in whole], findings.warnings
+    problems = []
+    for position, row in enumerate(rows):
+        world = np.array([row["coordX"], row["coordY"], row["coordZ"]])
+        try:
+            check_inside(world_to_voxel(world, geometry), geometry, f"{table}: row {row['row']}")
+        except ValueError as error:
+            line = f"{error} Scan {scan}, world {world.tolist()} mm: fix or drop the row"
+            problems.append(DatalistProblem(line, ((INFERENCE_KEY, position),)))
+    return rows, problems, findings.warnings
+
+
+def checked_scan_candidates(
     scan: str | os.PathLike,
     candidates_csv: str | os.PathLike,
+    expectations: DataExpectations | None = None,
+    skip_bad: bool = False,
+    output_dir: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """The start-up check of nodule inference (:func:`scan_inference_problems`): the scan's candidate rows to infer,
+    for :func:`scan_candidates`. With ``skip_bad`` a candidate outside the scan is left out and reported
+    (:func:`~custom_nets.data.datalist.usable_inference_items`); a problem of the scan or the CSV always stops.
+
+    Raises:
+        DatalistError: every problem, one line each, naming the file and the fix.
+    """
+    rows, problems, warnings = scan_inference_problems(scan, candidates_csv, expectations)
+    source = f"{candidates_csv} (candidates of the scan {scan})"
+    return usable_inference_items(rows, problems, warnings, skip_bad, output_dir, source)
+
+
+def scan_candidates(
+    scan: str | os.PathLike,
+    candidates: str | os.PathLike | Sequence[Mapping[str, Any]],
     cube_size: Sequence[int] = (32, 64, 64),
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> list[dict[str, Any]]:
     """Inference input: the cubes ``(1, S, R, C)`` (float32 HU) of one scan's candidates (a ``.mhd`` file or a DICOM
-    series folder), cut in memory as
-    :func:`prepare` cuts them. Rows of other seriesuids in the CSV are ignored (a whole ``candidates_V2.csv`` works).
+    series folder), cut in memory as :func:`prepare` cuts them. ``candidates`` is a candidates CSV, whose rows of
+    other seriesuids are ignored (a whole ``candidates_V2.csv`` works), or the scan's rows already read and checked
+    (:func:`checked_scan_candidates`).
 
     Raises:
         ValueError: naming the scan and the row when no row belongs to the scan or a candidate lies outside it.
     """
     scan = Path(scan)
     uid = scan_seriesuid(scan)
-    rows = [r for r in read_candidates_csv(candidates_csv) if r["seriesuid"] == uid]
-    if not rows:
-        raise ValueError(f"{candidates_csv} has no row with seriesuid {uid} (the seriesuid of the scan {scan}).")
+    if isinstance(candidates, (str, os.PathLike)):
+        rows = [r for r in read_candidates_csv(candidates) if r["seriesuid"] == uid]
+        if not rows:
+            raise ValueError(f"{candidates} has no row with seriesuid {uid} (the seriesuid of the scan {scan}).")
+    else:
+        rows = list(candidates)
     array, geometry = read_scan(scan)
     items = []
     for row in rows:
         world = np.array([row["coordX"], row["coordY"], row["coordZ"]])
-        check_inside(world_to_voxel(world, geometry), geometry, f"row {row['row']} of {candidates_csv} in scan {scan}")
+        check_inside(world_to_voxel(world, geometry), geometry, f"row {row['row']} of the candidates in scan {scan}")
         cube = candidate_cube(array, geometry, world, cube_size, spacing_mm)
         items.append(
             {

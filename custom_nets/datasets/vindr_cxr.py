@@ -14,8 +14,10 @@ by a single radiologist is kept (its cluster has one vote); ``min_votes`` drops 
 Coordinates: images become tensors ``(1, W, H)`` (x first), the layout MONAI's PNG reader gives 2D images, so a box
 ``(x_min, y_min, x_max, y_max)`` of the CSV is a MONAI ``xyxy`` box of the tensor without reordering.
 
-Privacy: only pixel data and the tags that decode it (photometric interpretation, rescale, VOI LUT / window, bit
-depth) are read; no DICOM tag is ever logged or written, and every output file is named by ``image_id``.
+Privacy: only pixel data, the tags that decode it (photometric interpretation, rescale, VOI LUT / window, bit
+depth) and the pixel size (``PixelSpacing``, ``ImagerPixelSpacing``: checked at start-up, its value quoted in the
+check's messages) are read; no other DICOM tag is ever logged or written, and every output file is named by
+``image_id``.
 
 CLI (fire)::
 
@@ -44,7 +46,12 @@ from monai.transforms import MapTransform
 from PIL import Image
 
 from custom_nets.atomic_files import atomic_path
-from custom_nets.data.expectations import DataExpectations, raster_mode_problem
+from custom_nets.data.expectations import (
+    RADIOGRAPH_SPACING_TAGS,
+    DataExpectations,
+    radiograph_spacing_problems,
+    raster_mode_problem,
+)
 from custom_nets.data.segmentation import split_cases, write_datalist
 
 __all__ = [
@@ -297,30 +304,49 @@ def load_detection_datalist(datalist: str | os.PathLike, split: str, dataset_dir
 
 def _radiograph(
     path: Path, position: int, expectations: DataExpectations | None
-) -> tuple[np.ndarray | None, list[str]]:
-    """Read one radiograph as the bundle does and check it: ``(pixels, [])``, or ``(None, [the problem])`` for a
-    missing file, a palette or grey + alpha PNG, an unreadable file, NaN / infinite or constant pixels."""
-    if not path.is_file():
-        return None, [f"{path}: file not found (item {position}); fix the path or the dataset_dir"]
+) -> tuple[np.ndarray | None, list[str], list[str]]:
+    """Read one radiograph as the bundle does and check it: ``(pixels, [], warnings)``, or ``(None, [the problem],
+    [])`` for a missing file, a palette or grey + alpha PNG, an unreadable file, NaN / infinite or constant pixels, or
+    a DICOM whose pixel spacing is broken or absurd (:func:`~custom_nets.data.expectations.radiograph_spacing_problems`;
+    a DICOM without one, or with non-square pixels, gets a warning)."""
+    expectations = DataExpectations(averages_rgba=False) if expectations is None else expectations
+    pixels, problem = _readable_radiograph(path, position, expectations)
+    if problem is not None:
+        return None, [problem], []
     if not _is_dicom(path):
-        mode = raster_mode_problem(
-            path, DataExpectations(averages_rgba=False) if expectations is None else expectations
-        )
+        return pixels, [], []
+    import pydicom
+
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(RADIOGRAPH_SPACING_TAGS))
+    values = {tag: header.get(tag) for tag in RADIOGRAPH_SPACING_TAGS}
+    spacing = radiograph_spacing_problems(values, str(path), expectations)
+    return (None if spacing.errors else pixels), spacing.errors, spacing.warnings
+
+
+def _readable_radiograph(
+    path: Path, position: int, expectations: DataExpectations
+) -> tuple[np.ndarray | None, str | None]:
+    """``(pixels, None)``, or ``(None, the problem)`` when the file is missing, a palette or grey + alpha PNG,
+    unreadable, or holds NaN / infinite or constant pixels."""
+    if not path.is_file():
+        return None, f"{path}: file not found (item {position}); fix the path or the dataset_dir"
+    if not _is_dicom(path):
+        mode = raster_mode_problem(path, expectations)
         if mode is not None:
-            return None, [mode]
+            return None, mode
     try:
         pixels = read_chest_xray(path)
     except Exception as error:  # PIL and pydicom raise many types for unreadable files
         detail = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-        return None, [
+        return None, (
             f"{path}: cannot read it as a radiograph ({detail}); it must be one grayscale PNG or DICOM frame: "
             "re-export it or remove it from the datalist"
-        ]
+        )
     if not np.isfinite(pixels).all():
-        return None, [f"{path}: NaN or infinite pixel values; re-export the image or remove it from the datalist"]
+        return None, f"{path}: NaN or infinite pixel values; re-export the image or remove it from the datalist"
     if float(pixels.min()) == float(pixels.max()):
-        return None, [f"{path}: constant image (every pixel is {float(pixels.min()):g}); remove it from the datalist"]
-    return pixels, []
+        return None, f"{path}: constant image (every pixel is {float(pixels.min()):g}); remove it from the datalist"
+    return pixels, None
 
 
 def radiograph_problems(
@@ -328,10 +354,10 @@ def radiograph_problems(
 ) -> tuple[list[str], list[str]]:
     """Check one inference input (``{"image": path}``, as :func:`inference_items` gives them) with the bundle's
     reader, as :func:`detection_item_problems` checks the image of a training entry; never raises. Returns
-    ``(problems, warnings)`` (no warnings: nothing about a radiograph is only doubtful)."""
+    ``(problems, warnings)``."""
     if not isinstance(item, dict) or not isinstance(item.get("image"), str):
         return [f"item {position}: {item!r} is not a dict with an 'image' path"], []
-    return _radiograph(Path(base_dir) / item["image"], position, expectations)[1], []
+    return _radiograph(Path(base_dir) / item["image"], position, expectations)[1:]
 
 
 def detection_item_problems(
@@ -340,51 +366,60 @@ def detection_item_problems(
     base_dir: str | os.PathLike,
     num_classes: int | None = None,
     expectations: DataExpectations | None = None,
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str], list[str]]:
     """Check one entry of a detection datalist with the bundle's reader; never raises.
 
     ``item`` is ``{"image": path, "box": [[x_min, y_min, x_max, y_max], ...], "label": [class id per box]}`` (boxes in
     pixels of the file, as :func:`prepare` writes them), ``image`` relative to ``base_dir``. Checks that the image
     exists, is not a palette or grey + alpha PNG (:func:`~custom_nets.data.expectations.raster_mode_problem`; RGB and
     RGBA are fine: :func:`read_chest_xray` averages the colour channels), reads as one grayscale frame
-    (:func:`read_chest_xray`), holds finite, not constant values, that every box
-    is non-empty and inside the image, and that there is one label per box, each in ``0..num_classes - 1`` (without
-    ``num_classes``: a non-negative integer).
+    (:func:`read_chest_xray`), holds finite, not constant values, has a sane pixel spacing when it is a DICOM
+    (:func:`~custom_nets.data.expectations.radiograph_spacing_problems`), that every box is non-empty and inside the
+    image, and that there is one label per box, each in ``0..num_classes - 1`` (without ``num_classes``: a
+    non-negative integer).
 
     Returns:
-        ``(files, problems)``: the resolved image path (for duplicate detection) and one line per problem, each naming
-        the file and the fix.
+        ``(files, problems, warnings)``: the resolved image path (for duplicate detection), one line per problem, each
+        naming the file and the fix, and the doubts that do not stop a run (a DICOM without pixel spacing, non-square
+        pixels).
     """
     if not isinstance(item, dict) or not {"image", "box", "label"} <= set(item):
-        return [], [f"item {position}: {item!r} is not a dict with 'image', 'box' and 'label' (a detection entry)"]
+        return [], [f"item {position}: {item!r} is not a dict with 'image', 'box' and 'label' (a detection entry)"], []
     path = Path(base_dir) / str(item["image"])
     files = [str(path.resolve())]
-    pixels, problems = _radiograph(path, position, expectations)
+    pixels, problems, warnings = _radiograph(path, position, expectations)
     if pixels is None:
-        return files, problems
+        return files, problems, warnings
+    return files, _box_problems(item, path, position, (pixels.shape[1], pixels.shape[0]), num_classes), warnings
+
+
+def _box_problems(
+    item: Mapping[str, Any], path: Path, position: int, size: tuple[int, int], num_classes: int | None
+) -> list[str]:
+    """The problem (at most one) of a detection entry's boxes and labels, for an image of ``size`` (width, height)."""
     try:
         boxes = np.asarray(item["box"], dtype=np.float64).reshape(-1, 4)
         labels = np.asarray(item["label"], dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
-        return files, [
+        return [
             f"{path}: 'box' (item {position}) must be a list of [x_min, y_min, x_max, y_max] and 'label' a list of "
             f"class ids, got {item['box']!r} and {item['label']!r}"
         ]
     if len(labels) != len(boxes):
-        return files, [f"{path}: {len(boxes)} boxes but {len(labels)} labels (item {position}); one label per box"]
+        return [f"{path}: {len(boxes)} boxes but {len(labels)} labels (item {position}); one label per box"]
     allowed = f"0..{num_classes - 1}" if num_classes is not None else "integers >= 0"
     wrong = [v for v in labels.tolist() if v != int(v) or v < 0 or (num_classes is not None and v >= num_classes)]
     if wrong:
         shown = [int(v) if v == int(v) else v for v in wrong[:10]]
-        return files, [
+        return [
             f"{path}: label values {shown} (item {position}) outside {allowed}; a label is the index of its finding "
             "in class_names: fix the label or class_names"
         ]
     try:
-        check_boxes_inside(boxes, (pixels.shape[1], pixels.shape[0]), str(item.get("image_id", position)))
+        check_boxes_inside(boxes, size, str(item.get("image_id", position)))
     except ValueError as error:
-        return files, [f"{path}: {error}"]
-    return files, []
+        return [f"{path}: {error}"]
+    return []
 
 
 def inference_items(

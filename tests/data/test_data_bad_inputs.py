@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from custom_nets.data.datalist import DatalistError, usable_datalist
+from custom_nets.data.datalist import DatalistError, DatalistProblem, usable_datalist, usable_inference_items
 from custom_nets.data.demo import _write_dicom_series
 from custom_nets.data.validate_data import validate_data
 
@@ -542,6 +542,22 @@ def test_skip_bad_trains_on_the_usable_items_and_lists_the_others(tmp_path):
     assert [entry["position"] for entry in skipped] == [1, 2]
     assert "unreadable NIfTI header" in skipped[0]["problem"] and "file not found" in skipped[1]["problem"]
     assert usable_datalist(usable, None, tmp_path / "out2", skip_bad=True) == str(usable)  # nothing left to skip
+
+
+def test_skip_bad_at_inference_keeps_the_usable_items_unless_none_is_left_or_the_input_itself_is_bad(tmp_path):
+    items = [{"image": "a.png"}, {"image": "b.png"}]
+    each_bad = [DatalistProblem(f"{name}: unreadable", (("inference", i),)) for i, name in enumerate(["a", "b"])]
+    with pytest.raises(DatalistError, match="a: unreadable"):  # without skip_bad: stop
+        usable_inference_items(items, each_bad[:1], output_dir=tmp_path)
+    assert usable_inference_items(items, each_bad[:1], skip_bad=True, output_dir=tmp_path) == items[1:]
+    (skipped,) = json.loads((tmp_path / "skipped_items.json").read_text())["skipped"]
+    assert skipped == {"key": "inference", "position": 0, "item": items[0], "problem": "a: unreadable"}
+    with pytest.raises(DatalistError, match="no usable item left"):
+        usable_inference_items(items, each_bad, skip_bad=True, output_dir=tmp_path)
+    with pytest.raises(DatalistError, match="scan.mhd: unreadable"):  # a problem of the input as a whole
+        usable_inference_items(items, [DatalistProblem("scan.mhd: unreadable")], skip_bad=True, output_dir=tmp_path)
+    assert usable_inference_items(items, [], skip_bad=True, output_dir=tmp_path) == items
+    assert not (tmp_path / "skipped_items.json").exists()  # an earlier run's report is not left behind
 
 
 def test_an_rgb_radiograph_passes_the_cxr_check_which_averages_its_channels(tmp_path):

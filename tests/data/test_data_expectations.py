@@ -87,6 +87,7 @@ def test_expectations_follow_the_bundle_keys_they_derive_from():
     pretrain["spacing"] = [1.0, 1.0, 2.5]  # Spacingd resamples in-plane: any axial pixel shape is fine
     assert pretrain.get_parsed_content("data_expectations").max_inplane_anisotropy is None
     assert bundle_expectations("finetune_cxr").averages_rgba is False  # read_chest_xray keeps R, G, B only
+    assert bundle_expectations("finetune_cxr").pixel_spacing_range_mm == [0.02, 5.0]  # DICOM radiograph pixels
 
 
 @pytest.mark.parametrize(
@@ -96,6 +97,7 @@ def test_expectations_follow_the_bundle_keys_they_derive_from():
         ("finetune_brainseg", {}),
         ("finetune_brainseg", {"modalities": ["flair", "t1", "t1ce", "t2"]}),
         ("finetune_cxr", {}),
+        ("finetune_nodule", {}),
         ("pretrain_joint", {}),
         ("pretrain_joint", {"spacing": [1.0, 1.0, 2.5]}),
     ],

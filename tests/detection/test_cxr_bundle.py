@@ -312,3 +312,31 @@ def test_train_and_evaluate_write_only_under_output_dir(cxr, tmp_path, bundle_ch
     bundle_checks.assert_confined(before, bundle_checks.snapshot(*watched), outputs)
     written = {p.relative_to(outputs).parts[0] for p in outputs.rglob("*") if p.is_file()}
     assert written >= {"models", "checkpoints", "tensorboard", "eval", "run.log"}
+
+
+@pytest.mark.slow
+def test_inference_skip_bad_detects_on_the_good_images_and_lists_the_bad_one(tmp_path, bundle_checks):
+    """``skip_bad`` at inference: of three radiographs, a text file named ``.png`` is left out, listed in
+    ``skipped_items.json`` and when the run ends; the other two get their detections. Without ``skip_bad`` the
+    start-up check stops the run on it."""
+    root = _copy_bundle(tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "c"):
+        Image.fromarray(rng.integers(0, 255, (48, 40), dtype=np.uint8)).save(folder / f"{name}.png")
+    bad = folder / "b.png"
+    bad.write_text("not an image")
+    settings = {"dataset_dir": str(folder), **TINY}
+    with pytest.raises(RuntimeError) as stopped:  # MONAI wraps errors of the config's "initialize"
+        bundle_checks.inference_workflow(root, **settings)
+    assert f"{bad}: cannot read it as a radiograph" in str(stopped.value.__cause__)
+
+    workflow = bundle_checks.inference_workflow(root, skip_bad=True, **settings)
+    workflow.run()
+    output = root / "outputs" / "inference"
+    assert sorted(p.name for p in output.glob("*.json")) == ["a.json", "c.json", "skipped_items.json"]
+    (skipped,) = json.loads((output / "skipped_items.json").read_text())["skipped"]
+    assert skipped["item"] == {"image": str(bad)} and skipped["problem"].startswith(f"{bad}: cannot read it")
+    (at_the_end,) = workflow.finalize()
+    assert at_the_end == [f"[inference] item 1: {skipped['problem']}"]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from custom_nets.data.datalist import DatalistError, validate_datalist
+from custom_nets.data.validate_data import bundle_expectations
 from custom_nets.datasets import vindr_cxr
 from custom_nets.datasets.vindr_cxr import (
     LoadChestXrayd,
@@ -19,6 +23,7 @@ from custom_nets.datasets.vindr_cxr import (
     scale_boxes,
 )
 
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "finetune_cxr"
 BOX = (20, 10, 50, 30)  # x_min, y_min, x_max, y_max of a dense (bright) lesion
 
 
@@ -168,3 +173,63 @@ def test_prepare_writes_detection_datalist(cxr, tmp_path):
             x_min, y_min, x_max, y_max = np.round(entry["box"][0]).astype(int)
             assert png[y_min + 2 : y_max - 2, x_min + 2 : x_max - 2].mean() > png.mean() + 60
     assert {v for e in entries for v in e.get("votes", [])} <= {1, 2, 3}
+
+
+SPACING_CASES = {  # DICOM tags -> (the start of the one problem, or None; the start of the one warning, or None)
+    "zero": ({"PixelSpacing": [0.0, 0.15]}, "PixelSpacing [0.0, 0.15] is not two positive numbers", None),
+    "negative": ({"ImagerPixelSpacing": [-0.14, 0.14]}, "ImagerPixelSpacing [-0.14, 0.14] is not two positive", None),
+    "one_value": ({"PixelSpacing": "0.14"}, "PixelSpacing 0.14 is not two positive numbers", None),
+    "micrometres": ({"PixelSpacing": [150.0, 150.0]}, "PixelSpacing 150 x 150 mm is outside 0.02 - 5 mm", None),
+    "metres": ({"ImagerPixelSpacing": [0.00015, 0.00015]}, "ImagerPixelSpacing 0.00015 x 0.00015 mm is outside", None),
+    "broken_beside_a_good_one": (
+        {"PixelSpacing": [0.14, 0.14], "ImagerPixelSpacing": [0.0, 0.0]},
+        "ImagerPixelSpacing [0.0, 0.0] is not two positive numbers",
+        None,
+    ),
+    "missing": ({}, None, "no PixelSpacing or ImagerPixelSpacing in the header"),
+    "not_square": ({"PixelSpacing": [0.1, 0.2]}, None, "PixelSpacing 0.1 x 0.2 mm: pixels 2 times longer"),
+    "detector_only": ({"ImagerPixelSpacing": [0.139, 0.139]}, None, None),
+    "both": ({"PixelSpacing": [0.125, 0.125], "ImagerPixelSpacing": [0.139, 0.139]}, None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(SPACING_CASES))
+def test_dicom_pixel_spacing_is_checked_with_the_bundle_expectations(cxr, tmp_path, case):
+    """``validate_data --bundle finetune_cxr`` on a detection datalist of one generated DICOM: a broken or absurd
+    PixelSpacing / ImagerPixelSpacing is one problem naming the file, the tag and the fix; a missing or non-square
+    one a warning; a sane one nothing."""
+    tags, problem, warning = SPACING_CASES[case]
+    stored = np.round(_display(cxr) * 4095)
+    path = cxr.write_dicom(tmp_path / "cxr.dcm", stored, **tags)
+    item = {"image": "cxr.dcm", "box": [BOX], "label": [3]}
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [item]}))
+    expectations = bundle_expectations("finetune_cxr")
+    if problem is not None:
+        with pytest.raises(DatalistError) as refused:
+            validate_datalist(tmp_path / "datalist.json", expectations=expectations)
+        (line,) = refused.value.problems
+        assert line.startswith(f"[training] {path}: {problem}"), line
+        assert line.endswith("fix the header (re-export the image) or remove it from the datalist")
+        return
+    warnings = validate_datalist(tmp_path / "datalist.json", expectations=expectations)["warnings"]
+    assert len(warnings) == (0 if warning is None else 1), warnings
+    assert all(line.startswith(f"[training] {path}: {warning}") for line in warnings)
+
+
+@pytest.mark.slow
+def test_an_absurd_pixel_spacing_stops_inference_at_start_up(cxr, tmp_path, bundle_checks):
+    """finetune_cxr's inference.json checks the pixel spacing of its DICOM inputs with the same expectations as its
+    training (PixelSpacing in micrometres: refused, naming the file); with ``skip_bad`` the other image is read."""
+    root = tmp_path / "finetune_cxr"
+    shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("models", "outputs"))
+    folder = tmp_path / "images"
+    stored = np.round(_display(cxr) * 4095)
+    good = cxr.write_dicom(folder / "good.dcm", stored, PixelSpacing=[0.139, 0.139])
+    bad = cxr.write_dicom(folder / "micrometres.dcm", stored, PixelSpacing=[139.0, 139.0])
+    settings = {"dataset_dir": str(folder), "encoder_depth": 18, "fpn_channels": 16, "image_size": [64, 64]}
+    with pytest.raises(RuntimeError) as stopped:  # MONAI wraps errors of the config's "initialize"
+        bundle_checks.inference_workflow(root, **settings)
+    (line,) = stopped.value.__cause__.problems
+    assert line.startswith(f"{bad}: PixelSpacing 139 x 139 mm is outside 0.02 - 5 mm per pixel")
+    workflow = bundle_checks.inference_workflow(root, skip_bad=True, **settings)
+    assert workflow.parser.get_parsed_content("checked_items") == [{"image": str(good)}]

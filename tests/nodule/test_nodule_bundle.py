@@ -9,10 +9,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow, run, verify_net_in_out
 
+from custom_nets.command_line import USER_ERROR_EXIT
 from custom_nets.datasets import luna16
 from custom_nets.nets import JointSSLNet
 from custom_nets.weights import export_pretrained
@@ -374,3 +376,101 @@ def test_skip_bad_trains_past_a_candidate_outside_its_scan_and_lists_it(tmp_path
     assert f"{dataset_dir / moved['image']}: the candidate (item 2) lies outside its scan" in skipped["problem"]
     (at_the_end,) = workflow.finalize()
     assert at_the_end == [f"[subset1] item 2: {skipped['problem']}"]
+
+
+def _one_scan(folder: Path, luna_data) -> tuple[Path, Path, list[dict[str, str]]]:
+    """One generated scan with its five candidates: ``(scan, candidates CSV, its rows)``."""
+    raw = luna_data.make_luna_folder(folder, num_scans=1)
+    return (
+        raw.root / "subset0" / f"{raw.uids[0]}.mhd",
+        raw.root / "candidates_V2.csv",
+        _read_csv(raw.root / "candidates_V2.csv"),
+    )
+
+
+def _add_row_outside(table: Path, rows: list[dict[str, str]]) -> dict[str, str]:
+    """Append a copy of the first candidate moved 500 mm above its scan (coordinates of another scan, or a typo)."""
+    outside = {**rows[0], "coordZ": str(float(rows[0]["coordZ"]) + 500.0)}
+    with open(table, "a", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=list(outside)).writerow(outside)
+    return outside
+
+
+def _missing_scan(scan: Path, table: Path, rows, luna_data) -> tuple[dict, str]:
+    gone = scan.with_name("gone.mhd")
+    return {"scan": str(gone)}, f"{gone}: scan not found; fix scan"
+
+
+def _nan_scan(scan: Path, table: Path, rows, luna_data) -> tuple[dict, str]:
+    array = luna_data.planted_scan([(8, 14, 6)], np.random.default_rng(0)).astype(np.float32)
+    array[3, 4, 5] = np.nan
+    luna_data.write_scan(scan, array)
+    return {}, f"{scan}: NaN or infinite voxel values; re-export the scan"
+
+
+def _candidate_outside(scan: Path, table: Path, rows, luna_data) -> tuple[dict, str]:
+    _add_row_outside(table, rows)
+    return {}, f"{table}: row {len(rows)} lies outside its scan"
+
+
+def _no_row_of_the_scan(scan: Path, table: Path, rows, luna_data) -> tuple[dict, str]:
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerow({**rows[0], "seriesuid": "1.2.3"})
+    return {}, f"{table}: no row with seriesuid {rows[0]['seriesuid']}, the seriesuid of the scan {scan}"
+
+
+INFERENCE_CASES = {
+    "missing_scan": (_missing_scan, "fix scan"),
+    "nan_scan": (_nan_scan, "re-export the scan"),
+    "candidate_outside_its_scan": (_candidate_outside, "fix or drop the row"),
+    "no_row_of_the_scan": (_no_row_of_the_scan, "give the candidates of this scan"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(INFERENCE_CASES))
+def test_a_bad_input_stops_inference_with_one_line(case, tmp_path, luna_data, bundle_checks):
+    """``python -m monai.bundle run`` of inference.json on a bad scan or candidates CSV: exit status 1 and one line
+    naming the file, the problem and the fix, no traceback (the check runs before any weight is loaded)."""
+    scan, table, rows = _one_scan(tmp_path / "raw", luna_data)
+    make, fix = INFERENCE_CASES[case]
+    overrides, expected = make(scan, table, rows, luna_data)
+    settings = {"scan": str(scan), "candidates_csv": str(table), "output_dir": str(tmp_path / "out"), **TINY}
+    root = BUNDLES / "finetune_nodule"
+    result = bundle_checks.monai_bundle_run(
+        [root / "configs" / "inference.json"], {"bundle_root": str(root), **settings, **overrides}, tmp_path
+    )
+    assert result.returncode == USER_ERROR_EXIT, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("error:"))
+    (problem,) = [line.strip() for line in lines[header + 1 :]]
+    assert problem.startswith(expected) and fix in problem, (problem, expected)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_inference_skip_bad_scores_the_candidates_inside_and_lists_the_one_outside(tmp_path, luna_data, bundle_checks):
+    """``skip_bad``: a candidate outside its scan is left out, listed in ``skipped_items.json`` and when the run ends;
+    the scan's other candidates are scored. Without ``skip_bad`` the same input stops the run at start-up."""
+    root = _copy_bundle(tmp_path)
+    scan, table, rows = _one_scan(tmp_path / "raw", luna_data)
+    outside = _add_row_outside(table, rows)
+    settings = {"scan": str(scan), "candidates_csv": str(table), **TINY}
+    with pytest.raises(RuntimeError) as stopped:  # MONAI wraps errors of the config's "initialize"
+        bundle_checks.inference_workflow(root, **settings)
+    assert f"{table}: row {len(rows)} lies outside its scan" in str(stopped.value.__cause__)
+
+    workflow = bundle_checks.inference_workflow(root, skip_bad=True, **settings)
+    workflow.run()
+    output = root / "outputs" / "inference"
+    scored = _read_csv(output / f"{rows[0]['seriesuid']}_scored.csv")
+    assert [float(r["coordZ"]) for r in scored] == pytest.approx([float(r["coordZ"]) for r in rows])
+    (skipped,) = json.loads((output / "skipped_items.json").read_text())["skipped"]
+    assert skipped["position"] == len(rows) and skipped["item"]["row"] == len(rows)
+    assert skipped["item"]["coordZ"] == pytest.approx(float(outside["coordZ"]))
+    assert skipped["problem"].startswith(f"{table}: row {len(rows)} lies outside its scan")
+    (at_the_end,) = workflow.finalize()
+    assert at_the_end == [f"[inference] item {len(rows)}: {skipped['problem']}"]

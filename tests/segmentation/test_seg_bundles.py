@@ -303,3 +303,33 @@ def test_start_up_check_refuses_stretched_axial_pixels_unless_turned_off(tmp_pat
     unchecked.initialize()
     unchecked.run()
     assert unchecked.trainer.state.iteration > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle, suffix", [("finetune_heart", ""), ("finetune_brainseg", "_flair")])
+def test_inference_skip_bad_segments_the_good_images_and_lists_the_bad_one(bundle, suffix, tmp_path, bundle_checks):
+    """``skip_bad`` at inference: of three images, the one with a NaN voxel is left out, listed in
+    ``skipped_items.json`` and when the run ends; the other two are segmented. Without ``skip_bad`` the start-up
+    check stops the run on it."""
+    root = _copy_bundle(bundle, tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    volumes = {name: rng.random((32, 32, 4), dtype=np.float32) for name in ("a", "b", "c")}
+    volumes["b"][3, 3, 1] = np.nan
+    for name, volume in volumes.items():
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), str(folder / f"{name}{suffix}.nii.gz"))
+    bad = folder / f"b{suffix}.nii.gz"
+    settings = {"dataset_dir": str(folder), **TINY}
+    with pytest.raises(RuntimeError) as stopped:  # MONAI wraps errors of the config's "initialize"
+        bundle_checks.inference_workflow(root, **settings)
+    assert f"{bad}: NaN or infinite voxel values" in str(stopped.value.__cause__)
+
+    workflow = bundle_checks.inference_workflow(root, skip_bad=True, **settings)
+    workflow.run()
+    output = root / "outputs" / "inference"
+    assert sorted(p.name for p in output.glob("*_seg.nii.gz")) == [f"a{suffix}_seg.nii.gz", f"c{suffix}_seg.nii.gz"]
+    (skipped,) = json.loads((output / "skipped_items.json").read_text())["skipped"]
+    assert skipped["item"] == {"image": str(bad)} and skipped["problem"].startswith(f"{bad}: NaN or infinite")
+    (at_the_end,) = workflow.finalize()
+    assert at_the_end == [f"[inference] item 1: {skipped['problem']}"]
