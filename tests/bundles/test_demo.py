@@ -34,54 +34,54 @@ def test_trial_datalists_are_stratified_nested_and_never_hold_test_volumes(tmp_p
         write_trial_datalist(tmp_path / "d.json", corpora, 3, seed=1, split="train")
 
 
-def test_validation_split_trials_turn_off_only_the_duplicate_check(tmp_path: Path, monkeypatch) -> None:
+def _corpora(volumes_per_class: int) -> dict[str, list]:
+    """Datalist entries of the three labelled corpora, 3 classes (no files: ``trial_calls`` runs no trial)."""
+    return {
+        name: [
+            {"image": f"{name}/{c}_{i}.nii.gz", "class_label": c} for c in range(3) for i in range(volumes_per_class)
+        ]
+        for name in ("pool", "test", "validation")
+    }
+
+
+@pytest.fixture
+def trial_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every ``run_trial`` call that ``run_label_efficiency`` makes; no trial runs."""
+    calls: list[dict] = []
+    monkeypatch.setattr(pretraining_demo, "run_trial", lambda *args, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(pretraining_demo, "trial_metric", lambda *args: 0.5)
+    return calls
+
+
+def test_validation_split_trials_turn_off_only_the_duplicate_check(tmp_path: Path, trial_calls: list) -> None:
     """Tuning scores the validation corpus, whose first volume per class is also each trial's end-of-training
     validation volume: the fine-tune bundle's start-up check would refuse those duplicates, so validation-split trials
     run without it; testing-split trials keep it (their lists are disjoint)."""
-    corpora = {
-        "pool": [{"image": f"pool/{c}_{i}.nii.gz", "class_label": c} for c in range(3) for i in range(2)],
-        "test": [{"image": f"test/{c}.nii.gz", "class_label": c} for c in range(3)],
-        "validation": [{"image": f"val/{c}.nii.gz", "class_label": c} for c in range(3)],
-    }
-    calls = []
-    monkeypatch.setattr(pretraining_demo, "run_trial", lambda *args, **kwargs: calls.append(kwargs) or {})
-    monkeypatch.setattr(pretraining_demo, "trial_metric", lambda *args: 0.5)
+    corpora = _corpora(volumes_per_class=2)
     for split in ("validation", "testing"):
         pretraining_demo.run_label_efficiency(tmp_path, corpora, tmp_path / "w.pt", [3], [0], 6, 18, split=split)
-    assert [call.get("validate_data", True) for call in calls] == [False, False, True, True]  # two inits per split
+    assert [call.get("validate_data", True) for call in trial_calls] == [False, False, True, True]  # 2 inits a split
 
 
-def test_every_budget_takes_steps_of_the_same_slice_count(tmp_path: Path, monkeypatch) -> None:
+def test_every_budget_takes_steps_of_the_same_slice_count(tmp_path: Path, trial_calls: list) -> None:
     """The bundle batches volumes, each giving ``slices_per_volume`` slices: 18 slices per epoch are 6 of each of 3
     volumes (one volume per step) or 2 of each of 9 (three volumes per step), so both budgets take 3 steps of 6."""
-    corpora = {
-        name: [{"image": f"{name}/{c}_{i}.nii.gz", "class_label": c} for c in range(3) for i in range(3)]
-        for name in ("pool", "test", "validation")
-    }
-    calls = []
-    monkeypatch.setattr(pretraining_demo, "run_trial", lambda *args, **kwargs: calls.append(kwargs) or {})
-    monkeypatch.setattr(pretraining_demo, "trial_metric", lambda *args: 0.5)
-    pretraining_demo.run_label_efficiency(tmp_path, corpora, tmp_path / "w.pt", [3, 9], [0], 18, 18)
-    shapes = [(call["slices_per_volume"], call["batch_size"]) for call in calls]
+    pretraining_demo.run_label_efficiency(
+        tmp_path, _corpora(volumes_per_class=3), tmp_path / "w.pt", [3, 9], [0], 18, 18
+    )
+    shapes = [(call["slices_per_volume"], call["batch_size"]) for call in trial_calls]
     assert shapes == [(6, 1), (6, 1), (2, 3), (2, 3)]
     assert {volumes * slices for slices, volumes in shapes} == {pretraining_demo.SLICES_PER_STEP}
 
 
-def test_frozen_protocol_trains_longer_unless_overridden(tmp_path: Path, monkeypatch) -> None:
+def test_frozen_protocol_trains_longer_unless_overridden(tmp_path: Path, trial_calls: list) -> None:
     """The decoder alone on a fixed encoder gets 120 epochs, end to end keeps the preset's (no ``epochs`` override);
     an explicit ``epochs`` override wins over both."""
-    corpora = {
-        "pool": [{"image": f"pool/{c}.nii.gz", "class_label": c} for c in range(3)],
-        "test": [{"image": f"test/{c}.nii.gz", "class_label": c} for c in range(3)],
-        "validation": [{"image": f"val/{c}.nii.gz", "class_label": c} for c in range(3)],
-    }
-    calls = []
-    monkeypatch.setattr(pretraining_demo, "run_trial", lambda *args, **kwargs: calls.append(kwargs) or {})
-    monkeypatch.setattr(pretraining_demo, "trial_metric", lambda *args: 0.5)
+    corpora = _corpora(volumes_per_class=1)
     for protocol in ("frozen", "end_to_end"):
         pretraining_demo.run_label_efficiency(tmp_path, corpora, tmp_path / "w.pt", [3], [0], 6, 18, protocol=protocol)
     pretraining_demo.run_label_efficiency(tmp_path, corpora, tmp_path / "w.pt", [3], [0], 6, 18, "frozen", epochs=2)
-    assert [(call["freeze_encoder"], call.get("epochs")) for call in calls] == [
+    assert [(call["freeze_encoder"], call.get("epochs")) for call in trial_calls] == [
         (True, 120),
         (True, 120),
         (False, None),
