@@ -512,8 +512,10 @@ def usable_datalist(
     keys: Sequence[str] | None = ("training",),
     num_classes: int | None = None,
     expectations: DataExpectations | None = None,
+    doing: str = "training on",
 ) -> str:
-    """The start-up check of a training run: the datalist to train on.
+    """The start-up check of a run over a datalist (training; pretrain_joint's embedding inference too): the datalist
+    to use.
 
     Without ``skip_bad``: :func:`validate_datalist` of the ``keys`` lists (``None``: its default lists) against the
     bundle's ``expectations``, then ``path`` itself. With ``skip_bad`` every item is checked the same way (all of
@@ -522,7 +524,8 @@ def usable_datalist(
     the rest is written to ``<output_dir>/datalist_usable.json`` (files as absolute paths, other fields and keys
     kept), whose path is returned, the skipped items with their problems to
     ``<output_dir>/skipped_items.json``, and a warning lists them (``path`` itself when nothing is skipped; see
-    :func:`log_skipped_items` to list them again when training ends).
+    :func:`log_skipped_items` to list them again when the run ends). ``doing`` names the run in that warning
+    (``"training on"``, ``"embedding"``).
 
     Raises:
         DatalistError: an unreadable datalist, a bad item without ``skip_bad``, a problem of the datalist as a whole
@@ -561,7 +564,7 @@ def usable_datalist(
     usable_path = output / "datalist_usable.json"
     atomic_write_json(usable_path, {**content, **usable})
     total = sum(len(content[key]) for key in keys)
-    _write_skipped_report(output, str(path), keys, skipped, total, "training on")
+    _write_skipped_report(output, str(path), keys, skipped, total, doing)
     return str(usable_path)
 
 
@@ -677,7 +680,7 @@ def _skipped_lines(skipped: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def log_skipped_items(output_dir: str | os.PathLike) -> list[str]:
-    """List again, when training ends, the items :func:`usable_datalist` left out (``skipped_items.json`` under
+    """List again, when the run ends, the items :func:`usable_datalist` left out (``skipped_items.json`` under
     ``output_dir``; nothing when no item was skipped). Returns the lines logged."""
     report = Path(output_dir) / "skipped_items.json"
     if not report.is_file():

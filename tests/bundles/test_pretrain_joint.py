@@ -17,7 +17,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import create_workflow
 
-from custom_nets.data import make_demo_corpus
+from custom_nets.data import log_skipped_items, make_demo_corpus
 from custom_nets.nets import SliceEncoder, SliceTransformer
 from custom_nets.weights import export_pretrained, load_slice_encoder_weights, load_slice_transformer_weights
 
@@ -79,8 +79,9 @@ def train(
     return workflow
 
 
-def embedding_workflow(datalist: Path, output_dir: Path, weights: Path):
-    """The inference bundle (per-slice embeddings) of the tiny network that ``train`` exports, on ``datalist``."""
+def embedding_workflow(datalist: Path, output_dir: Path, weights: Path | None, **overrides):
+    """The inference bundle (per-slice embeddings) of the tiny network that ``train`` exports (random weights when
+    ``weights`` is None), on ``datalist``."""
     return create_workflow(
         config_file=INFERENCE,
         workflow_type="inference",
@@ -88,13 +89,14 @@ def embedding_workflow(datalist: Path, output_dir: Path, weights: Path):
         dataset_dir=str(datalist.parent),
         datalist=str(datalist),
         output_dir=str(output_dir),
-        ckpt_path=str(weights),
+        ckpt_path=str(weights) if weights else "",
         encoder_depth=18,
         embed_dim=32,
         image_size=32,
         volume_size=32,
         num_workers=0,
         per_slice=True,
+        **overrides,
     )
 
 
@@ -404,6 +406,31 @@ def test_skip_bad_trains_past_a_corrupt_item_and_lists_it(corpus: Path, tmp_path
     assert workflow.trainer.state.iteration == 2
     skipped = json.loads((tmp_path / "lenient" / "skipped_items.json").read_text())["skipped"]
     assert [entry["item"]["image"] for entry in skipped] == [str(tmp_path / "broken.nii.gz")]
+
+
+@pytest.mark.slow
+def test_embedding_inference_with_skip_bad_embeds_the_good_items_and_lists_the_bad_one(
+    corpus: Path, tmp_path: Path
+) -> None:
+    content = json.loads(corpus.read_text())
+    items = [{**item, "image": str(corpus.parent / item["image"])} for item in content["training"]]
+    (tmp_path / "broken.nii.gz").write_bytes(b"truncated")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(
+        json.dumps({**content, "training": [items[0], {"image": str(tmp_path / "broken.nii.gz")}, *items[1:]]})
+    )
+    with pytest.raises(Exception) as stopped:  # the start-up check stops inference by default
+        embedding_workflow(datalist, tmp_path / "strict", None).initialize()
+    assert "broken.nii.gz: unreadable NIfTI header" in str(stopped.value.__cause__ or stopped.value)
+
+    workflow = embedding_workflow(datalist, tmp_path / "lenient", None, skip_bad=True)
+    workflow.initialize()
+    workflow.run()
+    assert len(np.load(tmp_path / "lenient" / "embeddings.npy")) == len(items)
+    assert "broken" not in (tmp_path / "lenient" / "embeddings.csv").read_text()
+    skipped = json.loads((tmp_path / "lenient" / "skipped_items.json").read_text())["skipped"]
+    assert [entry["item"]["image"] for entry in skipped] == [str(tmp_path / "broken.nii.gz")]
+    assert any("broken.nii.gz" in line for line in log_skipped_items(tmp_path / "lenient"))  # what finalize lists
 
 
 @pytest.mark.slow
