@@ -250,6 +250,19 @@ def inference_workflow(bundle_root: str | os.PathLike, **overrides: Any) -> Any:
     return workflow
 
 
+def inference_stops_then_skips(bundle_root: str | os.PathLike, message: str, **settings: Any) -> tuple[Any, dict]:
+    """Inference on inputs with one bad item: without ``skip_bad`` the start-up check stops the run with ``message``
+    in its cause; with ``skip_bad`` it runs. Returns that workflow and the one entry of its ``skipped_items.json``."""
+    with pytest.raises(RuntimeError) as stopped:  # MONAI wraps errors of the config's "initialize"
+        inference_workflow(bundle_root, **settings)
+    assert message in str(stopped.value.__cause__)
+    workflow = inference_workflow(bundle_root, skip_bad=True, **settings)
+    workflow.run()
+    report = Path(bundle_root) / "outputs" / "inference" / "skipped_items.json"
+    (skipped,) = json.loads(report.read_text())["skipped"]
+    return workflow, skipped
+
+
 @pytest.fixture
 def bundle_checks() -> SimpleNamespace:
     return SimpleNamespace(
@@ -270,6 +283,7 @@ def bundle_checks() -> SimpleNamespace:
         assert_one_whole_checkpoint_left=assert_one_whole_checkpoint_left,
         assert_same_final_checkpoint=assert_same_final_checkpoint,
         inference_workflow=inference_workflow,
+        inference_stops_then_skips=inference_stops_then_skips,
     )
 
 

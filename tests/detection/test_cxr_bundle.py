@@ -327,16 +327,11 @@ def test_inference_skip_bad_detects_on_the_good_images_and_lists_the_bad_one(tmp
         Image.fromarray(rng.integers(0, 255, (48, 40), dtype=np.uint8)).save(folder / f"{name}.png")
     bad = folder / "b.png"
     bad.write_text("not an image")
-    settings = {"dataset_dir": str(folder), **TINY}
-    with pytest.raises(RuntimeError) as stopped:  # MONAI wraps errors of the config's "initialize"
-        bundle_checks.inference_workflow(root, **settings)
-    assert f"{bad}: cannot read it as a radiograph" in str(stopped.value.__cause__)
-
-    workflow = bundle_checks.inference_workflow(root, skip_bad=True, **settings)
-    workflow.run()
+    workflow, skipped = bundle_checks.inference_stops_then_skips(
+        root, f"{bad}: cannot read it as a radiograph", dataset_dir=str(folder), **TINY
+    )
     output = root / "outputs" / "inference"
     assert sorted(p.name for p in output.glob("*.json")) == ["a.json", "c.json", "skipped_items.json"]
-    (skipped,) = json.loads((output / "skipped_items.json").read_text())["skipped"]
     assert skipped["item"] == {"image": str(bad)} and skipped["problem"].startswith(f"{bad}: cannot read it")
     (at_the_end,) = workflow.finalize()
     assert at_the_end == [f"[inference] item 1: {skipped['problem']}"]

@@ -458,17 +458,11 @@ def test_inference_skip_bad_scores_the_candidates_inside_and_lists_the_one_outsi
     root = _copy_bundle(tmp_path)
     scan, table, rows = _one_scan(tmp_path / "raw", luna_data)
     outside = _add_row_outside(table, rows)
-    settings = {"scan": str(scan), "candidates_csv": str(table), **TINY}
-    with pytest.raises(RuntimeError) as stopped:  # MONAI wraps errors of the config's "initialize"
-        bundle_checks.inference_workflow(root, **settings)
-    assert f"{table}: row {len(rows)} lies outside its scan" in str(stopped.value.__cause__)
-
-    workflow = bundle_checks.inference_workflow(root, skip_bad=True, **settings)
-    workflow.run()
-    output = root / "outputs" / "inference"
-    scored = _read_csv(output / f"{rows[0]['seriesuid']}_scored.csv")
+    workflow, skipped = bundle_checks.inference_stops_then_skips(
+        root, f"{table}: row {len(rows)} lies outside its scan", scan=str(scan), candidates_csv=str(table), **TINY
+    )
+    scored = _read_csv(root / "outputs" / "inference" / f"{rows[0]['seriesuid']}_scored.csv")
     assert [float(r["coordZ"]) for r in scored] == pytest.approx([float(r["coordZ"]) for r in rows])
-    (skipped,) = json.loads((output / "skipped_items.json").read_text())["skipped"]
     assert skipped["position"] == len(rows) and skipped["item"]["row"] == len(rows)
     assert skipped["item"]["coordZ"] == pytest.approx(float(outside["coordZ"]))
     assert skipped["problem"].startswith(f"{table}: row {len(rows)} lies outside its scan")

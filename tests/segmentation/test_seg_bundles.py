@@ -320,16 +320,11 @@ def test_inference_skip_bad_segments_the_good_images_and_lists_the_bad_one(bundl
     for name, volume in volumes.items():
         nib.save(nib.Nifti1Image(volume, np.eye(4)), str(folder / f"{name}{suffix}.nii.gz"))
     bad = folder / f"b{suffix}.nii.gz"
-    settings = {"dataset_dir": str(folder), **TINY}
-    with pytest.raises(RuntimeError) as stopped:  # MONAI wraps errors of the config's "initialize"
-        bundle_checks.inference_workflow(root, **settings)
-    assert f"{bad}: NaN or infinite voxel values" in str(stopped.value.__cause__)
-
-    workflow = bundle_checks.inference_workflow(root, skip_bad=True, **settings)
-    workflow.run()
+    workflow, skipped = bundle_checks.inference_stops_then_skips(
+        root, f"{bad}: NaN or infinite voxel values", dataset_dir=str(folder), **TINY
+    )
     output = root / "outputs" / "inference"
     assert sorted(p.name for p in output.glob("*_seg.nii.gz")) == [f"a{suffix}_seg.nii.gz", f"c{suffix}_seg.nii.gz"]
-    (skipped,) = json.loads((output / "skipped_items.json").read_text())["skipped"]
     assert skipped["item"] == {"image": str(bad)} and skipped["problem"].startswith(f"{bad}: NaN or infinite")
     (at_the_end,) = workflow.finalize()
     assert at_the_end == [f"[inference] item 1: {skipped['problem']}"]
