@@ -185,6 +185,19 @@ def write_trial_datalist(path: Path, corpora: Mapping[str, list], labelled: int,
     return path
 
 
+def trial_batching(slices_per_epoch: int, budget: int) -> tuple[int, int]:
+    """``(slices_per_volume, batch_size)`` of a trial with ``budget`` labelled volumes: its share of the epoch's slices
+    from each volume, and the volumes per step that make a step of ``SLICES_PER_STEP`` slices (the bundle batches
+    volumes)."""
+    per_volume = max(1, slices_per_epoch // budget)
+    return per_volume, max(1, SLICES_PER_STEP // per_volume)
+
+
+def protocol_overrides(protocol: str, overrides: Mapping[str, object]) -> dict[str, object]:
+    """The bundle overrides of a trial of ``protocol``: the protocol's own (``PROTOCOLS``), then ``overrides``."""
+    return {**PROTOCOLS[protocol], **overrides}
+
+
 def run_label_efficiency(
     workdir: Path,
     corpora: Mapping[str, list],
@@ -208,10 +221,11 @@ def run_label_efficiency(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}.")
+    batching = {budget: trial_batching(slices_per_epoch, budget) for budget in labelled_volumes}
     uneven = [
         budget
-        for budget in labelled_volumes
-        if slices_per_epoch % budget or SLICES_PER_STEP % max(1, slices_per_epoch // budget)
+        for budget, (per_volume, _) in batching.items()
+        if slices_per_epoch % budget or SLICES_PER_STEP % per_volume
     ]
     if uneven:
         logger.warning(
@@ -245,9 +259,9 @@ def run_label_efficiency(
                     datalist=str(datalist),
                     pretrained_ckpt=str(weights) if init == "pretrained" else None,
                     encoder_depth=encoder_depth,
-                    slices_per_volume=max(1, slices_per_epoch // budget),
-                    batch_size=max(1, SLICES_PER_STEP // max(1, slices_per_epoch // budget)),
-                    **{**PROTOCOLS[protocol], **overrides},
+                    slices_per_volume=batching[budget][0],
+                    batch_size=batching[budget][1],
+                    **protocol_overrides(protocol, overrides),
                 )
                 for metric, by_init in results.items():
                     value = trial_metric(summary, metric, str(trial / "eval" / "summary.json"))
@@ -475,7 +489,7 @@ def run_demo(
             "seeds": list(finetune_seeds),
             "slices_per_epoch": slices_per_epoch,
             "protocol_overrides": {
-                protocol: {**PROTOCOLS[protocol], **(finetune_overrides or {})} for protocol in protocols
+                protocol: protocol_overrides(protocol, finetune_overrides or {}) for protocol in protocols
             },
         }
     )
