@@ -11,10 +11,12 @@
 #      slice attention (Triton sampling checked against the PyTorch reference, timed against it and dense attention
 #      in fp32/bf16/fp16), joint step / encoder and throughput vs plain ResNet-50 at demo and paper sizes
 #   2. finetune_heart / finetune_brainseg: train + evaluate + infer through monai.bundle (the end-to-end tests, on
-#      CUDA with bf16 autocast since the configs pick the GPU), and the CUDA-only unit tests
+#      CUDA with bf16 autocast since the configs pick the GPU), the CUDA-only unit tests, and the NaN guard (also
+#      under float16 autocast with a gradient scaler on CUDA)
 #   3. pretrain_joint: one epoch of the cpu_demo preset on CUDA with amp and the fast-path switches (pinned memory,
 #      channels-last, fused SGD), export, embeddings
-# About 5 minutes on one H100.
+# About 5 minutes on one H100. Each step is stopped after STEP_TIMEOUT seconds (default 300), each figure script after
+# half of that; the figures of the scripts that finished are kept.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu_check_output}
@@ -27,20 +29,22 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 declare -a NAMES STATUS SECONDS_USED
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}  # seconds per step; a step past it is stopped (exit status 124) and the next one runs
 step() {
     local name=$1; shift
     local start=$SECONDS
     echo "=== $name: $*"
-    "$@" > "$OUT_DIR/$name.log" 2>&1
+    timeout --kill-after=10 "$STEP_TIMEOUT" "$@" > "$OUT_DIR/$name.log" 2>&1
     local status=$?
     NAMES+=("$name"); STATUS+=("$status"); SECONDS_USED+=("$((SECONDS - start))")
     grep -v -i "warn" "$OUT_DIR/$name.log" | tail -n 25
 }
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 cp docs/benchmarks.md "$OUT_DIR/benchmarks.md"
-step figures python3 benchmarks/run_all.py --device cuda --output "$OUT_DIR/benchmarks.md"
+step figures python3 benchmarks/run_all.py --device cuda --output "$OUT_DIR/benchmarks.md" \
+    --script-timeout "$((STEP_TIMEOUT / 2))"
 step finetune_bundles python3 -m pytest -q -p no:cacheprovider tests/segmentation/test_seg_bundles.py \
-    tests/nets/test_nets_slice_sampling.py tests/engines/test_engines_mixed_precision.py
+    tests/nets/test_nets_slice_sampling.py tests/engines/test_engines_mixed_precision.py tests/engines/test_nan_guard.py
 step pretrain_bundle python3 benchmarks/pretrain_smoke.py --output "${TMPDIR:-/tmp}/gpu_check_pretrain_smoke" --fast-path
 echo
 echo "| step | exit status | seconds |"

@@ -11,7 +11,8 @@ Each section is written between its own markers (``<!-- run_all.py <device>: beg
 file, replacing what a former run wrote there and leaving the hand-written text and the other device's section alone
 (a CPU-only machine keeps the last GPU figures). The section states the date, machine, device name, torch and monai
 versions and the load average, then per script: the command, its exit status, its wall time and its output (markdown
-tables). A script that fails is recorded as failed and the run goes on.
+tables). A script that fails, or runs past ``--script-timeout``, is recorded as failed and the run goes on. The
+section is rewritten after every script, so a run stopped midway keeps the figures of the scripts it finished.
 
 Example::
 
@@ -77,20 +78,32 @@ def cuda_scripts() -> list[Script]:
     ]
 
 
-def run_script(script: Script) -> str:
-    """Run one script from the repository root; its markdown: command, status, wall time, output."""
+def run_script(script: Script, timeout_s: float | None = None) -> str:
+    """Run one script from the repository root; its markdown: command, status, wall time, output.
+
+    A script still running after ``timeout_s`` seconds is stopped and recorded as timed out, with what it printed."""
     command = [sys.executable, *script.arguments]
     shown = " ".join(["python", *script.arguments])
     print(f"running: {shown}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, check=False)
+    try:
+        done = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, env=environment, check=False, timeout=timeout_s
+        )
+        stdout, stderr, status = done.stdout, done.stderr, f"exit status {done.returncode}"
+        failed = done.returncode != 0
+    except subprocess.TimeoutExpired as expired:
+        stdout, stderr = (
+            text.decode() if isinstance(text, bytes) else text or "" for text in (expired.stdout, expired.stderr)
+        )
+        status, failed = f"stopped after the {timeout_s:.0f} s timeout", True
     seconds = time.perf_counter() - start
-    output = done.stdout.strip() or "(no output)"
+    output = stdout.strip() or "(no output)"
     output = "\n".join("##" + line if line.startswith("#") else line for line in output.splitlines())  # below ###
-    text = [f"### {script.title}", "", f"`{shown}`: exit status {done.returncode}, {seconds:.0f} s", "", output, ""]
-    if done.returncode != 0:
-        error = "\n".join(done.stderr.strip().splitlines()[-15:])
+    text = [f"### {script.title}", "", f"`{shown}`: {status}, {seconds:.0f} s", "", output, ""]
+    if failed:
+        error = "\n".join(stderr.strip().splitlines()[-15:])
         text[-1:] = ["", "Failed; the end of its error output:", "", "```", error, "```", ""]
     return "\n".join(text)
 
@@ -123,6 +136,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--demo", action="store_true", help="also run the demo end to end (minutes on a CPU)")
+    parser.add_argument("--script-timeout", type=float, help="seconds after which a script is stopped (default: none)")
     args = parser.parse_args()
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -131,9 +145,12 @@ def main() -> None:
         devices.remove("cuda")
     for device in devices:
         scripts = cpu_scripts(args.demo) if device == "cpu" else cuda_scripts()
-        parts = [machine_line(device), ""] + [run_script(script) for script in scripts]
-        document = args.output.read_text() if args.output.is_file() else "# Benchmarks\n"
-        atomic_write_text(args.output, replace_section(document, device, "\n".join(parts)))
+        parts = [machine_line(device), ""]
+        for done, script in enumerate(scripts, start=1):  # written after every script: a killed run keeps its figures
+            parts.append(run_script(script, args.script_timeout))
+            progress = [] if done == len(scripts) else [f"(Incomplete: {done} of {len(scripts)} scripts so far.)", ""]
+            document = args.output.read_text() if args.output.is_file() else "# Benchmarks\n"
+            atomic_write_text(args.output, replace_section(document, device, "\n".join(parts + progress)))
         print(f"wrote the {device} section of {args.output}", file=sys.stderr, flush=True)
 
 

@@ -91,9 +91,21 @@ def test_skip_with_an_amp_scaler_lets_the_scaler_skip_the_step():
     assert torch.equal(layer.weight.detach(), before) and scaler.get_scale() == 2.0
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 autocast with a scaler needs CUDA")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_heart_bundle_keeps_its_last_good_checkpoint(tmp_path, policy, bundle_checks, heart_raw):
+@pytest.mark.parametrize(
+    "policy, amp_dtype",
+    [
+        ("stop", "auto"),
+        ("skip", "auto"),
+        pytest.param("stop", "float16", marks=CUDA),
+        pytest.param("skip", "float16", marks=CUDA),
+    ],
+)
+def test_heart_bundle_keeps_its_last_good_checkpoint(tmp_path, policy, amp_dtype, bundle_checks, heart_raw):
+    """On CUDA, "auto" is bfloat16 autocast without a scaler where the GPU has it; "float16" runs MONAI's GradScaler."""
     bundle = tmp_path / "heart"
     shutil.copytree(HEART, bundle, ignore=shutil.ignore_patterns("models", "outputs"))
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
@@ -112,6 +124,7 @@ def test_heart_bundle_keeps_its_last_good_checkpoint(tmp_path, policy, bundle_ch
         "slices_per_volume": 2,
         "val_interval": 1,
         "nan_policy": policy,
+        "amp_dtype": amp_dtype,
         "loss": loss,
     }
     workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"), workflow_type="train", **overrides)
