@@ -83,12 +83,17 @@ def serve(
 
 
 def demo(
-    workdir: str | os.PathLike = "demo_output", epochs: int | None = None, seed: int = 0, split: str = "testing"
+    workdir: str | os.PathLike = "demo_output",
+    epochs: int | None = None,
+    seed: int = 0,
+    split: str = "testing",
+    finetune_workers: int | None = None,
 ) -> None:
     """Joint pretraining on the embedded demo corpus, then the downstream yardstick: few-label segmentation from the
     pretrained slice encoder against random initialisation (``split="validation"`` scores the validation corpus, for
-    tuning). Uses the GPU when there is one."""
-    run_demo(workdir, epochs=epochs, seed=seed, split=split)
+    tuning). Uses the GPU when there is one. ``finetune_workers``: fine-tuning trials run side by side (default 2
+    where 2 or more cores are available)."""
+    run_demo(workdir, epochs=epochs, seed=seed, split=split, finetune_workers=finetune_workers)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,13 @@ def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path
     with open(tmp_path / "embeddings_pretrained" / "embeddings.csv", newline="") as handle:
         sources = [Path(record["source_image"]) for record in csv.DictReader(handle)]
     assert all((tmp_path / "eval_corpus") in source.parents for source in sources)  # scored on held-out items only
+
+
+def test_jobs_run_in_order_in_workers_with_the_cores_shared_out() -> None:
+    """Results come back in job order; each spawned worker runs torch with cores // workers threads (at least one)."""
+    jobs = [{"index": index, "name": f"job {index}"} for index in range(5)]
+    assert pretraining_demo.run_in_workers(dict, jobs, workers=2) == jobs
+    assert pretraining_demo.run_in_workers(dict, jobs, workers=1) == jobs
+    threads = pretraining_demo.run_in_workers(torch.get_num_threads, [{}, {}], workers=2)
+    assert threads == [pretraining_demo.threads_per_worker(2)] * 2
+    assert pretraining_demo.threads_per_worker(2) == max(1, len(os.sched_getaffinity(0)) // 2)

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, run, verify_net_in_out
+from monai.bundle import ConfigParser, ConfigWorkflow, run, verify_net_in_out
 
 from custom_nets.datasets import brats, mmwhs
 from custom_nets.nets.slice_encoder import SliceEncoder
@@ -328,3 +328,29 @@ def test_inference_skip_bad_segments_the_good_images_and_lists_the_bad_one(bundl
     assert skipped["item"] == {"image": str(bad)} and skipped["problem"].startswith(f"{bad}: NaN or infinite")
     (at_the_end,) = workflow.finalize()
     assert at_the_end == [f"[inference] item 1: {skipped['problem']}"]
+
+
+@pytest.mark.parametrize("bundle", ["finetune_heart", "finetune_brainseg"])
+def test_fused_optimizer_switch_gives_the_same_update_up_to_rounding(bundle):
+    """``fused_optimizer`` (default true) builds AdamW with torch's fused kernel; false builds the per-parameter loop.
+    One step from the same weights and gradients lands on the same weights up to rounding."""
+    updated = {}
+    for fused in (True, False):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+        parser.update({"encoder_depth": 18, "decoder_channels": [16, 16, 8, 8, 8], "fused_optimizer": fused})
+        torch.manual_seed(0)
+        network = parser.get_parsed_content("network_def")
+        optimizer = parser.get_parsed_content("optimizer")  # over the parameters of `network` (parsed once)
+        assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {
+            id(p) for p in network.parameters()
+        }
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        generator = torch.Generator().manual_seed(1)
+        for parameter in network.parameters():
+            parameter.grad = torch.randn(parameter.shape, generator=generator)
+        for _ in range(3):
+            optimizer.step()
+        updated[fused] = [parameter.detach().clone() for parameter in network.parameters()]
+    for fused_value, loop_value in zip(updated[True], updated[False], strict=True):
+        torch.testing.assert_close(fused_value, loop_value, rtol=1e-5, atol=1e-6)
