@@ -15,8 +15,8 @@
 #      under float16 autocast with a gradient scaler on CUDA)
 #   3. pretrain_joint: one epoch of the cpu_demo preset on CUDA with amp and the fast-path switches (pinned memory,
 #      channels-last, fused SGD), export, embeddings
-# About 6 minutes on one H200 (335 s, 2026-11-28). Each step is stopped after STEP_TIMEOUT seconds (default 300), each figure script after
-# half of that; the figures of the scripts that finished are kept.
+# About 6 minutes on one H200 (335 s, 2026-11-28). Each step is stopped after STEP_TIMEOUT seconds (default 300),
+# each figure script after half of that; the figures of the scripts that finished are kept.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu_check_output}
