@@ -3,7 +3,7 @@ and the inference check of one scan.
 
 **Training** (``train.json``, ``validate_data: true``): ``custom_nets.data.usable_datalist`` of the folds
 ``train_subsets + val_subsets`` (subsets 0-8 by default) against the bundle's ``data_expectations``. For every
-candidate it opens the cube's ``.npy`` header (``np.load(mmap_mode="r")``), checks its shape, label and seriesuid and
+candidate it reads the cube's ``.npy`` header (``numpy.lib.format``), checks its shape, label and seriesuid and
 that no cube is listed twice; for every scan it reads the header (ITK ImageIO), checks its geometry and that each of
 its candidates lies inside it. LUNA16 has 888 scans and 754,975 candidates (``candidates_V2.csv``), one cube each
 after ``prepare_luna16``.
@@ -12,9 +12,10 @@ Generated here, in prepare_luna16's layout under ``--output``: ``--num_scans`` M
 ``subset0`` ... ``subset9`` (512 x 512 pixels of 0.5 - 0.98 mm, 100 - 400 slices of 0.625 - 2.5 mm: LUNA16's
 ranges; the ``.raw`` files are not written, the check reads headers only), ``--num_candidates`` candidates spread
 evenly over the scans, inside them, each its own cube file, and the datalist. The cubes are ``--cube_size`` int16
-(default 2 x 2 x 2, so that 754,975 files fit in about 3 GB: one file-system block each): the check maps a cube
-without reading its voxels, so a real 32 x 64 x 64 cube costs the same open + header read. The files were just
-written, so they are in the page cache: this is the warm figure (a cold cache adds the disk's latency per file).
+(default 2 x 2 x 2, so that 754,975 files fit in about 3 GB: one file-system block each): the check reads a
+cube's header without its voxels, so a real 32 x 64 x 64 int16 cube costs the same open + header read. The files
+were just written, so they are in the page cache: this is the warm figure (a cold cache adds the disk's latency per
+file).
 Wall and CPU time are both printed: on a shared machine the wall time also counts the waits for a core.
 
 The check is timed on the datalists of the first 1 %, 10 % and 100 % of the scans (``--fractions``) with their

@@ -155,17 +155,25 @@ def monai_bundle_run(
 
 
 def torchrun_failure(stderr: str, per_rank: int = 1500, tail: int = 1200) -> str:
-    """The part of a failed torchrun's stderr that names the cause: each rank's exception lines (``[rankN]: Error:
-    ...``, outside the traceback frames; the first is the original cause, the last MONAI's wrapper), rank 0 first,
-    then torchrun's closing summary. The plain tail of stderr is not enough: when a second rank fails because the
-    first one died, its traceback pushes the first one's out."""
+    """The part of a failed torchrun's stderr that names the cause, ending with it: torchrun's closing summary (from
+    its ``ChildFailedError`` on: each rank's exit code or signal; torchrun's own traceback frames left out), then each
+    rank's exception lines (``[rankN]: Error: ...``, outside the traceback frames; the first is the original cause,
+    the last MONAI's wrapper), rank 0 first. Without such lines (a rank that failed before joining the process group
+    prints no rank prefix) the end of the ranks' output comes last instead. The plain tail of stderr is not enough:
+    when a second rank fails because the first one died, its traceback pushes the first one's out."""
+    summary_at = stderr.rfind("ChildFailedError")
+    children, summary = stderr, ""
+    if summary_at >= 0:  # torchrun's report: its traceback, then the summary
+        launcher = stderr.rfind("Traceback (most recent call last):", 0, summary_at)
+        children = stderr[: launcher if launcher >= 0 else summary_at]
+        summary = stderr[summary_at:]
     by_rank: dict[int, list[str]] = {}
-    for line in stderr.splitlines():
+    for line in children.splitlines():
         match = re.match(r"\[rank(\d+)\]: (\S.*)", line)
         if match and not match.group(2).startswith(("Traceback", "The above", "During handling", "^", "~")):
             by_rank.setdefault(int(match.group(1)), []).append(line)
-    parts = ["\n".join(lines)[:per_rank] for _, lines in sorted(by_rank.items())]
-    return "\n...\n".join([*parts, stderr[-tail:]])
+    parts = ["\n".join(lines)[:per_rank] for _, lines in sorted(by_rank.items())] or [children[-tail:]]
+    return "\n...\n".join(part for part in [summary[-tail:], *parts] if part)
 
 
 def train_until_sigkill(

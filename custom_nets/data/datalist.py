@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from custom_nets.atomic_files import atomic_write_json
-from custom_nets.data.expectations import DataExpectations, affine_problems, nifti_header_problems, raster_mode_problem
+from custom_nets.data.expectations import (
+    DataExpectations,
+    affine_problems,
+    dicom_pixel_spacing,
+    nifti_header_problems,
+    radiograph_spacing_problems,
+    raster_mode_problem,
+)
 from custom_nets.data.intensity import canonical_modality
 
 __all__ = [
@@ -296,7 +303,9 @@ def _pretraining_item_findings(item: dict, expectations: DataExpectations) -> tu
     """Read one pretraining item as in training and check it against ``expectations``: ``(problems, warnings)``.
 
     NIfTI geometry comes from the header as stored, raster images are checked for palette / alpha modes before the
-    read; other volumes (DICOM series, MetaImage) are checked on the affine of the array read here."""
+    read, a 2D DICOM's pixel size from its ``PixelSpacing`` / ``ImagerPixelSpacing`` after it reads
+    (:func:`~custom_nets.data.expectations.radiograph_spacing_problems`); other volumes (DICOM series, MetaImage) are
+    checked on the affine of the array read here."""
     from custom_nets.data.loading import load_item_array
 
     image = item["image"]
@@ -312,6 +321,9 @@ def _pretraining_item_findings(item: dict, expectations: DataExpectations) -> tu
         array = load_item_array(item, reject_constant=True)
     except Exception as error:  # every reader failure becomes one line of the report
         return [str(error) if image in str(error) else f"{image}: {error}"], []
+    if item["kind"] == "image" and (suffix in DICOM_EXTENSIONS or is_dicom_file(image)):
+        spacing = radiograph_spacing_problems(dicom_pixel_spacing(image), image, expectations)
+        return spacing.errors, spacing.warnings
     if header is not None or item["kind"] != "volume" or not hasattr(array, "affine"):
         return [], header.warnings if header is not None else []
     geometry = affine_problems(array.affine.numpy(), image, expectations)
@@ -427,8 +439,8 @@ def validate_datalist(
     Checks, per item of a pretraining datalist: the file exists and has a known type, its header announces a sane
     size, the reader can open it (corrupt files), a DICOM series folder has no gap, duplicate or mixed series, the
     image has the dimensionality of its ``kind`` (2D image or 3D volume; a 4D file is refused), it is not empty or
-    constant, and it holds no NaN/inf value. The fine-tuning datalists are recognised by their content and checked
-    item by item with their bundle's reader:
+    constant, it holds no NaN/inf value, and a 2D DICOM has a sane pixel spacing. The fine-tuning datalists are
+    recognised by their content and checked item by item with their bundle's reader:
 
     * segmentation (items with a ``label`` file):
       :func:`custom_nets.data.segmentation.segmentation_item_problems` (same grid, finite image, label values in

@@ -43,6 +43,7 @@ __all__ = [
     "GeometryFindings",
     "affine_problems",
     "channel_problem",
+    "dicom_pixel_spacing",
     "nifti_header_problems",
     "radiograph_spacing_problems",
     "raster_mode_problem",
@@ -168,19 +169,35 @@ def _two_sides(value: Any) -> list[float] | None:
     return sides if len(sides) == 2 else None
 
 
+def dicom_pixel_spacing(path: str | os.PathLike) -> dict[str, Any]:
+    """The :data:`RADIOGRAPH_SPACING_TAGS` present in the header of the DICOM file ``path``, each with its value as
+    stored (a tag that is absent or empty is left out). Reads the header only, and no other tag.
+
+    Raises:
+        pydicom's errors for a file that is not a readable DICOM.
+    """
+    import pydicom
+
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(RADIOGRAPH_SPACING_TAGS))
+    return {tag: header.get(tag) for tag in RADIOGRAPH_SPACING_TAGS if header.get(tag) not in (None, "")}
+
+
 def radiograph_spacing_problems(
-    header: Mapping[str, Any], source: str, expectations: DataExpectations
+    header: Mapping[str, Any],
+    source: str,
+    expectations: DataExpectations,
+    fix: str = "fix the header (re-export the image) or remove it from the datalist",
 ) -> GeometryFindings:
     """Check the pixel size of a 2D DICOM radiograph: ``header`` maps each of :data:`RADIOGRAPH_SPACING_TAGS` to its
-    value as read (``None`` when absent).
+    value as read (absent or ``None`` when the file has no such tag; :func:`dicom_pixel_spacing` reads them).
 
     Errors: a tag present but not two finite positive numbers (a broken header), or a side outside
     ``expectations.pixel_spacing_range_mm`` (else above ``max_spacing_mm``): a unit mistake (m, cm or um read as
-    mm) or a header that does not describe the image. Warnings: neither tag (the pixel size is unknown, so it cannot
-    be checked), and pixels whose sides differ by more than 1 % (the readers resize them as if they were square).
+    mm) or a header that does not describe the image. Each error line ends with ``fix``. Warnings: neither tag (the
+    pixel size is unknown, so it cannot be checked), and pixels whose sides differ by more than 1 % (the readers
+    resize them as if they were square).
     """
     low, high = expectations.pixel_spacing_range_mm or (0.0, expectations.max_spacing_mm)
-    fix = "fix the header (re-export the image) or remove it from the datalist"
     present = {tag: header[tag] for tag in RADIOGRAPH_SPACING_TAGS if header.get(tag) not in (None, "")}
     if not present:
         return GeometryFindings(

@@ -449,11 +449,40 @@ def fold_keys(*subsets: int | Iterable[int]) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _cube_problems(item: Any, where: str, base: Path, cube_size: Sequence[int]) -> list[str]:
-    """Problems of one candidate entry of a prepared datalist: its cube file and its label."""
-    if not isinstance(item, dict) or "image" not in item or "label" not in item:
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of the ``.npy`` file ``path``, from its header (``numpy.lib.format``); its values are
+    neither read nor mapped.
+
+    Raises:
+        ValueError: not a ``.npy`` file of format 1.0 or 2.0 (what ``np.save`` writes for arrays of numbers), or
+            fewer bytes of values than the header announces (a truncated file, which ``np.load`` refuses too).
+    """
+    from numpy.lib import format as npy_format
+
+    with open(path, "rb") as handle:
+        version = npy_format.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f".npy format version {version}, not 1.0 or 2.0 (np.save of an array of numbers)")
+        values = os.fstat(handle.fileno()).st_size - handle.tell()
+    announced = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if values < announced:
+        raise ValueError(f"truncated: {values} bytes of values, its header announces {announced}")
+    return tuple(shape), dtype
+
+
+def _cube_problems(item: Any, path: Path | None, where: str, cube_size: Sequence[int]) -> list[str]:
+    """Problems of one candidate entry of a prepared datalist: its cube file ``path`` (``None`` when the entry has no
+    ``image``) and its label.
+
+    The cube's shape and type come from its ``.npy`` header (:func:`_npy_header`): the int16 cubes of
+    :func:`prepare` are checked without reading their values. Only a float cube is read, for NaN / inf values.
+    """
+    if path is None or "label" not in item:
         return [f"{where}: {item!r} is not a dict with 'image' and 'label' (a candidate cube and its class)"]
-    path = base / str(item["image"])
     refresh = "delete it and run prepare_luna16 again (it cuts the missing cubes anew)"
     problems = []
     if item["label"] not in (0, 1) or isinstance(item["label"], bool):
@@ -465,19 +494,30 @@ def _cube_problems(item: Any, where: str, base: Path, cube_size: Sequence[int]) 
             "prepare_luna16)",
         ]
     try:
-        cube = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as error:  # numpy raises several types for broken files
+        shape, dtype = _npy_header(path)
+    except Exception as error:  # numpy raises several types for broken headers
         return [*problems, f"{path}: not a readable .npy cube ({type(error).__name__}: {error}); {refresh}"]
-    if tuple(cube.shape) != tuple(cube_size):
+    if shape != tuple(cube_size):
         problems.append(
-            f"{path}: cube of shape {tuple(cube.shape)}, the datalist's cube_size is {tuple(cube_size)} (slices, "
-            f"rows, columns); {refresh}"
+            f"{path}: cube of shape {shape}, the datalist's cube_size is {tuple(cube_size)} (slices, rows, columns); "
+            f"{refresh}"
         )
-    elif not np.issubdtype(cube.dtype, np.number):
-        problems.append(f"{path}: cube of type {cube.dtype}, not numbers; {refresh}")
-    elif np.issubdtype(cube.dtype, np.floating) and not np.isfinite(cube).all():
+    elif not np.issubdtype(dtype, np.number):
+        problems.append(f"{path}: cube of type {dtype}, not numbers; {refresh}")
+    elif np.issubdtype(dtype, np.floating) and not np.isfinite(np.load(path, mmap_mode="r", allow_pickle=False)).all():
         problems.append(f"{path}: NaN or infinite values in the cube; {refresh}")
     return problems
+
+
+def _resolved(path: Path, folders: dict[Path, Path]) -> str:
+    """``str(path.resolve())`` with each folder resolved once (``folders`` caches them; a LUNA16 datalist holds 755k
+    cubes in about 900 folders): the file itself is resolved on its own only when it is a symbolic link."""
+    if path.name in ("", "..") or path.is_symlink():
+        return str(path.resolve())
+    folder = folders.get(path.parent)
+    if folder is None:
+        folder = folders[path.parent] = path.parent.resolve()
+    return str(folder / path.name)
 
 
 def candidate_datalist_problems(
@@ -512,8 +552,9 @@ def candidate_datalist_problems(
             0,
         )
     files: list[tuple[str, str, int]] = []
+    folders: dict[Path, Path] = {}
     problems: list[tuple[str, list[tuple[str, int]]]] = []
-    by_scan: dict[str, list[tuple[str, int, dict]]] = {}
+    by_scan: dict[str, list[tuple[str, int, dict, Path]]] = {}
     count = 0
     for key in keys:
         items = content.get(key)
@@ -528,21 +569,22 @@ def candidate_datalist_problems(
             continue
         for position, item in enumerate(items):
             count += 1
-            where = f"item {position}"
+            cube = base / str(item["image"]) if isinstance(item, dict) and "image" in item else None
             problems.extend(
-                (f"[{key}] {problem}", [(key, position)]) for problem in _cube_problems(item, where, base, cube_size)
+                (f"[{key}] {problem}", [(key, position)])
+                for problem in _cube_problems(item, cube, f"item {position}", cube_size)
             )
-            if isinstance(item, dict) and "image" in item:
-                files.append((str((base / str(item["image"])).resolve()), key, position))
-                by_scan.setdefault(str(item.get("seriesuid")), []).append((key, position, item))
+            if cube is not None:
+                files.append((_resolved(cube, folders), key, position))
+                by_scan.setdefault(str(item.get("seriesuid")), []).append((key, position, item, cube))
     for uid, entries in by_scan.items():
         if uid not in scans:
-            key, position, item = entries[0]
+            key, position, _, cube = entries[0]
             problems.append(
                 (
-                    f"[{key}] {base / str(item['image'])}: seriesuid {uid} (item {position}) is not among the "
-                    "datalist's scans; prepare the datalist again",
-                    [(key, position) for key, position, _ in entries],
+                    f"[{key}] {cube}: seriesuid {uid} (item {position}) is not among the datalist's scans; prepare "
+                    "the datalist again",
+                    [(key, position) for key, position, _, _ in entries],
                 )
             )
             continue
@@ -552,17 +594,17 @@ def candidate_datalist_problems(
         try:
             geometry = scan_geometry(scan)
         except RuntimeError as error:
-            problems.append((str(error), [(key, position) for key, position, _ in entries]))
+            problems.append((str(error), [(key, position) for key, position, _, _ in entries]))
             continue
         broken = _geometry_findings(geometry, scan, expectations)
         if broken.errors:
             line = f"{broken.errors[0]} (the scan of {len(entries)} candidate(s): prepare them again once fixed)"
-            problems.append((line, [(key, position) for key, position, _ in entries]))
+            problems.append((line, [(key, position) for key, position, _, _ in entries]))
             continue
-        for key, position, item in entries:
-            cube = base / str(item["image"])
+        located, coordinates = [], []
+        for key, position, item, cube in entries:
             try:
-                world = np.array([float(item[c]) for c in ("coordX", "coordY", "coordZ")])
+                coordinates.append([float(item[c]) for c in ("coordX", "coordY", "coordZ")])
             except (KeyError, TypeError, ValueError):
                 problems.append(
                     (
@@ -571,8 +613,12 @@ def candidate_datalist_problems(
                     )
                 )
                 continue
+            located.append((key, position, cube))
+        worlds = np.array(coordinates, dtype=np.float64).reshape(-1, 3)
+        indices = world_to_voxel(worlds, geometry)  # all candidates of the scan at once
+        for (key, position, cube), world, index in zip(located, worlds, indices, strict=True):
             try:
-                check_inside(world_to_voxel(world, geometry), geometry, f"{cube}: the candidate (item {position})")
+                check_inside(index, geometry, f"{cube}: the candidate (item {position})")
             except ValueError as error:
                 problems.append(
                     (

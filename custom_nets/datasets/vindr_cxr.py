@@ -15,9 +15,9 @@ Coordinates: images become tensors ``(1, W, H)`` (x first), the layout MONAI's P
 ``(x_min, y_min, x_max, y_max)`` of the CSV is a MONAI ``xyxy`` box of the tensor without reordering.
 
 Privacy: only pixel data, the tags that decode it (photometric interpretation, rescale, VOI LUT / window, bit
-depth) and the pixel size (``PixelSpacing``, ``ImagerPixelSpacing``: checked at start-up, its value quoted in the
-check's messages) are read; no other DICOM tag is ever logged or written, and every output file is named by
-``image_id``.
+depth) and the pixel size (``PixelSpacing``, ``ImagerPixelSpacing``: checked by :func:`prepare` and at start-up,
+its value quoted in the checks' messages and kept in the datalist :func:`prepare` writes; it identifies no one) are
+read; no other DICOM tag is ever logged or written, and every output file is named by ``image_id``.
 
 CLI (fire)::
 
@@ -28,6 +28,7 @@ CLI (fire)::
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -46,9 +47,10 @@ from monai.transforms import MapTransform
 from PIL import Image
 
 from custom_nets.atomic_files import atomic_path
+from custom_nets.data.datalist import DatalistError
 from custom_nets.data.expectations import (
-    RADIOGRAPH_SPACING_TAGS,
     DataExpectations,
+    dicom_pixel_spacing,
     radiograph_spacing_problems,
     raster_mode_problem,
 )
@@ -72,6 +74,8 @@ __all__ = [
     "resize_radiograph",
     "scale_boxes",
 ]
+
+logger = logging.getLogger(__name__)
 
 VINDR_CLASS_NAMES: tuple[str, ...] = (
     "Aortic enlargement",
@@ -315,11 +319,7 @@ def _radiograph(
         return None, [problem], []
     if not _is_dicom(path):
         return pixels, [], []
-    import pydicom
-
-    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(RADIOGRAPH_SPACING_TAGS))
-    values = {tag: header.get(tag) for tag in RADIOGRAPH_SPACING_TAGS}
-    spacing = radiograph_spacing_problems(values, str(path), expectations)
+    spacing = radiograph_spacing_problems(dicom_pixel_spacing(path), str(path), expectations)
     return (None if spacing.errors else pixels), spacing.errors, spacing.warnings
 
 
@@ -457,6 +457,41 @@ def _write_png(pixels: np.ndarray, target: Path) -> None:
         Image.fromarray(np.round(pixels * 255.0).astype(np.uint8)).save(temporary)
 
 
+def _checked_pixel_spacing(images: Mapping[str, Path], expectations: DataExpectations) -> dict[str, dict]:
+    """Check the pixel size of every DICOM of ``images`` (``{image_id: file}``) from its header, before any image is
+    converted, as the bundle's start-up check would (:func:`~custom_nets.data.expectations.radiograph_spacing_problems`
+    with ``expectations``).
+
+    Returns:
+        ``{image_id: {tag: [row spacing, column spacing] (mm)}}`` for each DICOM, with the tags of
+        :data:`~custom_nets.data.expectations.RADIOGRAPH_SPACING_TAGS` it holds (``{}``: none). The doubts (no tag,
+        non-square pixels) are logged as one warning.
+
+    Raises:
+        DatalistError: one line per DICOM whose header does not read or whose spacing is broken or absurd, each naming
+            the file and the fix.
+    """
+    fix = "fix the header (re-export the image) or remove the image from src_dir and its rows from the CSV"
+    spacing, problems, warnings = {}, [], []
+    for image_id, path in images.items():
+        if not _is_dicom(path):
+            continue
+        try:
+            values = dicom_pixel_spacing(path)
+        except Exception as error:  # pydicom raises several types for unreadable files; the message names the file
+            problems.append(f"{path}: not a readable DICOM header ({type(error).__name__}); {fix}")
+            continue
+        findings = radiograph_spacing_problems(values, str(path), expectations, fix=fix)
+        problems.extend(findings.errors)
+        warnings.extend(findings.warnings)
+        spacing[image_id] = {tag: [float(v) for v in value] for tag, value in values.items()}
+    if warnings:
+        logger.warning("%d warning(s) about pixel spacing:\n  %s", len(warnings), "\n  ".join(warnings))
+    if problems:
+        raise DatalistError(f"{len(problems)} DICOM(s) with an unusable pixel spacing: {problems[0]}", problems)
+    return spacing
+
+
 def prepare(
     src_dir: str,
     csv_path: str,
@@ -467,19 +502,28 @@ def prepare(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     seed: int = 0,
+    bundle: str = "finetune_cxr",
 ) -> str:
     """Read VinDr-CXR DICOMs (or PNGs) and their CSV, write resized 8-bit PNGs and a MONAI detection datalist.
 
     Writes ``<out_dir>/images/<image_id>.png`` at ``image_size`` (an int for square, or ``(width, height)``) and
     ``<out_dir>/datalist.json`` with ``training`` / ``validation`` / ``testing`` entries ``{"image", "box", "label",
-    "image_id", "original_size", "votes"}``: ``box`` holds the fused ``xyxy`` boxes scaled to ``image_size``, ``label``
-    their class ids 0-13 (empty for "No finding"), ``original_size`` the DICOM's ``(width, height)``. Every image of the
-    CSV must be under ``src_dir`` as ``<image_id>.dicom`` / ``.dcm`` / ``.png``; a box outside its image is an error
-    naming the image.
+    "image_id", "original_size", "original_pixel_spacing", "votes"}``: ``box`` holds the fused ``xyxy`` boxes scaled to
+    ``image_size``, ``label`` their class ids 0-13 (empty for "No finding"), ``original_size`` the DICOM's ``(width,
+    height)`` and ``original_pixel_spacing`` its ``PixelSpacing`` / ``ImagerPixelSpacing`` (``{tag: [row, column]}``
+    in mm, the tags it holds; ``{}`` for a PNG source). A PNG pixel of the entry spans ``original_size / image_size``
+    of those pixels along each axis. Every image of the CSV must be under ``src_dir`` as ``<image_id>.dicom`` /
+    ``.dcm`` / ``.png``; a box outside its image is an error naming the image.
+
+    The pixel spacing of every DICOM is checked first, with the ``data_expectations`` of ``bundle``'s ``train.json``
+    (``pixel_spacing_range_mm``), as the bundle's start-up check would check the DICOM: a broken or absurd value stops
+    the run before any image is converted, listing every such file.
 
     Returns:
         The datalist path.
     """
+    from custom_nets.data.validate_data import bundle_expectations
+
     src, out = Path(src_dir), Path(out_dir)
     size = (int(image_size), int(image_size)) if isinstance(image_size, (int, float)) else tuple(map(int, image_size))
     annotations = read_annotations(csv_path)
@@ -487,6 +531,7 @@ def prepare(
     missing = sorted(set(annotations) - set(images))
     if missing:
         raise FileNotFoundError(f"{len(missing)} images of {csv_path} are not under {src}, e.g. {missing[:5]}.")
+    spacing = _checked_pixel_spacing({i: images[i] for i in sorted(annotations)}, bundle_expectations(bundle))
     (out / "images").mkdir(parents=True, exist_ok=True)
     entries = {}
     for image_id in sorted(annotations):
@@ -503,6 +548,7 @@ def prepare(
             "label": labels.tolist(),
             "image_id": image_id,
             "original_size": list(original),
+            "original_pixel_spacing": spacing.get(image_id, {}),
             "votes": votes.tolist(),
         }
     splits = split_cases(list(entries), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)

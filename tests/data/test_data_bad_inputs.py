@@ -18,7 +18,7 @@ from PIL import Image
 
 from custom_nets.data.datalist import DatalistError, DatalistProblem, usable_datalist, usable_inference_items
 from custom_nets.data.demo import _write_dicom_series
-from custom_nets.data.validate_data import validate_data
+from custom_nets.data.validate_data import bundle_expectations, validate_data
 
 RNG = np.random.default_rng(0)
 
@@ -300,7 +300,9 @@ def cxr_text_named_png(root):
     return _detection("cxr.png"), "cxr.png", "cannot read it as a radiograph", {}
 
 
-def cxr_multi_frame_dicom(root):
+def _dicom_image(path: Path, stored: np.ndarray, **tags) -> str:
+    """Write ``stored`` (``(rows, cols)``, or ``(frames, rows, cols)``: a multi-frame file) as a 12-bit grayscale
+    DICOM with ``tags``; its name."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -310,12 +312,28 @@ def cxr_multi_frame_dicom(root):
     dataset = Dataset()
     dataset.file_meta = meta
     dataset.SOPClassUID, dataset.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    dataset.Rows, dataset.Columns, dataset.NumberOfFrames = 24, 32, 3
+    dataset.Modality = "DX"
+    dataset.Rows, dataset.Columns = stored.shape[-2:]
+    if stored.ndim == 3:
+        dataset.NumberOfFrames = stored.shape[0]
     dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
     dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
-    dataset.PixelData = RNG.integers(0, 4000, (3, 24, 32)).astype(np.uint16).tobytes()
-    dataset.save_as(root / "cine.dcm", enforce_file_format=True)
+    for key, value in tags.items():
+        setattr(dataset, key, value)
+    dataset.PixelData = stored.astype(np.uint16).tobytes()
+    dataset.save_as(path, enforce_file_format=True)
+    return path.name
+
+
+def cxr_multi_frame_dicom(root):
+    _dicom_image(root / "cine.dcm", RNG.integers(0, 4000, (3, 24, 32)))
     return _detection("cine.dcm"), "cine.dcm", "expected one grayscale frame", {}
+
+
+def pretraining_dicom_radiograph_in_micrometres(root):
+    name = _dicom_image(root / "xray.dcm", RNG.integers(0, 4000, (24, 32)), PixelSpacing=[143.0, 143.0])
+    content = {"training": [{"image": name, "modality": "XR"}]}
+    return content, "xray.dcm", "PixelSpacing 143 x 143 mm is outside 0.02 - 5 mm", {"bundle": "pretrain_joint"}
 
 
 def cxr_constant_image(root):
@@ -500,6 +518,7 @@ CASES: list[Case] = [
     sheared_affine, absurd_spacing, heart_given_a_four_channel_image, brainseg_given_four_modalities_for_one,
     brainseg_given_one_channel_for_four, heart_given_stretched_axial_pixels, palette_png, rgba_png_for_pretraining,
     cxr_grey_and_alpha_png, dicom_series_with_a_slice_of_another_orientation, nodule_scan_with_zero_spacing,
+    pretraining_dicom_radiograph_in_micrometres,
 ]  # fmt: skip
 
 
@@ -542,6 +561,35 @@ def test_skip_bad_trains_on_the_usable_items_and_lists_the_others(tmp_path):
     assert [entry["position"] for entry in skipped] == [1, 2]
     assert "unreadable NIfTI header" in skipped[0]["problem"] and "file not found" in skipped[1]["problem"]
     assert usable_datalist(usable, None, tmp_path / "out2", skip_bad=True) == str(usable)  # nothing left to skip
+
+
+def test_pretrain_joint_checks_the_pixel_spacing_of_its_2d_dicoms(tmp_path):
+    """pretrain_joint's start-up check (``usable_datalist`` with the bundle's expectations, as train.json runs it)
+    reads the PixelSpacing / ImagerPixelSpacing of a 2D DICOM: a broken or absurd one is one problem naming the file,
+    the tag and the fix (skipped with ``skip_bad``), none is a warning, a sane one nothing."""
+    root = tmp_path / "data"
+    root.mkdir()
+    stored = RNG.integers(0, 4000, (24, 32))
+    names = [
+        _dicom_image(root / "good.dcm", stored, ImagerPixelSpacing=[0.139, 0.139]),
+        _dicom_image(root / "zero.dcm", stored, PixelSpacing=[0.0, 0.139]),
+        _dicom_image(root / "unknown.dcm", stored),
+    ]
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": name, "modality": "XR"} for name in names]}))
+    expectations = bundle_expectations("pretrain_joint")
+    with pytest.raises(DatalistError) as refused:
+        usable_datalist(datalist, None, tmp_path / "out", expectations=expectations)
+    assert refused.value.problems == [
+        f"[training] {root / 'zero.dcm'}: PixelSpacing [0.0, 0.139] is not two positive numbers (row, column spacing "
+        "in mm); fix the header (re-export the image) or remove it from the datalist"
+    ]
+    (warning,) = refused.value.warnings
+    assert warning.startswith(f"[training] {root / 'unknown.dcm'}: no PixelSpacing or ImagerPixelSpacing")
+    usable = json.loads(
+        Path(usable_datalist(datalist, None, tmp_path / "out", True, expectations=expectations)).read_text()
+    )
+    assert [Path(item["image"]).name for item in usable["training"]] == ["good.dcm", "unknown.dcm"]
 
 
 def test_skip_bad_at_inference_keeps_the_usable_items_unless_none_is_left_or_the_input_itself_is_bad(tmp_path):

@@ -88,6 +88,7 @@ def test_expectations_follow_the_bundle_keys_they_derive_from():
     assert pretrain.get_parsed_content("data_expectations").max_inplane_anisotropy is None
     assert bundle_expectations("finetune_cxr").averages_rgba is False  # read_chest_xray keeps R, G, B only
     assert bundle_expectations("finetune_cxr").pixel_spacing_range_mm == [0.02, 5.0]  # DICOM radiograph pixels
+    assert bundle_expectations("pretrain_joint").pixel_spacing_range_mm == [0.02, 5.0]  # its 2D DICOMs too
 
 
 @pytest.mark.parametrize(

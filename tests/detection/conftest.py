@@ -67,10 +67,17 @@ def chest_phantom(rng: np.random.Generator, boxes: list[tuple[int, int, int, int
     return np.clip(image, 0.0, 1.0)
 
 
-def make_vindr_folder(root: Path, num_images: int = 8, identifiers: dict[str, str] | None = None) -> SimpleNamespace:
+def make_vindr_folder(
+    root: Path,
+    num_images: int = 8,
+    identifiers: dict[str, str] | None = None,
+    spacing_tags: dict[str, object] | None = None,
+) -> SimpleNamespace:
     """``root/train/<image_id>.dicom`` (12-bit MONOCHROME1 with an INVERSE presentation LUT shape, as DX images are
-    stored) and ``root/train.csv`` with three readers per image: lesions read by two or three of them with jittered
-    boxes, and "No finding" images."""
+    stored, with ``spacing_tags``: by default ``ImagerPixelSpacing`` 0.139 mm, a common detector pixel) and
+    ``root/train.csv`` with three readers per image: lesions read by two or three of them with jittered boxes, and
+    "No finding" images."""
+    spacing_tags = {"ImagerPixelSpacing": [0.139, 0.139]} if spacing_tags is None else spacing_tags
     rng = np.random.default_rng(0)
     rows = []
     truth = {}
@@ -87,6 +94,7 @@ def make_vindr_folder(root: Path, num_images: int = 8, identifiers: dict[str, st
             photometric="MONOCHROME1",
             identifiers=identifiers,
             PresentationLUTShape="INVERSE",
+            **spacing_tags,
         )
         truth[image_id] = boxes
         for reader in ("R8", "R9", "R10"):

@@ -163,6 +163,7 @@ def test_prepare_writes_detection_datalist(cxr, tmp_path):
         assert set(entry) >= {"image", "box", "label", "image_id", "original_size"}
         assert entry["image"] == f"images/{entry['image_id']}.png"
         assert entry["original_size"] == [cxr.COLS, cxr.ROWS]
+        assert entry["original_pixel_spacing"] == {"ImagerPixelSpacing": [0.139, 0.139]}  # the DICOM's, kept
         truth = folder.truth[entry["image_id"]]
         assert len(entry["box"]) == len(entry["label"]) == len(truth)  # readers' boxes fused to one per lesion
         expected = scale_boxes(np.array(truth, dtype=float).reshape(-1, 4), (cxr.COLS, cxr.ROWS), (64, 64))
@@ -173,6 +174,43 @@ def test_prepare_writes_detection_datalist(cxr, tmp_path):
             x_min, y_min, x_max, y_max = np.round(entry["box"][0]).astype(int)
             assert png[y_min + 2 : y_max - 2, x_min + 2 : x_max - 2].mean() > png.mean() + 60
     assert {v for e in entries for v in e.get("votes", [])} <= {1, 2, 3}
+
+
+def test_prepare_refuses_dicoms_with_an_absurd_pixel_spacing_before_converting_any(cxr, tmp_path, caplog):
+    """prepare_vindr_cxr checks every DICOM's pixel spacing with finetune_cxr's expectations before it converts one:
+    each bad file is one line naming the file, the tag and the fix, and nothing is written; a DICOM without spacing
+    is converted with a warning and an empty ``original_pixel_spacing``."""
+    folder = cxr.make_vindr_folder(tmp_path / "raw", num_images=4)
+    first, second, third = sorted(folder.images.iterdir())[:3]
+    stored = np.round(_display(cxr) * 4095)
+    cxr.write_dicom(first, stored, PixelSpacing=[139.0, 139.0])  # micrometres written as mm
+    cxr.write_dicom(second, stored, ImagerPixelSpacing=[0.0, 0.139])
+    with pytest.raises(DatalistError) as refused:
+        vindr_cxr.prepare(str(folder.images), str(folder.csv), str(tmp_path / "out"), image_size=64)
+    fix = "fix the header (re-export the image) or remove the image from src_dir and its rows from the CSV"
+    assert refused.value.problems == [
+        f"{first}: PixelSpacing 139 x 139 mm is outside 0.02 - 5 mm per pixel (pixel_spacing_range_mm): a unit "
+        f"mistake (m, cm or um instead of mm) or a header that does not describe the image; {fix}",
+        f"{second}: ImagerPixelSpacing [0.0, 0.139] is not two positive numbers (row, column spacing in mm); {fix}",
+    ]
+    assert not (tmp_path / "out").exists()
+
+    cxr.write_dicom(first, stored, PixelSpacing=[0.125, 0.125])
+    cxr.write_dicom(second, stored)  # no spacing: a warning
+    with caplog.at_level("WARNING", logger="custom_nets.datasets.vindr_cxr"):
+        datalist = json.loads(
+            Path(vindr_cxr.prepare(str(folder.images), str(folder.csv), str(tmp_path / "out"), 64)).read_text()
+        )
+    assert f"{second}: no PixelSpacing or ImagerPixelSpacing in the header" in caplog.text
+    spacing = {
+        e["image_id"]: e["original_pixel_spacing"] for s in ("training", "validation", "testing") for e in datalist[s]
+    }
+    assert spacing == {
+        first.stem: {"PixelSpacing": [0.125, 0.125]},
+        second.stem: {},
+        third.stem: {"ImagerPixelSpacing": [0.139, 0.139]},
+        **{p.stem: {"ImagerPixelSpacing": [0.139, 0.139]} for p in sorted(folder.images.iterdir())[3:]},
+    }
 
 
 SPACING_CASES = {  # DICOM tags -> (the start of the one problem, or None; the start of the one warning, or None)

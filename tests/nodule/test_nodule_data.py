@@ -173,3 +173,39 @@ def test_dicom_series_reads_like_the_mhd_scan(tmp_path, luna_data):
     datalist = luna16.prepare(str(root), str(tmp_path / "out"), cube_size=(2, 4, 4))
     content = json.loads(open(datalist).read())
     assert content["scans"][uid]["image"].endswith("subset0/series") and len(content["subset0"]) == 2
+
+
+def test_the_cube_check_reads_headers_only_yet_finds_bad_cubes_and_duplicates_through_links(tmp_path):
+    """The training check takes a cube's shape and type from its ``.npy`` header, resolves each folder once, and still
+    finds a truncated file, a wrong shape, NaN in a float cube (read for that), and one cube listed under four paths
+    (a ``..`` path, a linked folder, a linked file); a format 2.0 header reads like 1.0."""
+    cubes = tmp_path / "cubes"
+    cubes.mkdir()
+    good = np.full((4, 6, 6), -800, np.int16)
+    np.save(cubes / "a.npy", good)
+    with open(cubes / "v2.npy", "wb") as handle:
+        np.lib.format.write_array(handle, good, version=(2, 0))
+    nan = good.astype(np.float32)
+    nan[1, 2, 3] = np.nan
+    np.save(cubes / "nan.npy", nan)
+    np.save(cubes / "shape.npy", good[:2])
+    (cubes / "cut.npy").write_bytes((cubes / "a.npy").read_bytes()[:-10])
+    (tmp_path / "alias").symlink_to(cubes, target_is_directory=True)
+    (tmp_path / "link.npy").symlink_to(cubes / "a.npy")
+    images = ["a.npy", "v2.npy", "nan.npy", "shape.npy", "cut.npy", "../cubes/a.npy"]
+    images = [f"cubes/{name}" for name in images] + ["alias/a.npy", "link.npy"]
+    entries = [{"image": image, "label": 0, "seriesuid": "1.2.3"} for image in images]
+    content = {"cube_size": [4, 6, 6], "scans": {"1.2.3": {"image": "absent.mhd"}}, "subset0": entries}
+    files, problems, count = luna16.candidate_datalist_problems(content, ["subset0"], tmp_path)
+    assert count == 8
+    assert [file for file, _, _ in files] == [str((tmp_path / image).resolve()) for image in images]
+    assert [file for file, _, _ in files].count(str(cubes / "a.npy")) == 4
+    lines = [line for line, _ in problems]
+    refresh = "delete it and run prepare_luna16 again (it cuts the missing cubes anew)"
+    assert lines == [
+        f"[subset0] {tmp_path / 'cubes/nan.npy'}: NaN or infinite values in the cube; {refresh}",
+        f"[subset0] {tmp_path / 'cubes/shape.npy'}: cube of shape (2, 6, 6), the datalist's cube_size is (4, 6, 6) "
+        f"(slices, rows, columns); {refresh}",
+        f"[subset0] {tmp_path / 'cubes/cut.npy'}: not a readable .npy cube (ValueError: truncated: 278 bytes of "
+        f"values, its header announces 288); {refresh}",
+    ]
