@@ -456,6 +456,9 @@ def run_demo(
         pretrain_overrides / finetune_overrides: further bundle overrides (experiments).
         finetune_workers: fine-tuning trials run side by side (default: :func:`default_trial_workers`); each trial's
             result is the same whichever worker runs it, but depends on the torch threads per worker (cores // workers).
+            The workers are spawned processes, which import the calling script again: a script that calls
+            ``run_demo`` (or ``run_label_efficiency`` with ``workers > 1``) must do so under
+            ``if __name__ == "__main__":``, as for any ``multiprocessing`` code; the command line needs nothing.
     """
     finetune_workers = default_trial_workers() if finetune_workers is None else finetune_workers
     workdir = Path(workdir).resolve()
