@@ -213,3 +213,15 @@ def test_pretraining_export_ships_as_the_pretrain_joint_release(tmp_path: Path, 
     torch.save({k: v for k, v in export.items() if k.startswith("slice_encoder.")}, root / "models" / "model.pt")
     with pytest.raises(RuntimeError, match="does not fit"):  # f_inter missing from the file
         verify_bundle_weights(root, sizes)
+
+
+@pytest.mark.parametrize("bundle", ["finetune_heart", "finetune_brainseg", "finetune_cxr", "finetune_nodule"])
+def test_fine_tune_bundles_build_a_fused_adamw_unless_turned_off(bundle: str) -> None:
+    """``fused_optimizer`` (true by default) gives AdamW torch's fused kernel; false gives the per-parameter loop
+    (``fused=None``, torch's default). heart / brainseg also compare the updates (tests/segmentation)."""
+    for fused, expected in ((None, True), (True, True), (False, None)):
+        parser = ConfigParser()
+        parser.read_config(str(Path(__file__).resolve().parents[2] / "bundles" / bundle / "configs" / "train.json"))
+        parser.update({"encoder_depth": 18} if fused is None else {"encoder_depth": 18, "fused_optimizer": fused})
+        optimizer = parser.get_parsed_content("optimizer")
+        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is expected
