@@ -37,7 +37,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 
 test: lint $(MONAILABEL_BIN)/.installed
-	CUSTOM_NETS_REQUIRE_MONAILABEL=1 $(BIN)/pytest -q -ra
+	CUSTOM_NETS_REQUIRE_MONAILABEL=1 $(BIN)/pytest -q -raR
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
