@@ -205,9 +205,9 @@ def protocol_overrides(protocol: str, overrides: Mapping[str, object]) -> dict[s
 def default_trial_workers() -> int:
     """Fine-tuning trials run side by side: two where two or more cores are available, else one.
 
-    The demo's trials are small (6 slices of 64 x 64 per step), so torch's threads scale poorly across cores: on 2 CPU
-    cores one step of the ResNet-18 U-Net took 99 ms with 2 threads and 136 ms with 1 (2026-11-28), so two trials of
-    one thread each do about 1.45 times the work of one trial with two."""
+    The demo's trials are small (6 slices of 64 x 64 per step), so torch's threads scale poorly across cores: on 2 idle
+    CPU cores, 4 demo trials took 82.7 s with two single-thread workers against about 99 s one at a time with two
+    threads (2026-11-28, two runs each)."""
     return 2 if len(os.sched_getaffinity(0)) >= 2 else 1
 
 
