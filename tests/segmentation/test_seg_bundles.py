@@ -354,3 +354,48 @@ def test_fused_optimizer_switch_gives_the_same_update_up_to_rounding(bundle):
         updated[fused] = [parameter.detach().clone() for parameter in network.parameters()]
     for fused_value, loop_value in zip(updated[True], updated[False], strict=True):
         torch.testing.assert_close(fused_value, loop_value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["heart", "brain_regions"])
+def test_init_ckpt_starts_training_from_a_whole_network_file(case, tmp_path, seg_data):
+    """``init_ckpt`` loads a whole U-Net (e.g. a fine-tuned ``models/model.pt``, encoder and decoder) before the
+    first iteration. With a learning rate of 0 the weights stay those of the file to the last bit."""
+    spec = CASES[case]
+    root = _copy_bundle(spec["bundle"], tmp_path)
+    dataset_dir, _ = _prepare(case, tmp_path, seg_data)
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "train.json"))
+    parser.update({**TINY, **spec["overrides"]})
+    start = {name: value + 0.5 for name, value in parser.get_parsed_content("network_def").state_dict().items()}
+    torch.save(start, tmp_path / "start.pt")
+
+    workflow = _one_epoch_workflow(
+        root, dataset_dir, init_ckpt=str(tmp_path / "start.pt"), learning_rate=0.0, **spec["overrides"]
+    )
+    workflow.initialize()
+    workflow.run()
+    trained = dict(workflow.parser.get_parsed_content("network").named_parameters())
+    assert trained and all(torch.equal(trained[name].detach().cpu(), start[name]) for name in trained)
+    workflow.finalize()
+
+
+def test_train_slices_drop_meta_data_after_the_cache_and_stay_the_same(tmp_path, seg_data):
+    """The random slice transforms run on plain tensors (``EnsureTyped(track_meta=False)`` first, cached with the
+    volume): about a third less loading time per slice in the demo, and the same slices, bit for bit, as the pipeline
+    that carries the meta data through."""
+    dataset_dir, _ = _prepare("heart", tmp_path, seg_data)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "finetune_heart" / "configs" / "train.json"))
+    parser.update({**TINY, "dataset_dir": str(dataset_dir), "slices_per_volume": 3})
+    first, *rest = parser["train#slice_transforms"]
+    assert first["_target_"] == "EnsureTyped" and first["track_meta"] is False
+    drawn = {}
+    for name, slice_transforms in (("plain", [first, *rest]), ("meta", rest)):
+        parser["train#slice_transforms"] = slice_transforms
+        dataset = parser.get_parsed_content("train#dataset", lazy=False)
+        dataset.transform.set_random_state(seed=0)
+        drawn[name] = [sample for index in range(len(dataset)) for _ in range(4) for sample in dataset[index]]
+    assert len(drawn["plain"]) == len(drawn["meta"]) > 0
+    for plain, meta in zip(drawn["plain"], drawn["meta"], strict=True):
+        for key in ("image", "label"):
+            assert torch.equal(plain[key], meta[key])
