@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 from custom_nets.command_line import fire_command
 from custom_nets.data.make_datalist import make_datalist
@@ -88,12 +89,16 @@ def demo(
     seed: int = 0,
     split: str = "testing",
     finetune_workers: int | None = None,
+    protocols: Sequence[str] | None = None,
 ) -> None:
     """Joint pretraining on the embedded demo corpus, then the downstream yardstick: few-label segmentation from the
     pretrained slice encoder against random initialisation (``split="validation"`` scores the validation corpus, for
     tuning). Uses the GPU when there is one. ``finetune_workers``: fine-tuning trials run side by side (default 2
-    where 2 or more cores are available)."""
-    run_demo(workdir, epochs=epochs, seed=seed, split=split, finetune_workers=finetune_workers)
+    where 2 or more cores are available). ``protocols``: the fine-tuning protocols (default: the demo's; e.g.
+    ``--protocols "[frozen,frozen_then_end_to_end,end_to_end]"`` for all three, see
+    ``custom_nets.pretraining_demo.PROTOCOLS``)."""
+    options = {} if protocols is None else {"protocols": tuple(protocols)}
+    run_demo(workdir, epochs=epochs, seed=seed, split=split, finetune_workers=finetune_workers, **options)
 
 
 def main() -> None:

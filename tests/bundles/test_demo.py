@@ -92,6 +92,37 @@ def test_frozen_protocol_trains_longer_unless_overridden(tmp_path: Path, trial_c
     ]
 
 
+def test_frozen_then_end_to_end_trials_start_from_the_frozen_trials(tmp_path: Path, trial_calls: list) -> None:
+    """LP-FT: each trial of ``frozen_then_end_to_end`` starts from the whole U-Net of the ``frozen`` trial with the same
+    init, budget and seed (``init_ckpt``, no separate encoder file) and trains the encoder; without those trials it
+    stops with an error that names the missing file and the protocol to run first."""
+    corpora = _corpora(volumes_per_class=1)
+    protocol = "frozen_then_end_to_end"
+    with pytest.raises(FileNotFoundError, match="frozen protocol's trials"):
+        pretraining_demo.run_label_efficiency(tmp_path, corpora, tmp_path / "w.pt", [3], [0, 1], 6, 18, protocol)
+    starts = {}
+    for init in INITS:
+        for seed in (0, 1):
+            model = pretraining_demo.trial_dir(tmp_path, "frozen", init, 3, seed) / "models" / "model.pt"
+            model.parent.mkdir(parents=True)
+            model.touch()
+            starts[(init, seed)] = str(model)
+    pretraining_demo.run_label_efficiency(tmp_path, corpora, tmp_path / "w.pt", [3], [0, 1], 6, 18, protocol)
+    assert [(call["init_ckpt"], call["pretrained_ckpt"], call["freeze_encoder"]) for call in trial_calls] == [
+        (starts[(init, seed)], None, False) for seed in (0, 1) for init in INITS
+    ]
+    assert all(Path(call["trial_dir"]).is_relative_to(tmp_path / "finetune" / protocol) for call in trial_calls)
+
+
+def test_protocols_run_after_the_protocol_they_start_from() -> None:
+    ordered = pretraining_demo.ordered_protocols(["frozen_then_end_to_end", "end_to_end", "frozen"])
+    assert ordered == ["end_to_end", "frozen", "frozen_then_end_to_end"]
+    with pytest.raises(ValueError, match="starts from the trials of 'frozen'"):
+        pretraining_demo.ordered_protocols(["frozen_then_end_to_end"])
+    with pytest.raises(ValueError, match="unknown fine-tuning protocols"):
+        pretraining_demo.ordered_protocols(["frozen", "linear"])
+
+
 @pytest.mark.slow
 def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path) -> None:
     report = run_demo(
@@ -104,7 +135,7 @@ def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path
         finetune_seeds=(0, 1),
         pool_per_class=1,
         test_per_class=1,
-        protocols=("frozen", "end_to_end"),
+        protocols=("frozen_then_end_to_end", "frozen"),
         finetune_overrides={"epochs": 1, "decoder_channels": [16, 16, 8, 8, 8]},
     )
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -118,7 +149,7 @@ def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path
             assert scores["count"] == 8 and 1.0 <= scores["effective_rank"] <= 8
     downstream = saved["downstream"]
     assert downstream["test_volumes"] == len(SEGMENTATION_CLASSES) and downstream["scored_split"] == "testing"
-    assert set(downstream["protocols"]) == {"frozen", "end_to_end"}
+    assert list(downstream["protocols"]) == ["frozen", "frozen_then_end_to_end"]  # the start runs first
     for protocol, result in downstream["protocols"].items():
         for metric in ("dice_mean", "iou_mean"):
             rows = result["rows"][metric]
@@ -130,13 +161,13 @@ def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path
             trial = tmp_path / "finetune" / protocol / init / "labelled_3" / "seed_0"
             assert (trial / "eval" / "summary.json").is_file() and (trial / "models" / "model.pt").is_file()
     exported = torch.load(tmp_path / "model.pt", weights_only=True)
-    for protocol, unchanged in (("frozen", True), ("end_to_end", False)):
+    for protocol, unchanged in (("frozen", True), ("frozen_then_end_to_end", False)):
         trial = tmp_path / "finetune" / protocol / "pretrained" / "labelled_3" / "seed_0"
         tuned = torch.load(trial / "models" / "model.pt", weights_only=True)
         same = torch.equal(
             tuned["encoder.trunk.layer1.0.conv1.weight"], exported["slice_encoder.trunk.layer1.0.conv1.weight"]
         )
-        assert same == unchanged  # the frozen protocol trains the decoder only; end to end trains the encoder too
+        assert same == unchanged  # the frozen protocol trains the decoder only; then end to end trains the encoder too
     datalist = json.loads((tmp_path / "finetune" / "datalists" / "labelled_3_seed_0.json").read_text())
     assert all(item["image"].startswith("seg_pool/") for item in datalist["training"])
     assert all(item["image"].startswith("seg_test/") for item in datalist["testing"])
@@ -145,6 +176,7 @@ def test_demo_writes_report_plots_embeddings_and_label_efficiency(tmp_path: Path
     assert set(change["pretraining"]) == {"stem", "layer1", "layer2", "layer3", "layer4"}
     assert all(value >= 0 for value in change["pretraining"].values())  # 0 here: one warm-up iteration at lr 0
     tuned_change = change["fine_tuning"]
+    assert change["fine_tuning_protocol"] == "frozen_then_end_to_end"
     assert set(tuned_change) == {"3"} and all(value > 0 for value in tuned_change["3"].values())
     assert saved["training_rank_history"] and saved["training_rank_history"][-1] == saved["training_rank"]
     for plot in ("label_efficiency.png", "embeddings.png", "effective_rank.png"):
