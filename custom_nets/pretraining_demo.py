@@ -271,7 +271,7 @@ def _trial_start(workdir: Path, protocol: str, init: str, budget: int, seed: int
 
 
 def ordered_protocols(protocols: Sequence[str]) -> list[str]:
-    """``protocols`` with every protocol after the one it starts from (``STARTS_FROM``); raises if that one is absent."""
+    """``protocols``, each after the protocol it starts from (``STARTS_FROM``); raises if that one is not listed."""
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         raise ValueError(f"unknown fine-tuning protocols {unknown}; choose from {sorted(PROTOCOLS)}.")
