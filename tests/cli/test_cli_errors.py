@@ -103,3 +103,19 @@ def test_fire_command_in_process(capsys):
 
     with pytest.raises(RuntimeError):
         fire_command(bug, [])
+
+
+def test_demo_protocols_flag_reaches_the_demo_and_an_unknown_one_stops_it_first(tmp_path, capsys, monkeypatch):
+    from custom_nets import cli
+
+    with pytest.raises(SystemExit) as stop:  # refused before any corpus is written or anything trains
+        fire_command(cli.demo, ["--workdir", str(tmp_path / "demo"), "--protocols", "[frozen,linear]"])
+    assert stop.value.code == USER_ERROR_EXIT
+    assert "unknown fine-tuning protocols ['linear']" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+    calls = []
+    monkeypatch.setattr(cli, "run_demo", lambda *args, **kwargs: calls.append(kwargs))
+    fire_command(cli.demo, ["--protocols", "[end_to_end,frozen]"])
+    fire_command(cli.demo, [])
+    assert calls[0]["protocols"] == ("end_to_end", "frozen") and "protocols" not in calls[1]
