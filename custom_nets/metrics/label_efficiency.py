@@ -76,12 +76,13 @@ def plot_label_efficiency(
     """PNG of ``metric`` (mean +- std over seeds) against labelled volumes, one line per initialisation."""
     plt = pyplot()
 
-    figure, axis = plt.subplots(figsize=(5.5, 4.0))
     inits = list(dict.fromkeys(row["init"] for row in rows))
-    for init in inits:
+    figure, axis = plt.subplots(figsize=(5.5, 4.0 + 0.25 * len(inits)))
+    for index, init in enumerate(inits):
         chosen = sorted((row for row in rows if row["init"] == init), key=lambda row: row["labelled_volumes"])
+        dodge = 2 ** (0.04 * (index - (len(inits) - 1) / 2))  # side by side on the log axis, so error bars stay apart
         axis.errorbar(
-            [row["labelled_volumes"] for row in chosen],
+            [row["labelled_volumes"] * dodge for row in chosen],
             [row["mean"] for row in chosen],
             yerr=[row["std"] for row in chosen],
             marker="o",
@@ -94,7 +95,8 @@ def plot_label_efficiency(
     axis.set_xlabel("labelled training volumes")
     axis.set_ylabel(f"held-out {metric} (mean +- std over seeds)")
     axis.grid(alpha=0.3)
-    axis.legend(title="initialisation")
+    # below the axes: inside, it hid the error bars of the smallest budget
+    axis.legend(title="initialisation", loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize="small")
     if title:
         axis.set_title(title, fontsize=10)
     figure.tight_layout()
