@@ -26,6 +26,7 @@ __all__ = [
     "WeightShapeError",
     "adapt_input_channels",
     "atomic_torch_save",
+    "check_whole_network_file",
     "export_pretrained",
     "initialize_from",
     "load_file",
@@ -188,6 +189,38 @@ def initialize_from(network: nn.Module, source: str | os.PathLike | Mapping) -> 
     report = _require_matches(load_weights(network, source), type(network).__name__, source)
     logger.info("initialised %s from %s: %s", type(network).__name__, source, report.summary())
     return report
+
+
+def check_whole_network_file(path: str | os.PathLike, network: nn.Module, key: str = "init_ckpt") -> None:
+    """Start-up check of a file meant to initialise a whole ``network`` (every tensor, e.g. a fine-tuned
+    ``models/model.pt``), before MONAI's ``CheckpointLoader`` loads it: errors that name the file and the fix.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is an encoder-only pretraining export, or its tensors do not fit ``network``.
+    """
+    state = read_state_dict(path)
+    own = network.state_dict()
+    name = type(network).__name__
+    if not set(state) & set(own) and any(k.startswith("slice_encoder.") for k in state):
+        raise ValueError(
+            f"{path} is a pretraining export (slice_encoder.* keys), not a whole {name}: give it as pretrained_ckpt "
+            f"(the encoder alone) instead of {key}."
+        )
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)}, network {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        examples = (shapes + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected])[:3]
+        raise ValueError(
+            f"{path} does not fit this bundle's {name} ({key}): {len(missing)} tensors missing, {len(unexpected)} "
+            f"unexpected, {len(shapes)} of another shape (e.g. {'; '.join(examples)}). Set the architecture keys "
+            "(encoder_depth, decoder_channels, num_slices, class_names, ...) to those of the run that wrote the file."
+        )
 
 
 def load_backbone_weights(network: nn.Module, source: str | os.PathLike | Mapping) -> list[WeightLoadReport]:

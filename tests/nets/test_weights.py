@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from custom_nets.nets import JointSSLNet, SliceEncoder, SliceTransformer
+from custom_nets.nets.segmentation import SliceEncoderUNet
 from custom_nets.weights import (
     WeightShapeError,
+    check_whole_network_file,
     load_slice_encoder_weights,
     load_slice_transformer_weights,
     read_state_dict,
@@ -86,3 +88,18 @@ def test_save_is_atomic_and_leaves_no_temporary(tmp_path: Path) -> None:
     path = save_weights({"a": torch.ones(2)}, tmp_path / "w.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
     torch.testing.assert_close(read_state_dict(path)["a"], torch.ones(2))
+
+
+def test_whole_network_file_check_names_the_file_and_the_fix(tmp_path: Path, exported: Path) -> None:
+    """``init_ckpt`` of the fine-tune bundles: the whole U-Net of a previous run. A pretraining export, a network of
+    other classes or a missing file is refused before training, with the file and the key to change."""
+    network = SliceEncoderUNet(in_channels=1, out_channels=3, depth=18, decoder_channels=(16, 16, 8, 8, 8))
+    torch.save(network.state_dict(), tmp_path / "unet.pt")
+    check_whole_network_file(tmp_path / "unet.pt", network)  # its own weights fit
+    with pytest.raises(ValueError, match=f"{exported}.*pretraining export.*pretrained_ckpt"):
+        check_whole_network_file(exported, network)
+    other_classes = SliceEncoderUNet(in_channels=1, out_channels=5, depth=18, decoder_channels=(16, 16, 8, 8, 8))
+    with pytest.raises(ValueError, match=r"unet\.pt does not fit .* 2 of another shape .*class_names"):
+        check_whole_network_file(tmp_path / "unet.pt", other_classes)
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        check_whole_network_file(tmp_path / "absent.pt", network)

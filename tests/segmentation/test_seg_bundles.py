@@ -21,6 +21,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, run, verify_net_in_out
 
+from custom_nets.command_line import input_error_in
 from custom_nets.datasets import brats, mmwhs
 from custom_nets.nets.slice_encoder import SliceEncoder
 
@@ -192,8 +193,14 @@ def test_workflow_properties_and_metadata(bundle, tmp_path, seg_data):
 @pytest.mark.flaky(reruns=1, only_rerun=["SIGABRT", "Signal 6", "ChildFailedError"])  # see pyproject.toml
 @pytest.mark.slow
 def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, seg_data, bundle_checks):
-    """torchrun with 2 processes on the gloo backend: DistributedSampler, DDP, rank-0 checkpoints."""
+    """torchrun with 2 processes on the gloo backend: DistributedSampler, DDP, rank-0 checkpoints; ``init_ckpt`` is
+    loaded on every process (at learning rate 0 the saved weights are the file's)."""
     root = _copy_bundle("finetune_heart", tmp_path)
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "train.json"))
+    parser.update(TINY)
+    start = {name: value + 0.5 for name, value in parser.get_parsed_content("network_def").state_dict().items()}
+    torch.save(start, tmp_path / "start.pt")
     raw = seg_data.make_heart_folder(tmp_path / "raw", case_ids=tuple(range(1001, 1007)))
     mmwhs.prepare(str(raw), str(tmp_path / "data"), split="random", val_fraction=0.3, test_fraction=0.3)
     configs = json.dumps([str(root / "configs" / c) for c in ("train.json", "multi_gpu_train.json")])
@@ -210,7 +217,7 @@ def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, seg_data, bun
     command += ["--config_file", configs, "--meta_file", str(root / "configs" / "metadata.json")]
     command += ["--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root)]
     command += ["--dataset_dir", str(tmp_path / "data"), "--epochs", "1", "--batch_size", "1", "--val_interval", "1"]
-    command += ["--slices_per_volume", "2"]
+    command += ["--slices_per_volume", "2", "--init_ckpt", str(tmp_path / "start.pt"), "--learning_rate", "0.0"]
     for key, value in TINY.items():
         command += [f"--{key}", json.dumps(value)]
     cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # two CPU processes also on a machine with one GPU
@@ -218,6 +225,9 @@ def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, seg_data, bun
     assert result.returncode == 0, bundle_checks.torchrun_failure(result.stderr)
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert "encoder.trunk.conv1.weight" in state  # DDP's "module." prefix is not saved
+    parameters = [name for name in start if "running_" not in name and "num_batches_tracked" not in name]
+    assert len(parameters) == len(list(parser.get_parsed_content("network_def").parameters()))
+    assert all(torch.equal(state[name], start[name]) for name in parameters)
     checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == 1  # 2 training volumes shared by 2 processes
 
@@ -359,7 +369,8 @@ def test_fused_optimizer_switch_gives_the_same_update_up_to_rounding(bundle):
 @pytest.mark.parametrize("case", ["heart", "brain_regions"])
 def test_init_ckpt_starts_training_from_a_whole_network_file(case, tmp_path, seg_data):
     """``init_ckpt`` loads a whole U-Net (e.g. a fine-tuned ``models/model.pt``, encoder and decoder) before the
-    first iteration. With a learning rate of 0 the weights stay those of the file to the last bit."""
+    first iteration. With a learning rate of 0 the weights stay those of the file to the last bit. An encoder-only
+    pretraining export given there is refused with the key to use instead."""
     spec = CASES[case]
     root = _copy_bundle(spec["bundle"], tmp_path)
     dataset_dir, _ = _prepare(case, tmp_path, seg_data)
@@ -368,6 +379,15 @@ def test_init_ckpt_starts_training_from_a_whole_network_file(case, tmp_path, seg
     parser.update({**TINY, **spec["overrides"]})
     start = {name: value + 0.5 for name, value in parser.get_parsed_content("network_def").state_dict().items()}
     torch.save(start, tmp_path / "start.pt")
+
+    export = {f"slice_encoder.{k}": v for k, v in SliceEncoder(depth=18, embed_dim=16).state_dict().items()}
+    torch.save(export, tmp_path / "export.pt")
+    wrong = _one_epoch_workflow(root, dataset_dir, init_ckpt=str(tmp_path / "export.pt"), **spec["overrides"])
+    wrong.initialize()
+    with pytest.raises(RuntimeError) as refused:  # before the first iteration; MONAI wraps the check's error
+        wrong.run()
+    problem = str(input_error_in(refused.value))  # what the command line prints, without a traceback
+    assert "export.pt is a pretraining export" in problem and "give it as pretrained_ckpt" in problem
 
     workflow = _one_epoch_workflow(
         root, dataset_dir, init_ckpt=str(tmp_path / "start.pt"), learning_rate=0.0, **spec["overrides"]
