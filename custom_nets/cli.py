@@ -97,6 +97,8 @@ def demo(
     where 2 or more cores are available). ``protocols``: the fine-tuning protocols (default: the demo's; e.g.
     ``--protocols "[frozen,frozen_then_end_to_end,end_to_end]"`` for all three, see
     ``custom_nets.pretraining_demo.PROTOCOLS``)."""
+    if isinstance(protocols, str):  # --protocols frozen or --protocols frozen,end_to_end
+        protocols = protocols.split(",")
     options = {} if protocols is None else {"protocols": tuple(protocols)}
     run_demo(workdir, epochs=epochs, seed=seed, split=split, finetune_workers=finetune_workers, **options)
 

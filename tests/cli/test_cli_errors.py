@@ -118,4 +118,7 @@ def test_demo_protocols_flag_reaches_the_demo_and_an_unknown_one_stops_it_first(
     monkeypatch.setattr(cli, "run_demo", lambda *args, **kwargs: calls.append(kwargs))
     fire_command(cli.demo, ["--protocols", "[end_to_end,frozen]"])
     fire_command(cli.demo, [])
+    fire_command(cli.demo, ["--protocols", "frozen"])
+    fire_command(cli.demo, ["--protocols", "frozen,frozen_then_end_to_end"])
     assert calls[0]["protocols"] == ("end_to_end", "frozen") and "protocols" not in calls[1]
+    assert calls[2]["protocols"] == ("frozen",) and calls[3]["protocols"] == ("frozen", "frozen_then_end_to_end")
