@@ -183,7 +183,8 @@ def test_workflow_properties_and_metadata(bundle, tmp_path, seg_data):
     assert "custom_nets" in metadata["required_packages_version"]
     config = json.loads((root / "configs" / "train.json").read_text())
     vocabulary = ["bundle_root", "dataset_dir", "datalist", "output_dir", "device", "epochs", "batch_size",
-                  "num_workers", "amp", "num_slices", "image_size", "pretrained_ckpt", "resume", "seed"]  # fmt: skip
+                  "num_workers", "amp", "num_slices", "image_size", "pretrained_ckpt", "resume", "init_ckpt",
+                  "seed"]  # fmt: skip
     assert list(config)[1 : 1 + len(vocabulary)] == vocabulary
     for name in ("LICENSE", "large_files.yml", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
         assert (root / name).is_file(), name
