@@ -58,14 +58,17 @@ class AtomicDiskSaver(BaseSaveHandler):
     checkpoint. Here ``remove`` only marks a file; it is deleted once the next save has been renamed into place.
 
     Args:
-        dirname: folder of the checkpoints (created if missing).
+        dirname: folder of the checkpoints (created if missing, by the saving process only).
         filename: fixed file name that replaces ignite's (MONAI's ``final_filename`` / ``key_metric_filename``).
-        save_on_rank: the only process that writes (the others ignore the calls).
+        save_on_rank: the only process that writes (the others ignore the calls, and create no folder: ignite's
+            ``DiskSaver``, which MONAI builds first, creates it on that rank with a check-then-``mkdir`` that fails
+            when another rank creates the folder in between; seen once in about 45 two-process runs of finetune_heart).
     """
 
     def __init__(self, dirname: str | os.PathLike, filename: str | None = None, save_on_rank: int = 0) -> None:
         self.dirname = Path(dirname)
-        self.dirname.mkdir(parents=True, exist_ok=True)
+        if idist.get_rank() == save_on_rank:
+            self.dirname.mkdir(parents=True, exist_ok=True)
         self.filename = filename
         self.save_on_rank = save_on_rank
         self._superseded: list[str] = []

@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import pytest
 import torch
@@ -61,6 +62,18 @@ def test_superseded_checkpoint_is_deleted_only_after_its_successor_is_written(tm
     fixed.remove("ignored.pt")
     fixed({"w": torch.full((1,), 3.0)}, "ignored.pt")
     assert torch.load(tmp_path / "model.pt", weights_only=True)["w"].item() == 3.0
+
+
+def test_only_the_saving_rank_creates_the_checkpoint_folder(tmp_path, monkeypatch):
+    """Under torchrun every rank builds the savers; a folder created by another rank between the check and the
+    ``mkdir`` of ignite's ``DiskSaver`` on rank 0 ended finetune_heart's two-process run with ``FileExistsError``."""
+    monkeypatch.setattr(idist, "get_rank", lambda: 1)
+    saver = AtomicDiskSaver(tmp_path / "models")
+    saver({"w": torch.ones(1)}, "model.pt")  # ignored on a rank that does not save
+    assert not (tmp_path / "models").exists()
+    monkeypatch.setattr(idist, "get_rank", lambda: 0)
+    AtomicDiskSaver(tmp_path / "models")({"w": torch.ones(1)}, "model.pt")
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt"]
 
 
 def test_monai_saver_swapped_for_atomic_handlers(tmp_path):
