@@ -62,7 +62,8 @@ class AtomicDiskSaver(BaseSaveHandler):
         filename: fixed file name that replaces ignite's (MONAI's ``final_filename`` / ``key_metric_filename``).
         save_on_rank: the only process that writes (the others ignore the calls, and create no folder: ignite's
             ``DiskSaver``, which MONAI builds first, creates it on that rank with a check-then-``mkdir`` that fails
-            when another rank creates the folder in between; seen once in about 45 two-process runs of finetune_heart).
+            when another rank creates the folder in between: ``FileExistsError`` on rank 0 in one of 15 two-process
+            runs of finetune_heart with another process busy on one of the 2 cores).
     """
 
     def __init__(self, dirname: str | os.PathLike, filename: str | None = None, save_on_rank: int = 0) -> None:
