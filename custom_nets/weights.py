@@ -119,20 +119,15 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor
     return summed.repeat(1, in_channels, 1, 1) / in_channels
 
 
-def load_weights(
-    module: nn.Module,
-    source: str | os.PathLike | Mapping[str, torch.Tensor],
-    prefix: str = "",
-    adapt_channels: bool = True,
-) -> WeightLoadReport:
-    """Load the tensors of ``source`` (under ``prefix`` when present) into ``module`` and report what matched.
+def match_state(
+    state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], adapt_channels: bool = True
+) -> tuple[WeightLoadReport, dict[str, torch.Tensor], list[str]]:
+    """Compare a checkpoint ``state`` with a network's own state dict ``own``, loading nothing.
 
-    Raises:
-        WeightShapeError: a tensor's shape differs from the parameter of the same name (other than an adaptable
-            first convolution).
+    Returns:
+        the report, the tensors to load (converted to the network's dtypes; adaptable first convolutions adapted),
+        and one line per tensor whose shape does not fit.
     """
-    state = select_prefix(read_state_dict(source), prefix)
-    own = module.state_dict()
     report = WeightLoadReport()
     to_load: dict[str, torch.Tensor] = {}
     mismatches = []
@@ -151,13 +146,31 @@ def load_weights(
                 continue
         to_load[key] = tensor.to(target.dtype)
         report.matched.append(key)
+    report.missing = [k for k in own if k not in state]
+    return report, to_load, mismatches
+
+
+def load_weights(
+    module: nn.Module,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    prefix: str = "",
+    adapt_channels: bool = True,
+) -> WeightLoadReport:
+    """Load the tensors of ``source`` (under ``prefix`` when present) into ``module`` and report what matched.
+
+    Raises:
+        WeightShapeError: a tensor's shape differs from the parameter of the same name (other than an adaptable
+            first convolution).
+    """
+    report, to_load, mismatches = match_state(
+        select_prefix(read_state_dict(source), prefix), module.state_dict(), adapt_channels
+    )
     if mismatches:
         raise WeightShapeError(
             f"{len(mismatches)} tensors do not fit {type(module).__name__}: "
             + "; ".join(mismatches[:5])
             + ". Build the network with the same depth / widths as the checkpoint."
         )
-    report.missing = [k for k in own if k not in to_load]
     module.load_state_dict(to_load, strict=False)
     return report
 
@@ -200,26 +213,22 @@ def check_whole_network_file(path: str | os.PathLike, network: nn.Module, key: s
         ValueError: the file is an encoder-only pretraining export, or its tensors do not fit ``network``.
     """
     state = read_state_dict(path)
-    own = network.state_dict()
     name = type(network).__name__
-    if not set(state) & set(own) and any(k.startswith("slice_encoder.") for k in state):
+    report, _, mismatches = match_state(state, network.state_dict(), adapt_channels=False)
+    if not report.matched and not mismatches and any(k.startswith("slice_encoder.") for k in state):
         raise ValueError(
             f"{path} is a pretraining export (slice_encoder.* keys), not a whole {name}: give it as pretrained_ckpt "
             f"(the encoder alone) instead of {key}."
         )
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)}, network {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        examples = (shapes + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected])[:3]
+    if report.missing or report.unexpected or mismatches:
+        examples = (
+            mismatches + [f"missing {k}" for k in report.missing] + [f"unexpected {k}" for k in report.unexpected]
+        )[:3]
         raise ValueError(
-            f"{path} does not fit this bundle's {name} ({key}): {len(missing)} tensors missing, {len(unexpected)} "
-            f"unexpected, {len(shapes)} of another shape (e.g. {'; '.join(examples)}). Set the architecture keys "
-            "(encoder_depth, decoder_channels, num_slices, class_names, ...) to those of the run that wrote the file."
+            f"{path} does not fit this bundle's {name} ({key}): {len(report.missing)} tensors missing, "
+            f"{len(report.unexpected)} unexpected, {len(mismatches)} of another shape (e.g. {'; '.join(examples)}). "
+            "Set the architecture keys (encoder_depth, decoder_channels, num_slices, class_names, ...) to those of "
+            "the run that wrote the file."
         )
 
 
