@@ -78,6 +78,13 @@ PROTOCOLS = {
 """
 STARTS_FROM = {"frozen_then_end_to_end": "frozen"}
 """Protocols whose trials start from the final U-Net (``models/model.pt``) of another protocol's trial."""
+DEFAULT_PROTOCOLS = ("frozen",)
+"""The protocols of ``make demo``. The frozen encoder alone keeps the demo near its time budget (about 5 minutes on 2
+CPU cores): its 12 trials were about two thirds of the 356 fine-tuning seconds of the two-protocol demo (2026-11-28,
+commit 169cfc5). Its gain from pretraining was as large or larger and steadier on both corpora (held out, 6 seeds:
++0.056 +- 0.060 against LP-FT's +0.056 +- 0.082 with 3 labelled volumes, +0.061 against +0.041 with 9).
+``frozen_then_end_to_end`` adds the end-to-end result (about 3 more minutes; ``python -m custom_nets.cli demo
+--protocols frozen,frozen_then_end_to_end``)."""
 
 
 def _bundle(name: str) -> Path:
@@ -476,7 +483,7 @@ def run_demo(
     test_per_class: int = 4,
     slices_per_epoch: int = 18,
     split: str = "testing",
-    protocols: Sequence[str] = ("frozen", "frozen_then_end_to_end"),
+    protocols: Sequence[str] = DEFAULT_PROTOCOLS,
     pretrain_overrides: Mapping[str, object] | None = None,
     finetune_overrides: Mapping[str, object] | None = None,
     finetune_workers: int | None = None,
@@ -500,11 +507,11 @@ def run_demo(
             each of 3 volumes, one volume per step; 2 of each of 9, three volumes per step; 3 steps per epoch).
         split: ``"testing"`` scores the held-out test corpus; ``"validation"`` the validation corpus (for tuning).
         protocols: fine-tuning protocols (keys of ``PROTOCOLS``), each a full ladder of trials, run after the protocol
-            they start from (``STARTS_FROM``). By default the frozen encoder (what pretraining put into the features)
-            and then, from those trials, the whole U-Net end to end (LP-FT). Plain ``end_to_end`` (a new decoder, the
-            encoder trained from the first step) is left out by default: on the validation corpus it gained less from
-            pretraining (+0.021 against +0.069 Dice with 3 labelled volumes, 6 seeds) and scored lower with 9 volumes
-            from both inits (finetune_heart docs, "The demo preset").
+            they start from (``STARTS_FROM``). By default the frozen encoder only (what pretraining put into the
+            features; ``DEFAULT_PROTOCOLS`` says why). ``frozen_then_end_to_end`` fine-tunes, from those trials, the
+            whole U-Net (LP-FT). Plain ``end_to_end`` (a new decoder, the encoder trained from the first step) gained
+            less from pretraining on the validation corpus (+0.021 against +0.069 Dice with 3 labelled volumes, 6
+            seeds) and scored lower with 9 volumes from both inits (finetune_heart docs, "The demo preset").
         pretrain_overrides / finetune_overrides: further bundle overrides (experiments).
         finetune_workers: fine-tuning trials run side by side (default: :func:`default_trial_workers`); each trial's
             result is the same whichever worker runs it, but depends on the torch threads per worker (cores // workers).
