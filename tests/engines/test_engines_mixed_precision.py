@@ -89,9 +89,15 @@ def test_joint_pretraining_step_under_autocast(loss_family: str, dtype: torch.dt
     assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
     assert all(float(term) > 0 for name, term in loss.terms.items() if name != "total")
     torch.testing.assert_close(mixed, reference, rtol=0.05, atol=0.05)
-    gradients = [p.grad for p in network.parameters() if p.grad is not None]
+    gradients = {name: p.grad for name, p in network.named_parameters() if p.grad is not None}
     assert len(gradients) > 0.9 * len(list(network.parameters()))
-    assert all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in gradients)
+    # named offenders, so that a failure says where (one such failure is still unexplained, see above)
+    not_float32 = {name: g.dtype for name, g in gradients.items() if g.dtype != torch.float32}
+    not_finite = {name: int((~torch.isfinite(g)).sum()) for name, g in gradients.items() if not torch.isfinite(g).all()}
+    terms = {name: float(term) for name, term in loss.terms.items()}
+    assert not not_float32 and not not_finite, (
+        f"dtype {not_float32}, non-finite counts {not_finite}, loss terms {terms}"
+    )
     attention = network.slice_transformer.layers[0].attention
     assert attention.sampling_offsets.weight.grad.abs().sum() > 0  # the sampling is differentiable under autocast
 
