@@ -85,6 +85,38 @@ def test_gradient_control_applies_larc_as_one_sgd_step() -> None:
     torch.testing.assert_close(layer.weight.detach(), weight - 0.1 * ratio * (grad + 0.01 * weight))
 
 
+@pytest.mark.parametrize("clip", [True, False])
+def test_gradient_control_scales_every_layer_as_the_one_layer_formula(clip: bool) -> None:
+    """The grouped (foreach) LARC equals ``trust_ratio`` applied layer by layer: convolutions and linear layers scaled,
+    1-D parameters (norms, biases) and parameters without a gradient left alone, a zero weight kept at factor 1."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+    )
+    unused = torch.nn.Linear(2, 2)  # in the optimiser, never in the graph: no gradient
+    with torch.no_grad():
+        network[0].weight.mul_(5.0)
+    optimizer = torch.optim.SGD([*network.parameters(), *unused.parameters()], lr=0.05, weight_decay=1e-3)
+    network(torch.randn(2, 1, 8, 8)).square().sum().backward()
+    with torch.no_grad():
+        network[3].weight.zero_()  # a zero-norm layer: factor 1
+    expected, raw = {}, {name: weight.grad.clone() for name, weight in network.named_parameters()}
+    for name, weight in network.named_parameters():
+        grad = raw[name]
+        if weight.ndim > 1:
+            ratio = trust_ratio(weight, grad, 0.05, 1e-3, 0.001, clip)
+            grad = (grad + 1e-3 * weight) * ratio - 1e-3 * weight
+        expected[name] = grad
+    engine = Engine(lambda e, b: None)
+    engine.network, engine.optimizer = network, optimizer
+    GradientControl(trust_coefficient=0.001, clip_trust=clip)(engine)
+    for name, weight in network.named_parameters():
+        torch.testing.assert_close(weight.grad, expected[name], rtol=1e-6, atol=1e-9, msg=name)
+    assert unused.weight.grad is None
+    assert not torch.allclose(expected["0.weight"], raw["0.weight"])  # LARC changed the convolution's gradient
+    torch.testing.assert_close(expected["3.weight"], raw["3.weight"])  # factor 1 on the zero weight
+
+
 def test_loss_terms_become_epoch_means() -> None:
     class Loss:
         terms: dict = {}

@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
-__all__ = ["GradientControl", "trust_ratio"]
+__all__ = ["GradientControl", "ratio_from_norms", "trust_ratio"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +26,22 @@ def trust_ratio(
 
     Reference: You et al., "Large Batch Training of Convolutional Networks", arXiv 1708.03888 (as used by SwAV).
     """
-    weight_norm = torch.linalg.vector_norm(weight)
-    grad_norm = torch.linalg.vector_norm(grad)
+    return ratio_from_norms(
+        torch.linalg.vector_norm(weight), torch.linalg.vector_norm(grad), lr, weight_decay, trust, clip, eps
+    )
+
+
+def ratio_from_norms(
+    weight_norm: torch.Tensor,
+    grad_norm: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    trust: float,
+    clip: bool,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """:func:`trust_ratio` from the norms, elementwise: ``(P,)`` weight and gradient norms of ``P`` layers -> ``(P,)``
+    factors (1 where either norm is 0)."""
     ratio = trust * weight_norm / (grad_norm + weight_decay * weight_norm + eps)
     ratio = torch.where((weight_norm > 0) & (grad_norm > 0), ratio, torch.ones_like(ratio))
     return torch.clamp(ratio / lr, max=1.0) if clip else ratio
@@ -71,12 +85,25 @@ class GradientControl:
             self._apply_trust_ratio(engine.optimizer)
 
     def _apply_trust_ratio(self, optimizer: torch.optim.Optimizer) -> None:
+        """All layers of a parameter group at once (``torch._foreach_*``, as torch's optimisers do): a handful of
+        kernels per group instead of about a dozen per layer (85 layers in the paper's network), so that the GPU step
+        does not pay a thousand kernel launches for it. The same arithmetic as :func:`trust_ratio` per layer."""
         for group in optimizer.param_groups:
             weight_decay = group.get("weight_decay", 0.0)
+            layers: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for weight in group["params"]:
-                if weight.grad is None or weight.ndim <= 1:
-                    continue
-                ratio = trust_ratio(
-                    weight, weight.grad, group["lr"], weight_decay, self.trust_coefficient, self.clip_trust
+                if weight.grad is not None and weight.ndim > 1:
+                    layers.setdefault((weight.device, weight.dtype), []).append(weight)
+            for weights in layers.values():
+                grads = [weight.grad for weight in weights]
+                ratios = ratio_from_norms(
+                    torch.stack(torch._foreach_norm(weights)),
+                    torch.stack(torch._foreach_norm(grads)),
+                    group["lr"],
+                    weight_decay,
+                    self.trust_coefficient,
+                    self.clip_trust,
                 )
-                weight.grad.add_(weight, alpha=weight_decay).mul_(ratio).sub_(weight, alpha=weight_decay)
+                torch._foreach_add_(grads, weights, alpha=weight_decay)
+                torch._foreach_mul_(grads, list(ratios.unbind()))
+                torch._foreach_sub_(grads, weights, alpha=weight_decay)
