@@ -4,7 +4,8 @@ Issue 4, section 5. The step is what ``bundles/pretrain_joint/configs/train.json
 ``SupervisedTrainer``: ``JointPrepareBatch`` -> ``optimizer.zero_grad(set_to_none=True)`` -> ``JointSSLNet`` forward on
 a joint batch -> ``JointLoss`` (``SwAVLoss`` intra and inter, ``MaskedSlicePredictionLoss`` on the masked positions)
 -> backward -> ``torch.optim.SGD`` step (momentum 0.9). The trainer's handlers (prototype freezing and normalisation,
-LARC trust ratio, clipping, logging) are not part of it. Default shapes are the ``cpu_demo`` preset's: 8 images (two
+clipping, logging) are not part of it; LARC (``train.json``'s ``GradientControl`` with trust 0.001, before the SGD
+step) is with ``--larc``. Default shapes are the ``cpu_demo`` preset's: 8 images (two
 global 64 x 64 crops and two 32 x 32 crops each) and 2 volumes (two views of 24 slices of 64 x 64) per batch,
 ``embed_dim`` 128, 32 intra and 8 inter prototypes; ResNet-18 on CPU, ResNet-50 on CUDA unless ``--depth`` is given.
 Every valid slice enters the 2D clustering (``train.json``'s default; ``cpu_demo`` uses
@@ -54,6 +55,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 import torchvision
@@ -63,10 +65,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from custom_nets.data import build_joint_dataloader, load_datalist, make_demo_corpus
 from custom_nets.engines import JointItemIds, JointPrepareBatch, build_sgd
+from custom_nets.engines.handlers import GradientControl
 from custom_nets.losses import JointLoss, MaskedSlicePredictionLoss, SwAVLoss
 from custom_nets.nets import JointSSLNet
 
 SECTIONS = ("a", "b", "c")
+LARC_TRUST = 0.001  # train.json's larc_trust
 STEP_RATIO_TARGET = 1.15
 THROUGHPUT_TARGET = 0.87
 LOADER_HEADROOM_TARGET = 2.0
@@ -95,6 +99,7 @@ class StepShape:
     channels_last: bool = False  # the fast-path switches of train.json (issue 11, goal 3)
     fused_optimizer: bool = False
     pin_memory: bool = False
+    larc: bool = False  # train.json's GradientControl (LARC, trust 0.001) between backward and the SGD step
 
 
 @dataclass
@@ -109,6 +114,7 @@ class Training:
     amp_dtype: torch.dtype | None = None  # autocast dtype of forward + loss, None = float32
     scaler: torch.amp.GradScaler | None = None  # MONAI's SupervisedTrainer scales the loss whenever amp is on
     non_blocking: bool = False  # asynchronous host-to-device copies (with a pinned batch)
+    gradient_control: GradientControl | None = None  # the trainer's handler on BACKWARD_COMPLETED
 
 
 def synchronize(device: torch.device) -> None:
@@ -140,7 +146,8 @@ def build_training(
     prepare_batch = JointPrepareBatch(item_ids, shape.intra_slices_per_volume)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is not None else None
     non_blocking = shape.pin_memory and device.type == "cuda"
-    return Training(network, loss, optimizer, prepare_batch, device, amp_dtype, scaler, non_blocking)
+    gradient_control = GradientControl(trust_coefficient=LARC_TRUST) if shape.larc else None
+    return Training(network, loss, optimizer, prepare_batch, device, amp_dtype, scaler, non_blocking, gradient_control)
 
 
 def synthetic_item_ids(shape: StepShape) -> JointItemIds:
@@ -205,6 +212,14 @@ def training_step(training: Training, batch: dict[str, object], phase_marks: boo
         (training.scaler.scale(loss) if training.scaler is not None else loss).backward()
     mark()
     with record_function("optimizer"):
+        if training.gradient_control is not None:  # LARC, as the trainer's handler runs it (unscaling first)
+            trainer = SimpleNamespace(
+                network=training.network,
+                optimizer=training.optimizer,
+                scaler=training.scaler,
+                amp=training.scaler is not None,
+            )
+            training.gradient_control(trainer)
         if training.scaler is not None:
             training.scaler.step(training.optimizer)
             training.scaler.update()
@@ -282,11 +297,11 @@ def describe_shape(shape: StepShape) -> str:
     )
     volumes = f"{shape.volumes_per_batch} volumes x 2 views x {shape.num_slices} x {shape.volume_size}^2"
     clustered = shape.intra_slices_per_volume
-    switches = ("channels_last", "fused_optimizer", "pin_memory")
+    switches = ("channels_last", "fused_optimizer", "pin_memory", "larc")
     return (
         f"ResNet-{shape.depth}, d={shape.embed_dim}, prototypes {shape.intra_prototypes}/{shape.inter_prototypes}; "
         f"batch: {images} + {volumes}; 2D clustering on {'all' if clustered is None else clustered} slices per volume"
-        f"; fast-path switches: {', '.join(s for s in switches if getattr(shape, s)) or 'none'}"
+        f"; switches: {', '.join(s for s in switches if getattr(shape, s)) or 'none'}"
     )
 
 
@@ -613,6 +628,7 @@ def shape_for(args: argparse.Namespace, device: torch.device) -> StepShape:
         channels_last=args.channels_last,
         fused_optimizer=args.fused_optimizer,
         pin_memory=args.pin_memory,
+        larc=args.larc,
     )
 
 
@@ -684,6 +700,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true", help="2D encoder in channels-last memory format")
     parser.add_argument("--fused-optimizer", action="store_true", help="torch's fused SGD (build_sgd)")
     parser.add_argument("--pin-memory", action="store_true", help="pinned batch + non_blocking copies (CUDA)")
+    parser.add_argument(
+        "--larc", action="store_true", help=f"LARC (trust {LARC_TRUST}) before the SGD step, as train.json"
+    )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the step")
     args = parser.parse_args(argv)
     args.sections = [section.strip() for section in args.sections.split(",") if section.strip()]

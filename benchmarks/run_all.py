@@ -75,6 +75,10 @@ def cuda_scripts() -> list[Script]:
             "Joint step, paper size, bfloat16 autocast, every fast-path switch, with a profile (CUDA)",
             [*step, "--amp", "bfloat16", *PAPER, *fast, "--profile"],
         ),
+        Script(
+            "Joint step, paper size, bfloat16 autocast, every fast-path switch and LARC as train.json (CUDA)",
+            [*step, "--amp", "bfloat16", *PAPER, *fast, "--larc"],
+        ),
     ]
 
 

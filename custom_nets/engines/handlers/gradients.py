@@ -104,6 +104,7 @@ class GradientControl:
                     self.trust_coefficient,
                     self.clip_trust,
                 )
-                torch._foreach_add_(grads, weights, alpha=weight_decay)
+                # (g + wd * w) * ratio - wd * w, as g * ratio + wd * (ratio - 1) * w: two passes over the gradients
                 torch._foreach_mul_(grads, list(ratios.unbind()))
-                torch._foreach_sub_(grads, weights, alpha=weight_decay)
+                if weight_decay:
+                    torch._foreach_addcmul_(grads, weights, list((weight_decay * (ratios - 1)).unbind()))
