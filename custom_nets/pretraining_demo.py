@@ -79,10 +79,10 @@ PROTOCOLS = {
 STARTS_FROM = {"frozen_then_end_to_end": "frozen"}
 """Protocols whose trials start from the final U-Net (``models/model.pt``) of another protocol's trial."""
 DEFAULT_PROTOCOLS = ("frozen",)
-"""The protocols of ``make demo``. The frozen encoder alone keeps the demo near its time budget (about 5 minutes on 2
-CPU cores): its 12 trials were about two thirds of the 356 fine-tuning seconds of the two-protocol demo (2026-11-28,
-commit 169cfc5). Its gain from pretraining was as large or larger and steadier on both corpora (held out, 6 seeds:
-+0.056 +- 0.060 against LP-FT's +0.056 +- 0.082 with 3 labelled volumes, +0.061 against +0.041 with 9).
+"""The protocols of ``make demo``. The frozen encoder alone brings the demo nearer its budget of about 5 minutes on 2
+CPU cores (not within it): its 12 trials were about two thirds of the 356 fine-tuning seconds of the two-protocol demo
+(2026-11-28, commit 169cfc5). Its gain from pretraining was as large or larger and steadier on both corpora (held out, 6
+seeds: +0.056 +- 0.060 against LP-FT's +0.056 +- 0.082 with 3 labelled volumes, +0.061 against +0.041 with 9).
 ``frozen_then_end_to_end`` adds the end-to-end result (about 3 more minutes; ``python -m custom_nets.cli demo
 --protocols frozen,frozen_then_end_to_end``)."""
 
