@@ -405,12 +405,10 @@ def _format_report(report: Mapping) -> str:
     lines = ["", "Joint image-volume pretraining demo (arXiv 2212.01893 on MONAI)", "=" * 72]
     first, last = report["loss_terms"][0], report["loss_terms"][-1]
     lines.append(f"pretraining: epochs {last['epoch']}, iterations {report['iterations']}")
-    lines.append("loss by term (epoch mean)   " + "  ".join(f"{k:>7}" for k in ("intra", "inter", "mask", "total")))
+    columns = [k for k in ("intra", "inter", "mask", "dense") if k in last] + ["total"]
+    lines.append("loss by term (epoch mean)   " + "  ".join(f"{k:>7}" for k in columns))
     for name, terms in (("first epoch", first), ("last epoch", last)):
-        lines.append(
-            f"  {name:<26}"
-            + "  ".join(f"{terms.get(k, float('nan')):7.3f}" for k in ("intra", "inter", "mask", "total"))
-        )
+        lines.append(f"  {name:<26}" + "  ".join(f"{terms.get(k, float('nan')):7.3f}" for k in columns))
     for name, stats in report["prototypes"].items():
         lines.append(f"prototypes in use ({name}): {stats}")
     for name in ("intra", "inter"):

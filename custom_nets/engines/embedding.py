@@ -52,10 +52,8 @@ class EmbeddingInferer(Inferer):
         model = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
         if inputs.ndim == 4:
             return {"embedding": model(inputs)}
-        _, volume_feature, tokens, _ = model.embed_volume(
-            inputs, kwargs.get("slice_valid"), kwargs.get("slice_position")
-        )
-        output = {"embedding": volume_feature}
+        encoding = model.embed_volume(inputs, kwargs.get("slice_valid"), kwargs.get("slice_position"))
+        output = {"embedding": encoding.volume_feature}
         if self.per_slice:
-            output["slice_embeddings"] = tokens
+            output["slice_embeddings"] = encoding.tokens
         return output

@@ -1,4 +1,5 @@
-"""The joint objective ``L = w_intra * L_intra + w_inter * L_inter + w_mask * L_mask`` of arXiv 2212.01893."""
+"""The joint objective ``L = w_intra * L_intra + w_inter * L_inter + w_mask * L_mask`` of arXiv 2212.01893, plus an
+optional dense term ``w_dense * L_dense``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from torch import nn
 
 __all__ = ["JointLoss"]
 
-TERMS = ("intra", "inter", "mask")
+PAPER_TERMS = ("intra", "inter", "mask")
+TERMS = (*PAPER_TERMS, "dense")
 
 
 def _present_terms(prediction: Mapping) -> dict[str, bool]:
@@ -20,6 +22,7 @@ def _present_terms(prediction: Mapping) -> dict[str, bool]:
         "intra": "intra_scores" in prediction and len(projections) > 0 and projections[0].shape[0] > 0,
         "inter": "inter_scores" in prediction and "inter_projection" in prediction,
         "mask": "mask_prediction" in prediction and "mask_target" in prediction,
+        "dense": "dense_scores" in prediction and sum(group.shape[0] for group in prediction["dense_scores"][0]) > 0,
     }
 
 
@@ -51,16 +54,19 @@ class JointLoss(nn.Module):
         ``target["inter_index"]``.
         ``mask``: :class:`MaskedSlicePredictionLoss`, called with ``mask_prediction``, ``mask_target``,
         ``slice_mask``, ``slice_valid``.
+        ``dense``: :class:`DenseSwAVLoss` on the locations of the global 2D views, called with ``dense_scores``,
+        ``dense_features``: not part of the paper's objective (an option for dense downstream tasks; off by default).
     A term whose inputs are missing from the network output (a batch with only 2D items or only volumes) is skipped
     and counts 0. Under ``torch.distributed`` every rank must have the same terms present (checked, clear error).
 
     ``forward(prediction, target)``: the network's train-mode dict and ``{"intra_index": (M_0,), "inter_index":
     (B3,)}`` (``target`` may be ``None`` when no component needs ids) -> scalar loss. After each call ``terms`` holds
-    detached scalars ``intra``, ``inter``, ``mask`` (unweighted) and ``total`` for logging.
+    detached scalars ``intra``, ``inter``, ``mask`` (unweighted; ``dense`` too when configured) and ``total`` for
+    logging.
 
     Args:
-        intra, inter, mask: the component losses.
-        w_intra, w_inter, w_mask: their weights (1 by default; the paper publishes none).
+        intra, inter, mask, dense: the component losses.
+        w_intra, w_inter, w_mask, w_dense: their weights (1 by default; the paper publishes none).
     """
 
     def __init__(
@@ -71,14 +77,17 @@ class JointLoss(nn.Module):
         w_intra: float = 1.0,
         w_inter: float = 1.0,
         w_mask: float = 1.0,
+        dense: nn.Module | None = None,
+        w_dense: float = 1.0,
     ) -> None:
         super().__init__()
-        if intra is None and inter is None and mask is None:
-            raise ValueError("JointLoss needs at least one of intra, inter, mask.")
+        if intra is None and inter is None and mask is None and dense is None:
+            raise ValueError("JointLoss needs at least one of intra, inter, mask, dense.")
         self.intra = intra
         self.inter = inter
         self.mask = mask
-        self.weights = {"intra": w_intra, "inter": w_inter, "mask": w_mask}
+        self.dense = dense
+        self.weights = {"intra": w_intra, "inter": w_inter, "mask": w_mask, "dense": w_dense}
         self.terms: dict[str, torch.Tensor] = {}
 
     def forward(self, prediction: Mapping, target: Mapping | None = None) -> torch.Tensor:
@@ -101,6 +110,8 @@ class JointLoss(nn.Module):
                 prediction["slice_mask"],
                 prediction["slice_valid"],
             )
+        if self.dense is not None and present["dense"]:
+            values["dense"] = self.dense(prediction["dense_scores"], prediction["dense_features"])
         if not values:
             configured = [name for name in TERMS if getattr(self, name) is not None]
             raise ValueError(
@@ -109,6 +120,7 @@ class JointLoss(nn.Module):
             )
         total = torch.stack([self.weights[name] * value for name, value in values.items()]).sum()
         zero = total.detach().new_zeros(())
-        self.terms = {name: values[name].detach() if name in values else zero for name in TERMS}
+        logged = PAPER_TERMS if self.dense is None else TERMS
+        self.terms = {name: values[name].detach() if name in values else zero for name in logged}
         self.terms["total"] = total.detach()
         return total

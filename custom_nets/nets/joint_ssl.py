@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from torch import nn
 from custom_nets.nets.slice_encoder import SliceEncoder
 from custom_nets.nets.slice_transformer import SliceTransformer
 
-__all__ = ["JointSSLNet", "sample_slice_mask", "sample_slice_window"]
+__all__ = ["JointSSLNet", "VolumeEncoding", "sample_slice_mask", "sample_slice_window"]
 
 
 def sample_slice_mask(
@@ -39,6 +40,30 @@ def sample_slice_window(
     start = start.long()
     rank = slice_valid.long().cumsum(dim=1) - 1  # index of each valid slice among the valid ones
     return slice_valid & (rank >= start[:, None]) & (rank < (start + length)[:, None])
+
+
+class VolumeEncoding(NamedTuple):
+    """Outputs of :meth:`JointSSLNet.embed_volume` for ``(B, C, N, H, W)`` volumes with ``S`` valid slices.
+
+    Attributes:
+        slice_embeddings: ``f_intra`` slice embeddings ``(B, N, d)``, zero on padding.
+        volume_feature: unit-norm ``f_inter`` volume feature ``(B, d)``.
+        tokens: ``f_inter`` output tokens ``(B, N, d)``.
+        pooled: stage-4 pools ``(S, C4)`` of the valid slices (volume-major).
+        stage_map: the feature map of one ``f_intra`` stage ``(S, C_k, h, w)`` of the valid slices when asked for,
+            else None.
+    """
+
+    slice_embeddings: torch.Tensor
+    volume_feature: torch.Tensor
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    stage_map: torch.Tensor | None
+
+
+def _locations(maps: torch.Tensor) -> torch.Tensor:
+    """``(M, C, h, w)`` feature maps -> ``(M, h * w, C)`` location vectors."""
+    return maps.flatten(2).transpose(1, 2)
 
 
 def _projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -76,6 +101,10 @@ class JointSSLNet(nn.Module):
         ``volume_feature`` (detached): ``(B3, d)`` unit-norm ``f_inter`` volume features of view 0 (of the masked
         sequence), before any projection head.
         The last two feed no loss; monitors read them (e.g. :class:`custom_nets.engines.handlers.EffectiveRankMonitor`).
+        With ``dense_prototypes > 0``: ``dense_scores``, per global view (0, 1), per group (the images, then the
+        ``intra_slices`` of the volumes), ``(M_g, h * w, K_dense)`` prototype scores of the unit-norm dense projections
+        of the ``dense_stage`` map of ``f_intra``, and ``dense_features`` (detached), the same layout with that map's
+        ``C_k`` channels (for matching locations between views; see :class:`custom_nets.losses.DenseSwAVLoss`).
     Keys of the 3D part are absent when there is no volume, and the projections are empty lists without 2D items.
 
     Eval mode, ``forward(x)`` returns one tensor so that MONAI's export and checking tools work:
@@ -107,6 +136,11 @@ class JointSSLNet(nn.Module):
             2021). Measured on the demo: pretraining otherwise turns the stem into a low-pass filter bank that
             fine-tuning with a few labelled volumes does not undo (see the pretrain_joint docs).
         channels_last: the 2D encoder ``f_intra`` in channels-last memory format (see :class:`SliceEncoder`).
+        dense_prototypes: prototypes of the optional dense clustering head (0: none, the paper's network). The head
+            projects every location of the ``dense_stage`` map of the two global views with its own projection MLP
+            (``C_k -> projection_hidden_dim -> projection_dim``, a 1 x 1 convolution stack) for
+            :class:`custom_nets.losses.DenseSwAVLoss`; it is not part of arXiv 2212.01893 (see that loss).
+        dense_stage: the ``f_intra`` stage (1-4, strides 4-32) whose map the dense head reads.
     """
 
     def __init__(
@@ -131,6 +165,8 @@ class JointSSLNet(nn.Module):
         freeze_slice_encoder: bool = False,
         freeze_stem: bool = False,
         channels_last: bool = False,
+        dense_prototypes: int = 0,
+        dense_stage: int = 4,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -149,6 +185,17 @@ class JointSSLNet(nn.Module):
         self.inter_projection_dim = projection_dim if inter_projection_head else embed_dim
         self.inter_prototypes = _prototype_heads(self.inter_projection_dim, inter_prototypes)
         self.mask_decoder = nn.Linear(embed_dim, embed_dim)
+        if dense_prototypes < 0 or dense_stage not in (1, 2, 3, 4):
+            raise ValueError(
+                f"dense_prototypes must be >= 0 and dense_stage one of 1-4, got {dense_prototypes} and {dense_stage}."
+            )
+        self.dense_stage = dense_stage if dense_prototypes > 0 else None
+        self.dense_projection_head = (
+            _projection_head(self.slice_encoder.stage_channels[dense_stage], projection_hidden_dim, projection_dim)
+            if dense_prototypes > 0
+            else None
+        )
+        self.dense_prototypes = _prototype_heads(projection_dim, (dense_prototypes,) if dense_prototypes > 0 else ())
         if inter_slice_scale is not None and not 0.0 < inter_slice_scale[0] <= inter_slice_scale[1] <= 1.0:
             raise ValueError(f"inter_slice_scale must satisfy 0 < low <= high <= 1, got {inter_slice_scale}.")
         self.inter_slice_scale = None if inter_slice_scale is None else tuple(inter_slice_scale)
@@ -183,22 +230,24 @@ class JointSSLNet(nn.Module):
         slice_position: torch.Tensor | None = None,
         slice_mask: torch.Tensor | None = None,
         transformer_valid: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode ``(B, C, N, H, W)``: slice embeddings ``(B, N, d)``, volume feature ``(B, d)``, tokens ``(B, N, d)``,
-        stage-4 pools ``(S, C4)`` of the ``S`` valid slices (volume-major). Padding slices are never encoded.
-        ``transformer_valid`` (a subset of ``slice_valid``) limits the slices that ``f_inter`` sees."""
+        stage: int | None = None,
+    ) -> VolumeEncoding:
+        """Encode ``(B, C, N, H, W)`` volumes (see :class:`VolumeEncoding`). Padding slices are never encoded.
+        ``transformer_valid`` (a subset of ``slice_valid``) limits the slices that ``f_inter`` sees; ``stage`` (1-4)
+        also returns that stage's ``f_intra`` map of the valid slices."""
         if volume.ndim != 5:
             raise ValueError(f"expected volumes (B, C, N, H, W), got {tuple(volume.shape)}.")
         batch, _, num_slices = volume.shape[:3]
         if slice_valid is None:
             slice_valid = torch.ones(batch, num_slices, dtype=torch.bool, device=volume.device)
         slices = volume.permute(0, 2, 1, 3, 4)[slice_valid]  # (S, C, H, W)
-        encoded = self.slice_encoder.encode_images(slices, return_features=False)
+        encoded = self.slice_encoder.encode_images(slices, return_features=stage is not None)
         embeddings = encoded.embedding.new_zeros(batch, num_slices, encoded.embedding.shape[-1])
         embeddings[slice_valid] = encoded.embedding
         inter_valid = slice_valid if transformer_valid is None else transformer_valid
         out = self.slice_transformer(embeddings, inter_valid, slice_position, slice_mask)
-        return embeddings, out.volume_embedding, out.tokens, encoded.pooled
+        stage_map = encoded.features[stage] if stage is not None else None
+        return VolumeEncoding(embeddings, out.volume_embedding, out.tokens, encoded.pooled, stage_map)
 
     def pretraining_outputs(self, batch: Mapping[str, object]) -> dict[str, object]:
         """The per-view projections, scores and masked-prediction tensors that :class:`JointLoss` consumes."""
@@ -212,15 +261,21 @@ class JointSSLNet(nn.Module):
             raise ValueError(f"expected at least 2 image views (two global crops), got {len(image_views)}.")
         num_views = max(len(image_views), 2)
         pooled_per_view: list[list[torch.Tensor]] = [[] for _ in range(num_views)]
+        dense_maps: list[list[torch.Tensor]] = [[], []]  # per global view: the images' map, then the slices'
         slice_embeddings: list[torch.Tensor] = []  # view 0: images, then valid slices
         for view, images in enumerate(image_views):
-            encoded = self.slice_encoder.encode_images(images, return_features=False)
+            dense = self.dense_stage is not None and view < 2
+            encoded = self.slice_encoder.encode_images(images, return_features=dense)
             pooled_per_view[view].append(encoded.pooled)
+            if dense:
+                dense_maps[view].append(encoded.features[self.dense_stage])
             if view == 0:
                 slice_embeddings.append(encoded.embedding.detach())
         outputs: dict[str, object] = {}
         if volume_views:
-            self._volume_outputs(batch, volume_views, pooled_per_view, slice_embeddings, outputs)
+            self._volume_outputs(batch, volume_views, pooled_per_view, dense_maps, slice_embeddings, outputs)
+        if self.dense_stage is not None:
+            outputs.update(self._dense_outputs(dense_maps))
         outputs["slice_embedding"] = torch.cat(slice_embeddings)
         pooled = [torch.cat(parts, dim=0) for parts in pooled_per_view]
         projections = F.normalize(self.projection_head(torch.cat(pooled, dim=0)), dim=1)
@@ -228,11 +283,26 @@ class JointSSLNet(nn.Module):
         outputs["intra_scores"] = [[head(z) for z in outputs["intra_projection"]] for head in self.intra_prototypes]
         return outputs
 
+    def _dense_outputs(self, dense_maps: Sequence[Sequence[torch.Tensor]]) -> dict[str, list[list[torch.Tensor]]]:
+        """Dense projections of every location of the two global views' maps -> prototype scores and match features."""
+        features = [[_locations(maps) for maps in view] for view in dense_maps]
+        groups = [group for view in features for group in view]
+        flat = torch.cat([group.flatten(0, 1) for group in groups])
+        projected = F.normalize(self.dense_projection_head(flat), dim=1)
+        scores = self.dense_prototypes[0](projected).split([group.shape[0] * group.shape[1] for group in groups])
+        shaped = [part.reshape(*group.shape[:2], -1) for part, group in zip(scores, groups, strict=True)]
+        per_view = len(features[0])
+        return {
+            "dense_scores": [shaped[:per_view], shaped[per_view:]],
+            "dense_features": [[group.detach() for group in view] for view in features],
+        }
+
     def _volume_outputs(
         self,
         batch: Mapping[str, object],
         volume_views: Sequence[torch.Tensor],
         pooled_per_view: list[list[torch.Tensor]],
+        dense_maps: list[list[torch.Tensor]],
         slice_embeddings: list[torch.Tensor],
         outputs: dict[str, object],
     ) -> None:
@@ -251,10 +321,17 @@ class JointSSLNet(nn.Module):
             slice_mask = sample_slice_mask(windows[0] & windows[1], self.mask_ratio)
         volume_features, predictions, targets = [], [], []
         for view, volume in enumerate(volume_views):
-            embeddings, volume_feature, tokens, pooled = self.embed_volume(
-                volume, slice_valid, slice_position, slice_mask if self.mask_ratio > 0 else None, windows[view]
+            embeddings, volume_feature, tokens, pooled, stage_map = self.embed_volume(
+                volume,
+                slice_valid,
+                slice_position,
+                slice_mask if self.mask_ratio > 0 else None,
+                windows[view],
+                self.dense_stage,
             )
             pooled_per_view[view].append(pooled if intra_rows is None else pooled[intra_rows])
+            if stage_map is not None:
+                dense_maps[view].append(stage_map if intra_rows is None else stage_map[intra_rows])
             volume_features.append(volume_feature)
             predictions.append(self.mask_decoder(tokens))
             targets.append(embeddings.detach())

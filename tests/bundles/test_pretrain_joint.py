@@ -130,6 +130,19 @@ def test_single_kind_batches(corpus, tmp_path, images_per_batch, volumes_per_bat
 
 
 @pytest.mark.slow
+def test_dense_term_trains_and_is_logged(corpus: Path, tmp_path: Path) -> None:
+    workflow = train(corpus, tmp_path, w_dense=0.5, dense_prototypes=6, dense_stage=3)
+    terms = loss_history(workflow)[-1]
+    assert math.isfinite(terms["dense"]) and terms["dense"] > 0
+    network = workflow.parser.get_parsed_content("network_def")
+    assert network.dense_prototypes[0].weight.shape == (6, TINY["projection_dim"])
+    export = export_pretrained(tmp_path / "model_final.pt", tmp_path / "export.pt")
+    encoder = SliceEncoder(depth=18, embed_dim=32)
+    report = load_slice_encoder_weights(encoder, export)
+    assert report.missing == [] and report.unexpected == []  # the dense head stays out of the export
+
+
+@pytest.mark.slow
 def test_deepcluster_runs_kmeans_and_trains(corpus: Path, tmp_path: Path) -> None:
     workflow = train(
         corpus,

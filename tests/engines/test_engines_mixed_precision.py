@@ -7,7 +7,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from custom_nets.engines import JointItemIds, JointPrepareBatch, autocast_dtype
-from custom_nets.losses import DeepClusterV2Loss, JointLoss, MaskedSlicePredictionLoss, SwAVLoss
+from custom_nets.losses import DeepClusterV2Loss, DenseSwAVLoss, JointLoss, MaskedSlicePredictionLoss, SwAVLoss
 from custom_nets.nets import JointSSLNet
 from custom_nets.nets.segmentation import SliceEncoderUNet
 
@@ -51,6 +51,8 @@ def _training(loss_family: str) -> tuple[JointSSLNet, JointLoss, JointPrepareBat
         intra_prototypes=(8,),
         inter_prototypes=(2,),
         mask_ratio=0.3,
+        dense_prototypes=4,
+        dense_stage=3,
     ).train()
     item_ids = JointItemIds(["image"] * IMAGES + ["volume"] * VOLUMES, SLICES)
     if loss_family == "swav":
@@ -58,7 +60,9 @@ def _training(loss_family: str) -> tuple[JointSSLNet, JointLoss, JointPrepareBat
     else:
         intra = DeepClusterV2Loss(item_ids.num_intra_items, embedding_dim=16, num_heads=1)
         inter = DeepClusterV2Loss(VOLUMES, embedding_dim=16, num_heads=1)
-    loss = JointLoss(intra=intra, inter=inter, mask=MaskedSlicePredictionLoss(positions="masked"))
+    loss = JointLoss(
+        intra=intra, inter=inter, mask=MaskedSlicePredictionLoss(positions="masked"), dense=DenseSwAVLoss()
+    )
     return network, loss, JointPrepareBatch(item_ids)
 
 

@@ -107,6 +107,33 @@ def test_pretraining_outputs_mixed_batch() -> None:
     torch.testing.assert_close(out["intra_projection"][0].norm(dim=1), torch.ones(13))
 
 
+@pytest.mark.parametrize(("stage", "image_locations", "slice_locations"), [(3, 4, 9), (4, 1, 4)])
+def test_dense_outputs_hold_every_location_of_the_global_views(stage, image_locations, slice_locations) -> None:
+    net = tiny_net(dense_prototypes=5, dense_stage=stage).train()
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    batch = {  # images 32 x 32 and volume slices 48 x 48: two groups with their own map sizes
+        "image_views": [torch.randn(3, 1, 32, 32), torch.randn(3, 1, 32, 32), torch.randn(3, 1, 16, 16)],
+        "volume_views": [torch.randn(2, 1, 6, 48, 48), torch.randn(2, 1, 6, 48, 48)],
+        "slice_valid": valid,
+        "intra_slices": valid & (torch.arange(6) < 3),  # 3 slices of each volume enter the 2D losses
+    }
+    out = net(batch)
+    channels = net.slice_encoder.stage_channels[stage]
+    for view in range(2):
+        assert [g.shape for g in out["dense_scores"][view]] == [(3, image_locations, 5), (6, slice_locations, 5)]
+        assert [g.shape for g in out["dense_features"][view]] == [
+            (3, image_locations, channels),
+            (6, slice_locations, channels),
+        ]
+        assert not any(g.requires_grad for g in out["dense_features"][view])
+    scores = out["dense_scores"][0][1].sum()
+    scores.backward()
+    assert net.slice_encoder.trunk.layer1[0].conv1.weight.grad.abs().sum() > 0  # the dense term trains f_intra
+    assert "dense_scores" not in tiny_net().train()(batch)  # off by default: the paper's network
+    with pytest.raises(ValueError, match="dense_stage"):
+        tiny_net(dense_prototypes=5, dense_stage=0)
+
+
 def test_inter_clustering_on_projected_or_raw_volume_features() -> None:
     volumes = {"volume_views": [torch.randn(3, 1, 4, 32, 32), torch.randn(3, 1, 4, 32, 32)]}
     raw = tiny_net(inter_projection_head=False).train()
@@ -146,8 +173,8 @@ def test_transformer_window_equals_embedding_the_cropped_volume() -> None:
     position = 2.5 * torch.arange(8.0)[None]
     window = torch.tensor([[False, False, True, True, True, True, False, False]])
     with torch.no_grad():
-        _, windowed, _, _ = net.embed_volume(volume, None, position, transformer_valid=window)
-        _, cropped, _, _ = net.embed_volume(volume[:, :, 2:6], None, position[:, 2:6])
+        windowed = net.embed_volume(volume, None, position, transformer_valid=window).volume_feature
+        cropped = net.embed_volume(volume[:, :, 2:6], None, position[:, 2:6]).volume_feature
     torch.testing.assert_close(windowed, cropped, atol=1e-5, rtol=1e-5)
 
 
