@@ -33,13 +33,16 @@ def joint_collate(samples: Sequence[Mapping]) -> dict[str, object]:
 
     Each sample is a dict with ``kind`` (``"image"`` or ``"volume"``), ``global_index`` and ``class_label`` (optional,
     -1 when absent); 2D samples hold ``image_views`` (list of (C, H_v, W_v)), 3D samples hold ``volume_views`` (list
-    of 2 (C, N, H, W)), ``slice_valid`` (N,) and ``slice_position`` (N,).
+    of 2 (C, N, H, W)), ``slice_valid`` (N,) and ``slice_position`` (N,); either may hold its views' ``(3, 3)``
+    geometry (``image_view_geometry``, ``volume_view_geometry``, see :func:`~custom_nets.data.views.view_geometry`).
 
     Returns:
         dict with
         ``image_views``: list over views of (B2, C, H_v, W_v) float32, empty when B2 == 0;
+        ``image_view_geometry``: list over views of (B2, 3, 3), when the samples hold it;
         ``image_index``: (B2,) long global datalist indices; ``image_class``: (B2,) long (-1 unknown);
         ``volume_views``: list of 2 tensors (B3, C, N, H, W) float32, empty when B3 == 0;
+        ``volume_view_geometry``: list of 2 (B3, 3, 3), when the samples hold it;
         ``slice_valid``: (B3, N) bool; ``slice_position``: (B3, N) float32 mm;
         ``volume_index``: (B3,) long global datalist indices; ``volume_class``: (B3,) long (-1 unknown).
         Images come first in the order they appear in ``samples``, then volumes likewise.
@@ -52,7 +55,7 @@ def joint_collate(samples: Sequence[Mapping]) -> dict[str, object]:
     num_slices = {int(torch.as_tensor(s["slice_valid"]).numel()) for s in volumes}
     if len(num_slices) > 1:
         raise ValueError(f"volumes with different slice counts {sorted(num_slices)} cannot share a batch")
-    return {
+    batch = {
         "image_views": _stack_views(images, "image_views"),
         "image_index": _long(images, "global_index"),
         "image_class": _long(images, "class_label", default=-1),
@@ -66,3 +69,7 @@ def joint_collate(samples: Sequence[Mapping]) -> dict[str, object]:
         "volume_index": _long(volumes, "global_index"),
         "volume_class": _long(volumes, "class_label", default=-1),
     }
+    for key, group in (("image_view_geometry", images), ("volume_view_geometry", volumes)):
+        if group and all(key in s for s in group):
+            batch[key] = _stack_views(group, key)
+    return batch

@@ -7,6 +7,9 @@
   whose in-plane crop, flip and intensity parameters differ but whose slices are the SAME ones, so slice i of view s
   matches slice i of view t. Within a view every slice gets the same in-plane transform.
 
+Every view also records its geometry (:func:`view_geometry`): the 3 x 3 map from the view's pixel coordinates to the
+source image's, so that a dense objective can pair the locations of two views that show the same point.
+
 Tensor layouts: 2D images (C, X, Y); volumes enter as MONAI's (C, X, Y, Z) and leave as (C, N, H, W).
 """
 
@@ -39,6 +42,7 @@ __all__ = [
     "ViewAugmentation",
     "RandResizedCrop",
     "image_view_transform",
+    "view_geometry",
     "ImageMultiCropd",
     "slice_spacing",
     "VolumeSliceSampled",
@@ -152,6 +156,38 @@ def image_view_transform(
     return Compose(transforms)
 
 
+def view_geometry(view: Compose, size: Sequence[int]) -> torch.Tensor:
+    """The map from pixel coordinates of the view that ``view`` (from :func:`image_view_transform`) made last to pixel
+    coordinates of its source image: ``(3, 3)`` float32 ``A`` with ``(x, y, 1) = A @ (u, v, 1)``, pixel centres at
+    integers, first coordinate along the first spatial axis.
+
+    It undoes, in reverse order, MONAI's rotation about the centre ``c = (size - 1) / 2`` (which sends ``p`` to
+    ``R(angle)^T (p - c) + c``), the flip of the first axis and the resize of the crop box (``align_corners=False``).
+    """
+    crop, flip = view.transforms[0], view.transforms[1]
+    rotate = view.transforms[2] if len(view.transforms) > 2 and isinstance(view.transforms[2], RandRotate) else None
+    size_x, size_y = float(size[0]), float(size[1])
+    x0, y0, crop_w, crop_h = crop._box
+    resize = torch.tensor(
+        [
+            [crop_w / size_x, 0.0, x0 + 0.5 * crop_w / size_x - 0.5],
+            [0.0, crop_h / size_y, y0 + 0.5 * crop_h / size_y - 0.5],
+            [0.0, 0.0, 1.0],
+        ],
+        dtype=torch.float64,
+    )
+    unflip = torch.eye(3, dtype=torch.float64)
+    if flip._do_transform:
+        unflip[0, 0], unflip[0, 2] = -1.0, size_x - 1.0
+    unrotate = torch.eye(3, dtype=torch.float64)
+    if rotate is not None and rotate._do_transform:
+        cos, sin = math.cos(rotate.x), math.sin(rotate.x)
+        centre = torch.tensor([(size_x - 1.0) / 2.0, (size_y - 1.0) / 2.0], dtype=torch.float64)
+        unrotate[:2, :2] = torch.tensor([[cos, -sin], [sin, cos]], dtype=torch.float64)
+        unrotate[:2, 2] = centre - unrotate[:2, :2] @ centre
+    return (resize @ unflip @ unrotate).float()
+
+
 class _MultiViewd(Randomizable, MapTransform):
     """Base of the view makers: a list of random view pipelines, each with its own random state.
 
@@ -174,7 +210,8 @@ class ImageMultiCropd(_MultiViewd):
     """Multi-crop views of a 2D image.
 
     Input ``data[key]``: (C, X, Y). Output ``data["image_views"]``: list of ``2 + num_small_crops`` tensors, views 0
-    and 1 of shape (C, *image_size) (global crops), the others (C, *small_crop_size). The input key is removed.
+    and 1 of shape (C, *image_size) (global crops), the others (C, *small_crop_size), and
+    ``data["image_view_geometry"]``: list of the views' ``(3, 3)`` :func:`view_geometry`. The input key is removed.
     """
 
     def __init__(
@@ -195,6 +232,7 @@ class ImageMultiCropd(_MultiViewd):
         ]
         super().__init__(keys, views)
         self.output_key = output_key
+        self.sizes = [ensure_tuple_rep(image_size, 2)] * 2 + [ensure_tuple_rep(small_crop_size, 2)] * num_small_crops
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -202,6 +240,9 @@ class ImageMultiCropd(_MultiViewd):
             image = d.pop(key)
             image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
             d[self.output_key] = [torch.as_tensor(view(image)) for view in self.views]
+            d["image_view_geometry"] = [
+                view_geometry(view, size) for view, size in zip(self.views, self.sizes, strict=True)
+            ]
         return d
 
 
@@ -270,7 +311,8 @@ class VolumeTwoViewsd(_MultiViewd):
     Input ``data[key]``: (C, X, Y, N) from :class:`VolumeSliceSampled` and ``data[valid_key]`` (N,). Output
     ``data["volume_views"]``: list of 2 tensors (C, N, *volume_size). Each view draws its own in-plane crop, flip and
     intensity parameters and applies them identically to all N slices; both views keep the same N slices in the same
-    order. Padded slices stay zero. The input key is removed.
+    order. Padded slices stay zero. ``data["volume_view_geometry"]``: the two views' ``(3, 3)`` in-plane
+    :func:`view_geometry`, shared by all their slices. The input key is removed.
     """
 
     def __init__(
@@ -285,6 +327,7 @@ class VolumeTwoViewsd(_MultiViewd):
         super().__init__(keys, views)
         self.valid_key = valid_key
         self.output_key = output_key
+        self.size = ensure_tuple_rep(volume_size, 2)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -300,4 +343,5 @@ class VolumeTwoViewsd(_MultiViewd):
                 out[:, invalid] = 0
                 views.append(out)
             d[self.output_key] = views
+            d["volume_view_geometry"] = [view_geometry(view, self.size) for view in self.views]
         return d

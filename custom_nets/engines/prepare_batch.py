@@ -75,7 +75,8 @@ class JointPrepareBatch(PrepareBatch):
     Every tensor is copied to ``device`` with the trainer's ``non_blocking``: with batches in pinned memory (the
     loader's ``pin_memory``) the host-to-GPU copies then run asynchronously.
 
-    Returns ``(inputs, targets)`` where ``inputs`` holds ``image_views``, ``volume_views``, ``slice_valid``,
+    Returns ``(inputs, targets)`` where ``inputs`` holds ``image_views``, ``volume_views``, their ``*_view_geometry``,
+    ``slice_valid``,
     ``slice_position`` and ``intra_slices`` on the device (what :class:`custom_nets.nets.JointSSLNet` takes in train
     mode) and ``targets`` holds ``intra_index`` ``(B2 + S,)`` and ``inter_index`` ``(B3,)`` (what the clustering losses
     key their memory banks with).
@@ -88,7 +89,14 @@ class JointPrepareBatch(PrepareBatch):
             volume's slices over many prototypes instead of grouping similar anatomy.
     """
 
-    INPUT_KEYS = ("image_views", "volume_views", "slice_valid", "slice_position")
+    INPUT_KEYS = (
+        "image_views",
+        "volume_views",
+        "slice_valid",
+        "slice_position",
+        "image_view_geometry",
+        "volume_view_geometry",
+    )
 
     def __init__(self, item_ids: JointItemIds, intra_slices_per_volume: int | None = None) -> None:
         if intra_slices_per_volume is not None and intra_slices_per_volume < 1:

@@ -55,7 +55,8 @@ class JointLoss(nn.Module):
         ``mask``: :class:`MaskedSlicePredictionLoss`, called with ``mask_prediction``, ``mask_target``,
         ``slice_mask``, ``slice_valid``.
         ``dense``: :class:`DenseSwAVLoss` on the locations of the global 2D views, called with ``dense_scores``,
-        ``dense_features``: not part of the paper's objective (an option for dense downstream tasks; off by default).
+        ``dense_coordinates``, ``dense_cell_size``: not part of the paper's objective (an option for dense downstream
+        tasks; off by default).
     A term whose inputs are missing from the network output (a batch with only 2D items or only volumes) is skipped
     and counts 0. Under ``torch.distributed`` every rank must have the same terms present (checked, clear error).
 
@@ -111,7 +112,9 @@ class JointLoss(nn.Module):
                 prediction["slice_valid"],
             )
         if self.dense is not None and present["dense"]:
-            values["dense"] = self.dense(prediction["dense_scores"], prediction["dense_features"])
+            values["dense"] = self.dense(
+                prediction["dense_scores"], prediction["dense_coordinates"], prediction["dense_cell_size"]
+            )
         if not values:
             configured = [name for name in TERMS if getattr(self, name) is not None]
             raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -12,7 +13,7 @@ from torch import nn
 from custom_nets.nets.slice_encoder import SliceEncoder
 from custom_nets.nets.slice_transformer import SliceTransformer
 
-__all__ = ["JointSSLNet", "VolumeEncoding", "sample_slice_mask", "sample_slice_window"]
+__all__ = ["JointSSLNet", "VolumeEncoding", "location_coordinates", "sample_slice_mask", "sample_slice_window"]
 
 
 def sample_slice_mask(
@@ -66,6 +67,42 @@ def _locations(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(2).transpose(1, 2)
 
 
+def location_coordinates(
+    geometry: torch.Tensor, map_size: Sequence[int], input_size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the locations of a feature map lie in the source images of its views.
+
+    Args:
+        geometry: ``(M, 3, 3)`` view-to-source maps of pixel coordinates (:func:`custom_nets.data.views.view_geometry`).
+        map_size: ``(h, w)`` of the feature map; input_size: ``(H, W)`` of the view it was computed from.
+
+    Returns:
+        ``(M, h * w, 2)`` source pixel coordinates of the location centres (row-major, as ``flatten``), and ``(M,)`` the
+        side of one location's cell in source pixels. The cells split the view evenly (``H / h`` by ``W / w`` pixels),
+        which is exact when the view's size is a multiple of the stage's stride.
+    """
+    strides = [float(size) / float(cells) for size, cells in zip(input_size, map_size, strict=True)]
+    axes = [
+        (torch.arange(cells, dtype=torch.float32) + 0.5) * stride - 0.5
+        for cells, stride in zip(map_size, strides, strict=True)
+    ]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 2).to(geometry.device)
+    linear, offset = geometry[:, :2, :2].float(), geometry[:, :2, 2].float()
+    coordinates = torch.einsum("mij,lj->mli", linear, grid) + offset[:, None]
+    cell = torch.linalg.det(linear).abs().sqrt() * math.sqrt(strides[0] * strides[1])
+    return coordinates, cell
+
+
+def _view_geometry(batch: Mapping[str, object], key: str, view: int) -> torch.Tensor:
+    geometry = batch.get(key)
+    if geometry is None:
+        raise ValueError(
+            f"the dense head needs each view's geometry, batch key {key!r} (per view (B, 3, 3), made by "
+            "ImageMultiCropd / VolumeTwoViewsd and joint_collate); pass it, or set dense_prototypes to 0."
+        )
+    return geometry[view]
+
+
 def _projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """SwAV's projection MLP ``Linear -> BatchNorm -> ReLU -> Linear`` (normalised by the caller)."""
     return nn.Sequential(
@@ -101,10 +138,13 @@ class JointSSLNet(nn.Module):
         ``volume_feature`` (detached): ``(B3, d)`` unit-norm ``f_inter`` volume features of view 0 (of the masked
         sequence), before any projection head.
         The last two feed no loss; monitors read them (e.g. :class:`custom_nets.engines.handlers.EffectiveRankMonitor`).
-        With ``dense_prototypes > 0``: ``dense_scores``, per global view (0, 1), per group (the images, then the
-        ``intra_slices`` of the volumes), ``(M_g, h * w, K_dense)`` prototype scores of the unit-norm dense projections
-        of the ``dense_stage`` map of ``f_intra``, and ``dense_features`` (detached), the same layout with that map's
-        ``C_k`` channels (for matching locations between views; see :class:`custom_nets.losses.DenseSwAVLoss`).
+        With ``dense_prototypes > 0`` (the batch then also holds ``image_view_geometry`` / ``volume_view_geometry``,
+        per view ``(B, 3, 3)`` from :func:`custom_nets.data.views.view_geometry`): ``dense_scores``, per global view
+        (0, 1), per group (the images, then the ``intra_slices`` of the volumes), ``(M_g, h * w, K_dense)`` prototype
+        scores of the unit-norm dense projections of the ``dense_stage`` map of ``f_intra``; ``dense_coordinates``,
+        the same layout ``(M_g, h * w, 2)``: the source-image pixel coordinates of the location centres; and
+        ``dense_cell_size`` ``(M_g,)``: a location's cell side in source pixels (see
+        :class:`custom_nets.losses.DenseSwAVLoss`).
     Keys of the 3D part are absent when there is no volume, and the projections are empty lists without 2D items.
 
     Eval mode, ``forward(x)`` returns one tensor so that MONAI's export and checking tools work:
@@ -261,14 +301,16 @@ class JointSSLNet(nn.Module):
             raise ValueError(f"expected at least 2 image views (two global crops), got {len(image_views)}.")
         num_views = max(len(image_views), 2)
         pooled_per_view: list[list[torch.Tensor]] = [[] for _ in range(num_views)]
-        dense_maps: list[list[torch.Tensor]] = [[], []]  # per global view: the images' map, then the slices'
+        # per global view, per group (the images, then the volume slices): (stage map, view geometry, view size)
+        dense_maps: list[list[tuple[torch.Tensor, torch.Tensor, Sequence[int]]]] = [[], []]
         slice_embeddings: list[torch.Tensor] = []  # view 0: images, then valid slices
         for view, images in enumerate(image_views):
             dense = self.dense_stage is not None and view < 2
             encoded = self.slice_encoder.encode_images(images, return_features=dense)
             pooled_per_view[view].append(encoded.pooled)
             if dense:
-                dense_maps[view].append(encoded.features[self.dense_stage])
+                geometry = _view_geometry(batch, "image_view_geometry", view)
+                dense_maps[view].append((encoded.features[self.dense_stage], geometry, images.shape[-2:]))
             if view == 0:
                 slice_embeddings.append(encoded.embedding.detach())
         outputs: dict[str, object] = {}
@@ -283,18 +325,25 @@ class JointSSLNet(nn.Module):
         outputs["intra_scores"] = [[head(z) for z in outputs["intra_projection"]] for head in self.intra_prototypes]
         return outputs
 
-    def _dense_outputs(self, dense_maps: Sequence[Sequence[torch.Tensor]]) -> dict[str, list[list[torch.Tensor]]]:
-        """Dense projections of every location of the two global views' maps -> prototype scores and match features."""
-        features = [[_locations(maps) for maps in view] for view in dense_maps]
-        groups = [group for view in features for group in view]
+    def _dense_outputs(
+        self, dense_maps: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int]]]]
+    ) -> dict[str, list[list[torch.Tensor]]]:
+        """Dense projections of every location of the two global views' maps -> prototype scores, and where each
+        location lies in its source image."""
+        groups = [_locations(maps) for view in dense_maps for maps, _, _ in view]
         flat = torch.cat([group.flatten(0, 1) for group in groups])
         projected = F.normalize(self.dense_projection_head(flat), dim=1)
         scores = self.dense_prototypes[0](projected).split([group.shape[0] * group.shape[1] for group in groups])
         shaped = [part.reshape(*group.shape[:2], -1) for part, group in zip(scores, groups, strict=True)]
-        per_view = len(features[0])
+        places = [
+            [location_coordinates(geometry, maps.shape[-2:], size) for maps, geometry, size in view]
+            for view in dense_maps
+        ]
+        per_view = len(dense_maps[0])
         return {
             "dense_scores": [shaped[:per_view], shaped[per_view:]],
-            "dense_features": [[group.detach() for group in view] for view in features],
+            "dense_coordinates": [[coordinates for coordinates, _ in view] for view in places],
+            "dense_cell_size": [[cell for _, cell in view] for view in places],
         }
 
     def _volume_outputs(
@@ -302,7 +351,7 @@ class JointSSLNet(nn.Module):
         batch: Mapping[str, object],
         volume_views: Sequence[torch.Tensor],
         pooled_per_view: list[list[torch.Tensor]],
-        dense_maps: list[list[torch.Tensor]],
+        dense_maps: list[list[tuple[torch.Tensor, torch.Tensor, Sequence[int]]]],
         slice_embeddings: list[torch.Tensor],
         outputs: dict[str, object],
     ) -> None:
@@ -331,7 +380,11 @@ class JointSSLNet(nn.Module):
             )
             pooled_per_view[view].append(pooled if intra_rows is None else pooled[intra_rows])
             if stage_map is not None:
-                dense_maps[view].append(stage_map if intra_rows is None else stage_map[intra_rows])
+                geometry = _view_geometry(batch, "volume_view_geometry", view)
+                geometry = geometry[:, None].expand(-1, slice_valid.shape[1], -1, -1)[slice_valid]  # per valid slice
+                if intra_rows is not None:
+                    stage_map, geometry = stage_map[intra_rows], geometry[intra_rows]
+                dense_maps[view].append((stage_map, geometry, volume.shape[-2:]))
             volume_features.append(volume_feature)
             predictions.append(self.mask_decoder(tokens))
             targets.append(embeddings.detach())

@@ -31,6 +31,8 @@ def _batch(seed: int = 0) -> dict[str, object]:
         + [torch.randn(IMAGES, 1, SIZE // 2, SIZE // 2, generator=generator)],
         "image_index": torch.arange(IMAGES),
         "volume_views": [torch.randn(VOLUMES, 1, SLICES, SIZE, SIZE, generator=generator) for _ in range(2)],
+        "image_view_geometry": [torch.eye(3).expand(IMAGES, 3, 3) for _ in range(3)],
+        "volume_view_geometry": [torch.eye(3).expand(VOLUMES, 3, 3) for _ in range(2)],
         "slice_valid": slice_valid,
         "slice_position": torch.arange(SLICES, dtype=torch.float32).expand(VOLUMES, -1) * 2.0,
         "volume_index": torch.arange(IMAGES, IMAGES + VOLUMES),

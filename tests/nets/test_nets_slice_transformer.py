@@ -107,29 +107,42 @@ def test_pretraining_outputs_mixed_batch() -> None:
     torch.testing.assert_close(out["intra_projection"][0].norm(dim=1), torch.ones(13))
 
 
+def _identity_geometry(count: int) -> list[torch.Tensor]:
+    return [torch.eye(3).expand(count, 3, 3) for _ in range(2)]
+
+
 @pytest.mark.parametrize(("stage", "image_locations", "slice_locations"), [(3, 4, 9), (4, 1, 4)])
 def test_dense_outputs_hold_every_location_of_the_global_views(stage, image_locations, slice_locations) -> None:
     net = tiny_net(dense_prototypes=5, dense_stage=stage).train()
     valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    shifted = torch.eye(3).repeat(2, 1, 1)
+    shifted[1, :2, 2] = torch.tensor([10.0, -4.0])  # view 1 of volume 1: 10 px down, 4 px left in the source
     batch = {  # images 32 x 32 and volume slices 48 x 48: two groups with their own map sizes
         "image_views": [torch.randn(3, 1, 32, 32), torch.randn(3, 1, 32, 32), torch.randn(3, 1, 16, 16)],
+        "image_view_geometry": _identity_geometry(3) + [torch.eye(3).expand(3, 3, 3)],
         "volume_views": [torch.randn(2, 1, 6, 48, 48), torch.randn(2, 1, 6, 48, 48)],
+        "volume_view_geometry": [torch.eye(3).expand(2, 3, 3), shifted],
         "slice_valid": valid,
         "intra_slices": valid & (torch.arange(6) < 3),  # 3 slices of each volume enter the 2D losses
     }
     out = net(batch)
-    channels = net.slice_encoder.stage_channels[stage]
     for view in range(2):
         assert [g.shape for g in out["dense_scores"][view]] == [(3, image_locations, 5), (6, slice_locations, 5)]
-        assert [g.shape for g in out["dense_features"][view]] == [
-            (3, image_locations, channels),
-            (6, slice_locations, channels),
-        ]
-        assert not any(g.requires_grad for g in out["dense_features"][view])
-    scores = out["dense_scores"][0][1].sum()
-    scores.backward()
+        assert [g.shape for g in out["dense_coordinates"][view]] == [(3, image_locations, 2), (6, slice_locations, 2)]
+        torch.testing.assert_close(out["dense_cell_size"][view][1], torch.full((6,), 48.0 / slice_locations**0.5))
+    cells = round(slice_locations**0.5)  # cells per side of the slices' map, spread evenly over the 48 pixels
+    centres = (torch.arange(cells) + 0.5) * (48 / cells) - 0.5
+    first = torch.stack([centres[0].expand(2), centres[:2]], dim=1)
+    torch.testing.assert_close(out["dense_coordinates"][0][1][0, :2], first)
+    # slices 3-5 of the intra rows belong to volume 1, whose view 1 is shifted
+    torch.testing.assert_close(
+        out["dense_coordinates"][1][1][3:], out["dense_coordinates"][0][1][3:] + torch.tensor([10.0, -4.0])
+    )
+    out["dense_scores"][0][1].sum().backward()
     assert net.slice_encoder.trunk.layer1[0].conv1.weight.grad.abs().sum() > 0  # the dense term trains f_intra
     assert "dense_scores" not in tiny_net().train()(batch)  # off by default: the paper's network
+    with pytest.raises(ValueError, match="image_view_geometry"):
+        net({key: value for key, value in batch.items() if key != "image_view_geometry"})
     with pytest.raises(ValueError, match="dense_stage"):
         tiny_net(dense_prototypes=5, dense_stage=0)
 
