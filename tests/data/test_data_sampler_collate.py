@@ -126,6 +126,15 @@ def test_collate_mixed_batch():
     assert batch["volume_index"].tolist() == [7, 1] and batch["volume_class"].tolist() == [2, -1]
 
 
+def test_collate_stacks_the_view_geometry_when_every_sample_has_it():
+    images = [{**image_sample(i), "image_view_geometry": [torch.eye(3) * (i + v) for v in range(3)]} for i in (1, 2)]
+    volumes = [volume_sample(3), volume_sample(4)]
+    batch = joint_collate(images + volumes)
+    assert [tuple(g.shape) for g in batch["image_view_geometry"]] == [(2, 3, 3)] * 3
+    torch.testing.assert_close(batch["image_view_geometry"][2][1], torch.eye(3) * 4)
+    assert "volume_view_geometry" not in batch  # the volumes did not record it
+
+
 def test_collate_images_only():
     batch = joint_collate([image_sample(0), image_sample(1)])
     assert len(batch["image_views"]) == 3 and batch["volume_views"] == []

@@ -139,3 +139,42 @@ def test_random_crop_covers_requested_area():
     assert (width, height) == (20, 20)
     assert 0 <= x0 <= 20 and 0 <= y0 <= 20
     assert np.isclose(width * height / 1600, 0.25)
+
+
+def _source_coordinates(width: int, height: int) -> torch.Tensor:
+    """(3, X, Y): each pixel's own coordinates along X and Y, and a channel of ones that marks the inside."""
+    xs, ys = torch.meshgrid(
+        torch.arange(width, dtype=torch.float32), torch.arange(height, dtype=torch.float32), indexing="ij"
+    )
+    return torch.stack([xs, ys, torch.ones_like(xs)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_view_geometry_maps_view_pixels_to_the_source_pixels_they_show(seed):
+    """Pushed through the views' crop, resize, flip and rotation, a coordinate image shows at every view pixel
+    (inside the source) the source coordinates that ``view_geometry`` computes."""
+    augmentation = ViewAugmentation(intensity=False, rotate_degrees=30.0, global_crop_scale=(0.3, 1.0))
+    maker = ImageMultiCropd(
+        "image", image_size=(40, 36), small_crop_size=12, num_small_crops=1, augmentation=augmentation
+    )
+    sample = maker.set_random_state(seed)({"image": _source_coordinates(70, 60)})
+    for view, geometry in zip(sample["image_views"], sample["image_view_geometry"], strict=True):
+        assert geometry.shape == (3, 3) and geometry.dtype == torch.float32
+        pixels = _source_coordinates(*view.shape[1:])
+        predicted = torch.einsum("ij,jxy->ixy", geometry, pixels)
+        inside = view[2] > 0.999  # away from the zero padding of the rotation
+        assert inside.sum() > 0.5 * inside.numel()
+        torch.testing.assert_close(predicted[:2, inside], view[:2, inside], atol=0.1, rtol=0.0)  # 1/10 pixel
+
+
+def test_volume_views_record_one_geometry_per_view_for_all_slices():
+    augmentation = ViewAugmentation(intensity=False, rotate_degrees=30.0)
+    volume = _source_coordinates(24, 24)[:, :, :, None].expand(3, 24, 24, 5).clone()  # x, y, ones in every slice
+    sampler = VolumeSliceSampled("image", 5)
+    viewer = VolumeTwoViewsd("image", 16, augmentation).set_random_state(3)
+    sample = viewer(sampler.set_random_state(0)({"image": volume}))
+    for view, geometry in zip(sample["volume_views"], sample["volume_view_geometry"], strict=True):
+        predicted = torch.einsum("ij,jxy->ixy", geometry, _source_coordinates(16, 16))
+        inside = view[2, 0] > 0.999  # away from the zero padding of the rotation
+        for index in range(5):  # every slice of a view went through the same in-plane transform
+            torch.testing.assert_close(predicted[:2, inside], view[:2, index][:, inside], atol=0.1, rtol=0.0)
