@@ -6,7 +6,7 @@ from custom_nets.engines.handlers.detection_writer import DetectionWriter
 from custom_nets.engines.handlers.effective_rank import EffectiveRankMonitor
 from custom_nets.engines.handlers.embedding_writer import EmbeddingWriter
 from custom_nets.engines.handlers.engine_state import CheckpointEngineState
-from custom_nets.engines.handlers.gradients import GradientControl, trust_ratio
+from custom_nets.engines.handlers.gradients import GradientControl, ratio_from_norms
 from custom_nets.engines.handlers.kmeans import DeepClusterKMeansHandler
 from custom_nets.engines.handlers.loss_terms import LossTermsHandler
 from custom_nets.engines.handlers.nan_guard import NAN_POLICIES, NonFiniteLossGuard
@@ -30,5 +30,5 @@ __all__ = [
     "SamplerEpochHandler",
     "assignment_statistics",
     "random_transforms",
-    "trust_ratio",
+    "ratio_from_norms",
 ]

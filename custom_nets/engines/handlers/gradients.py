@@ -8,27 +8,9 @@ import torch
 from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
-__all__ = ["GradientControl", "ratio_from_norms", "trust_ratio"]
+__all__ = ["GradientControl", "ratio_from_norms"]
 
 logger = logging.getLogger(__name__)
-
-
-def trust_ratio(
-    weight: torch.Tensor,
-    grad: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    trust: float,
-    clip: bool,
-    eps: float = 1e-8,
-) -> torch.Tensor:
-    """LARC's per-layer factor ``trust * ||w|| / (||g|| + wd * ||w||)``; with ``clip``, ``min(factor / lr, 1)``.
-
-    Reference: You et al., "Large Batch Training of Convolutional Networks", arXiv 1708.03888 (as used by SwAV).
-    """
-    return ratio_from_norms(
-        torch.linalg.vector_norm(weight), torch.linalg.vector_norm(grad), lr, weight_decay, trust, clip, eps
-    )
 
 
 def ratio_from_norms(
@@ -40,8 +22,12 @@ def ratio_from_norms(
     clip: bool,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """:func:`trust_ratio` from the norms, elementwise: ``(P,)`` weight and gradient norms of ``P`` layers -> ``(P,)``
-    factors (1 where either norm is 0)."""
+    """LARC's per-layer factor ``trust * ||w|| / (||g|| + wd * ||w||)`` (with ``clip``, ``min(factor / lr, 1)``), from
+    the norms, elementwise: ``(P,)`` weight and gradient norms of ``P`` layers -> ``(P,)`` factors (1 where either norm
+    is 0).
+
+    Reference: You et al., "Large Batch Training of Convolutional Networks", arXiv 1708.03888 (as used by SwAV).
+    """
     ratio = trust * weight_norm / (grad_norm + weight_decay * weight_norm + eps)
     ratio = torch.where((weight_norm > 0) & (grad_norm > 0), ratio, torch.ones_like(ratio))
     return torch.clamp(ratio / lr, max=1.0) if clip else ratio
@@ -87,7 +73,7 @@ class GradientControl:
     def _apply_trust_ratio(self, optimizer: torch.optim.Optimizer) -> None:
         """All layers of a parameter group at once (``torch._foreach_*``, as torch's optimisers do): a handful of
         kernels per group instead of about a dozen per layer (85 layers in the paper's network), so that the GPU step
-        does not pay a thousand kernel launches for it. The same arithmetic as :func:`trust_ratio` per layer."""
+        does not pay a thousand kernel launches for it. The same arithmetic as :func:`ratio_from_norms` per layer."""
         for group in optimizer.param_groups:
             weight_decay = group.get("weight_decay", 0.0)
             layers: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
