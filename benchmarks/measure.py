@@ -1,16 +1,26 @@
-"""Measuring helpers shared by the benchmark scripts: synchronised wall-clock time and peak tensor memory."""
+"""Measuring helpers shared by the benchmark scripts: synchronised wall-clock time, peak tensor memory, and counts of
+the operators that launch kernels or make the host wait for the device."""
 
 from __future__ import annotations
 
 import time
+import traceback
 import weakref
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["TensorMemoryTracker", "seconds_per_call", "timed"]
+__all__ = ["OperatorCounter", "TensorMemoryTracker", "seconds_per_call", "timed"]
+
+# aten operators that allocate or read a scalar without a kernel of their own
+NO_KERNEL_OPERATORS = frozenset({"empty", "empty_strided", "empty_like", "_local_scalar_dense", "lift_fresh", "set_"})
+# operators whose result size or value the host needs: on a GPU each makes the host wait for the device
+HOST_SYNC_OPERATORS = frozenset(
+    {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim", "unique_consecutive"}
+)
 
 
 def timed(run: Callable[[], object], device: torch.device) -> float:
@@ -76,3 +86,44 @@ class TensorMemoryTracker(TorchDispatchMode):
 
 def _is_tensor(value: object) -> bool:
     return isinstance(value, torch.Tensor)
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the aten operators run under this mode, on any device.
+
+    * ``operators``: every dispatched operator;
+    * ``kernels``: those that launch a kernel (not views, not bare allocations): on a GPU each costs the host one
+      launch, so a step whose small tensors leave the GPU idle is bound by this count;
+    * ``host_syncs``: ``{(operator, call site): count}`` of the operators after which a GPU's host waits for the
+      device: reading a value (``.item()``, ``bool()``, ``int()``), sizes that depend on values (``nonzero``, boolean
+      mask indexing, ``masked_select``, ``unique``), and tensors made from Python data (``torch.tensor``: a
+      synchronous copy to the device). The call site is the innermost frame in ``custom_nets``. Copies of host
+      tensors to the device are not seen on a CPU run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operators = 0
+        self.kernels = 0
+        self.host_syncs: Counter[tuple[str, str]] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        self.operators += 1
+        if not func.is_view and name not in NO_KERNEL_OPERATORS:
+            self.kernels += 1
+        boolean_index = name in ("index", "index_put", "index_put_") and any(
+            _is_tensor(index) and index.dtype == torch.bool for index in (args[1] if len(args) > 1 else ()) or ()
+        )
+        if name in HOST_SYNC_OPERATORS or name == "lift_fresh" or boolean_index:
+            self.host_syncs[(name + (" (boolean mask)" if boolean_index else ""), _call_site())] += 1
+        return func(*args, **kwargs)
+
+
+def _call_site() -> str:
+    frames = [frame for frame in traceback.extract_stack() if "custom_nets" in frame.filename]
+    if not frames:
+        return "outside custom_nets"
+    frame = frames[-1]
+    return f"{frame.filename.split('custom_nets')[-1].lstrip('/')}:{frame.lineno} ({frame.name})"

@@ -69,6 +69,24 @@ def _to(value: object, device: torch.device | str | None, non_blocking: bool) ->
     return value
 
 
+def _slice_rows(
+    slice_valid: torch.Tensor, intra_slices: torch.Tensor, device: torch.device | str | None, non_blocking: bool
+) -> dict[str, torch.Tensor]:
+    """``slice_rows`` and ``intra_rows`` (see :class:`JointPrepareBatch`) from host ``(B3, N)`` masks."""
+    empty = ~slice_valid.any(dim=1)
+    if bool(empty.any()):
+        raise ValueError(
+            f"volume(s) {empty.nonzero().flatten().tolist()} of this batch have no valid slice (slice_valid all "
+            "False); every volume needs at least one slice: check the volume files and the slice cropping."
+        )
+    rows = slice_valid.flatten().nonzero().squeeze(1)
+    intra_rows = intra_slices.flatten()[rows].nonzero().squeeze(1)
+    return {
+        "slice_rows": rows.to(device, non_blocking=non_blocking),
+        "intra_rows": intra_rows.to(device, non_blocking=non_blocking),
+    }
+
+
 class JointPrepareBatch(PrepareBatch):
     """``prepare_batch`` for :class:`monai.engines.SupervisedTrainer` on joint 2D + 3D batches.
 
@@ -76,10 +94,12 @@ class JointPrepareBatch(PrepareBatch):
     loader's ``pin_memory``) the host-to-GPU copies then run asynchronously.
 
     Returns ``(inputs, targets)`` where ``inputs`` holds ``image_views``, ``volume_views``, their ``*_view_geometry``,
-    ``slice_valid``,
-    ``slice_position`` and ``intra_slices`` on the device (what :class:`custom_nets.nets.JointSSLNet` takes in train
-    mode) and ``targets`` holds ``intra_index`` ``(B2 + S,)`` and ``inter_index`` ``(B3,)`` (what the clustering losses
-    key their memory banks with).
+    ``slice_valid``, ``slice_position`` and ``intra_slices`` on the device (what :class:`custom_nets.nets.JointSSLNet`
+    takes in train mode) and ``targets`` holds ``intra_index`` ``(B2 + S,)`` and ``inter_index`` ``(B3,)`` (what the
+    clustering losses key their memory banks with). With volumes, ``inputs`` also holds two index tensors computed
+    here on the host, so that the network's forward pass never waits for the GPU to count valid slices:
+    ``slice_rows`` ``(S,)``, the flat ``B3 * N`` indices of the valid slices, and ``intra_rows``, the positions among
+    those ``S`` of the slices that enter the 2D clustering.
 
     Args:
         item_ids: the global item ids of the datalist.
@@ -121,6 +141,8 @@ class JointPrepareBatch(PrepareBatch):
         if self.intra_slices_per_volume is not None and slice_valid.numel():
             intra_slices = choose_slices(slice_valid, self.intra_slices_per_volume)
             inputs["intra_slices"] = intra_slices.to(device, non_blocking=non_blocking)
+        if slice_valid.numel():
+            inputs.update(_slice_rows(slice_valid.cpu(), intra_slices.cpu(), device, non_blocking))
         targets = {
             "intra_index": self.item_ids.intra_ids(image_index, volume_index, intra_slices),
             "inter_index": self.item_ids.inter_ids(volume_index),

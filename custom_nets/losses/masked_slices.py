@@ -65,12 +65,13 @@ class MaskedSlicePredictionLoss(nn.Module):
         selected = slice_valid.bool()
         if self.positions == "masked":
             selected = selected & slice_mask.bool()
-        predicted = prediction[..., selected, :].float()
-        expected = target.detach()[..., selected, :].float()
-        if predicted.numel() == 0:
-            return predicted.sum()
+        # the mean over the selected positions of every view without boolean indexing, which would make the host wait
+        # for the GPU to count them: unselected positions are zeroed before (no NaN reaches a gradient) and after
+        selected = selected.expand(prediction.shape[:-1])
+        predicted = torch.where(selected[..., None], prediction.float(), 0.0)
+        expected = torch.where(selected[..., None], target.detach().float(), 0.0)
         if self.distance == "mse":
             errors = (predicted - expected).pow(2).mean(dim=-1)
         else:
             errors = 1.0 - F.cosine_similarity(predicted, expected, dim=-1)
-        return errors.mean()
+        return torch.where(selected, errors, 0.0).sum() / selected.sum().clamp_min(1)

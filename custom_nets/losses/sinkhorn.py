@@ -32,31 +32,37 @@ def sinkhorn_knopp(
     those of one process holding every rank's items (ranks may hold different numbers of items, even none); every
     rank must then call this function the same number of times.
 
+    Leading dimensions hold independent problems (``(..., B, K)``, e.g. the two assignment views of SwAV): one call
+    solves them all with the kernel launches of one, which is what bounds the time of these small tensors on a GPU.
+
     Args:
-        scores: ``(B, K)`` similarities of ``B`` items to ``K`` prototypes (this rank's items).
+        scores: ``(B, K)`` similarities of ``B`` items to ``K`` prototypes (this rank's items), or ``(..., B, K)``.
         epsilon: entropic regularisation; smaller gives sharper codes (0.05 in SwAV).
         iterations: number of Sinkhorn-Knopp iterations (3 in SwAV).
         distributed: all-reduce the sums across processes when ``torch.distributed`` is initialised.
 
     Returns:
-        ``(B, K)`` float32 codes; each row sums to 1.
+        float32 codes of the shape of ``scores``; each row sums to 1.
     """
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be (items, prototypes), got shape {tuple(scores.shape)}.")
+    if scores.ndim < 2:
+        raise ValueError(f"scores must be (items, prototypes) or (..., items, prototypes), got {tuple(scores.shape)}.")
     if epsilon <= 0 or iterations < 1:
         raise ValueError(f"epsilon must be > 0 and iterations >= 1, got epsilon={epsilon}, iterations={iterations}.")
     reduce = distributed and _distributed_active()
     scores = scores.detach().float()
     tiny = torch.finfo(torch.float32).tiny
 
-    global_max = scores.max() if scores.numel() > 0 else scores.new_tensor(float("-inf"))
+    if scores.shape[-2] > 0:
+        global_max = scores.amax(dim=(-2, -1), keepdim=True)
+    else:
+        global_max = scores.new_full((*scores.shape[:-2], 1, 1), float("-inf"))
     if reduce:
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
     codes = torch.sub(scores, global_max).div_(epsilon).exp_()
     for _ in range(iterations):
-        prototype_mass = codes.sum(dim=0)
+        prototype_mass = codes.sum(dim=-2, keepdim=True)
         if reduce:
             dist.all_reduce(prototype_mass)
         codes /= prototype_mass.clamp_min_(tiny)
-        codes /= codes.sum(dim=1, keepdim=True).clamp_min_(tiny)
+        codes /= codes.sum(dim=-1, keepdim=True).clamp_min_(tiny)
     return codes

@@ -96,12 +96,17 @@ class SwAVLoss(ClusteringLoss):
         weight = self._prototype_layers[head].weight.detach().float()
         return self._queue[slot] @ weight.t()
 
-    def _codes(self, head: int, slot: int, assignment_scores: torch.Tensor) -> torch.Tensor:
-        num_items = assignment_scores.shape[0]
-        queue_scores = self._queue_scores(head, slot)
-        if queue_scores is not None:
-            assignment_scores = torch.cat([assignment_scores.detach().float(), queue_scores])
-        return sinkhorn_knopp(assignment_scores, self.epsilon, self.sinkhorn_iterations, self.distributed)[:num_items]
+    def _codes(self, head: int, head_scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Sinkhorn codes of every assignment view, solved in one batched call (views 0 and 1 hold the same items,
+        and every slot's queue has the same length)."""
+        sinkhorn_inputs = []
+        for slot, view in enumerate(self.assignment_views):
+            view_scores = head_scores[view].detach().float()
+            queue_scores = self._queue_scores(head, slot)
+            sinkhorn_inputs.append(view_scores if queue_scores is None else torch.cat([view_scores, queue_scores]))
+        codes = sinkhorn_knopp(torch.stack(sinkhorn_inputs), self.epsilon, self.sinkhorn_iterations, self.distributed)
+        num_items = head_scores[0].shape[0]  # views 0 and 1 hold the same items
+        return [slot_codes[:num_items] for slot_codes in codes]
 
     @torch.no_grad()
     def _enqueue(self, projections: Sequence[torch.Tensor]) -> None:
@@ -125,8 +130,7 @@ class SwAVLoss(ClusteringLoss):
         for head, head_scores in enumerate(scores):
             log_probabilities = [F.log_softmax(s.float() / self.temperature, dim=1) for s in head_scores]
             view_losses = []
-            for slot, assigned in enumerate(self.assignment_views):
-                codes = self._codes(head, slot, head_scores[assigned])
+            for assigned, codes in zip(self.assignment_views, self._codes(head, head_scores), strict=True):
                 predictions = [
                     soft_cross_entropy(log_p, codes[: log_p.shape[0]])
                     for view, log_p in enumerate(log_probabilities)

@@ -10,10 +10,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom_nets.nets.slice_encoder import SliceEncoder
+from custom_nets.nets.slice_encoder import SliceEncoder, SliceEncoderOutput
 from custom_nets.nets.slice_transformer import SliceTransformer
 
-__all__ = ["JointSSLNet", "VolumeEncoding", "location_coordinates", "sample_slice_mask", "sample_slice_window"]
+__all__ = [
+    "JointSSLNet",
+    "VolumeEncoding",
+    "location_coordinates",
+    "sample_slice_mask",
+    "sample_slice_window",
+    "valid_slice_rows",
+]
+
+
+def valid_slice_rows(slice_valid: torch.Tensor) -> torch.Tensor:
+    """Flat indices ``(S,)`` into ``B * N`` of the valid slices of ``(B, N)`` bool ``slice_valid``, volume-major.
+
+    On a GPU this waits for the device (the count of valid slices decides the size). :class:`JointPrepareBatch`
+    computes it on the host, before the batch is copied, and passes it as ``slice_rows``; with it, and with
+    ``intra_rows``, the training forward pass never waits for the GPU.
+    """
+    return slice_valid.flatten().nonzero().squeeze(1)
 
 
 def sample_slice_mask(
@@ -83,10 +100,10 @@ def location_coordinates(
     """
     strides = [float(size) / float(cells) for size, cells in zip(input_size, map_size, strict=True)]
     axes = [
-        (torch.arange(cells, dtype=torch.float32) + 0.5) * stride - 0.5
+        (torch.arange(cells, dtype=torch.float32, device=geometry.device) + 0.5) * stride - 0.5
         for cells, stride in zip(map_size, strides, strict=True)
     ]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 2).to(geometry.device)
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 2)
     linear, offset = geometry[:, :2, :2].float(), geometry[:, :2, 2].float()
     coordinates = torch.einsum("mij,lj->mli", linear, grid) + offset[:, None]
     cell = torch.linalg.det(linear).abs().sqrt() * math.sqrt(strides[0] * strides[1])
@@ -280,14 +297,24 @@ class JointSSLNet(nn.Module):
         batch, _, num_slices = volume.shape[:3]
         if slice_valid is None:
             slice_valid = torch.ones(batch, num_slices, dtype=torch.bool, device=volume.device)
-        slices = volume.permute(0, 2, 1, 3, 4)[slice_valid]  # (S, C, H, W)
-        encoded = self.slice_encoder.encode_images(slices, return_features=stage is not None)
-        embeddings = encoded.embedding.new_zeros(batch, num_slices, encoded.embedding.shape[-1])
-        embeddings[slice_valid] = encoded.embedding
+        embeddings, encoded = self._encode_slices(volume, valid_slice_rows(slice_valid), stage)
         inter_valid = slice_valid if transformer_valid is None else transformer_valid
         out = self.slice_transformer(embeddings, inter_valid, slice_position, slice_mask)
         stage_map = encoded.features[stage] if stage is not None else None
         return VolumeEncoding(embeddings, out.volume_embedding, out.tokens, encoded.pooled, stage_map)
+
+    def _encode_slices(
+        self, volume: torch.Tensor, rows: torch.Tensor, stage: int | None
+    ) -> tuple[torch.Tensor, SliceEncoderOutput]:
+        """``f_intra`` on the slices at flat ``rows`` of ``(B, C, N, H, W)`` volumes: their embeddings scattered to
+        ``(B, N, d)`` (zero elsewhere) and the encoder's output for those ``S`` slices. Long indices, no boolean
+        masks: nothing here waits for the GPU."""
+        batch, channels, num_slices = volume.shape[:3]
+        slices = volume.transpose(1, 2).reshape(batch * num_slices, channels, *volume.shape[3:]).index_select(0, rows)
+        encoded = self.slice_encoder.encode_images(slices, return_features=stage is not None)
+        flat = encoded.embedding.new_zeros(batch * num_slices, encoded.embedding.shape[-1])
+        embeddings = flat.index_copy(0, rows, encoded.embedding).view(batch, num_slices, -1)
+        return embeddings, encoded
 
     def pretraining_outputs(self, batch: Mapping[str, object]) -> dict[str, object]:
         """The per-view projections, scores and masked-prediction tensors that :class:`JointLoss` consumes."""
@@ -359,43 +386,47 @@ class JointSSLNet(nn.Module):
         slice_valid = batch.get("slice_valid")
         if slice_valid is None:
             slice_valid = torch.ones(first.shape[0], first.shape[2], dtype=torch.bool, device=first.device)
+        rows = batch.get("slice_rows")
+        rows = valid_slice_rows(slice_valid) if rows is None else rows
+        intra_rows = batch.get("intra_rows")
+        if intra_rows is None and batch.get("intra_slices") is not None:
+            intra_rows = batch["intra_slices"].flatten().index_select(0, rows).nonzero().squeeze(1)
         slice_position = batch.get("slice_position")
-        intra_slices = batch.get("intra_slices")
-        intra_rows = None if intra_slices is None else intra_slices[slice_valid]  # among the S valid slices
         windows = [slice_valid, slice_valid]
         if self.inter_slice_scale is not None:
             windows = [sample_slice_window(slice_valid, self.inter_slice_scale) for _ in volume_views]
         slice_mask = torch.zeros_like(slice_valid)
         if self.mask_ratio > 0:
             slice_mask = sample_slice_mask(windows[0] & windows[1], self.mask_ratio)
-        volume_features, predictions, targets = [], [], []
+        embeddings = []
         for view, volume in enumerate(volume_views):
-            embeddings, volume_feature, tokens, pooled, stage_map = self.embed_volume(
-                volume,
-                slice_valid,
-                slice_position,
-                slice_mask if self.mask_ratio > 0 else None,
-                windows[view],
-                self.dense_stage,
-            )
-            pooled_per_view[view].append(pooled if intra_rows is None else pooled[intra_rows])
-            if stage_map is not None:
+            view_embeddings, encoded = self._encode_slices(volume, rows, self.dense_stage)
+            embeddings.append(view_embeddings)
+            pooled = encoded.pooled
+            pooled_per_view[view].append(pooled if intra_rows is None else pooled.index_select(0, intra_rows))
+            if self.dense_stage is not None:
+                stage_map = encoded.features[self.dense_stage]
                 geometry = _view_geometry(batch, "volume_view_geometry", view)
-                geometry = geometry[:, None].expand(-1, slice_valid.shape[1], -1, -1)[slice_valid]  # per valid slice
+                geometry = (
+                    geometry[:, None].expand(-1, slice_valid.shape[1], -1, -1).flatten(0, 1).index_select(0, rows)
+                )
                 if intra_rows is not None:
-                    stage_map, geometry = stage_map[intra_rows], geometry[intra_rows]
+                    stage_map, geometry = stage_map.index_select(0, intra_rows), geometry.index_select(0, intra_rows)
                 dense_maps[view].append((stage_map, geometry, volume.shape[-2:]))
-            volume_features.append(volume_feature)
-            predictions.append(self.mask_decoder(tokens))
-            targets.append(embeddings.detach())
-        slice_embeddings.append(targets[0][slice_valid])
+            if view == 0:
+                slice_embeddings.append(encoded.embedding.detach())
+        # one f_inter pass over both views (2 * B3 sequences): half the kernel launches of one pass per view
+        positions = None if slice_position is None else torch.cat([slice_position, slice_position])
+        masks = torch.cat([slice_mask, slice_mask]) if self.mask_ratio > 0 else None
+        inter = self.slice_transformer(torch.cat(embeddings), torch.cat(windows), positions, masks)
+        volume_features = list(inter.volume_embedding.chunk(2))
         outputs["volume_feature"] = volume_features[0].detach()
         if self.inter_projection_head is not None:
-            projected = F.normalize(self.inter_projection_head(torch.cat(volume_features)), dim=1)
-            volume_features = list(projected.split([z.shape[0] for z in volume_features]))
+            projected = F.normalize(self.inter_projection_head(inter.volume_embedding), dim=1)
+            volume_features = list(projected.chunk(2))
         outputs["inter_projection"] = volume_features
         outputs["inter_scores"] = [[head(z) for z in volume_features] for head in self.inter_prototypes]
-        outputs["mask_prediction"] = torch.stack(predictions)
-        outputs["mask_target"] = torch.stack(targets)
+        outputs["mask_prediction"] = self.mask_decoder(inter.tokens).unflatten(0, (2, -1))
+        outputs["mask_target"] = torch.stack(embeddings).detach()
         outputs["slice_mask"] = slice_mask
         outputs["slice_valid"] = windows[0] & windows[1]

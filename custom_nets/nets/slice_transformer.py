@@ -15,6 +15,7 @@ __all__ = [
     "SliceTransformer",
     "SliceTransformerOutput",
     "SliceTransformerLayer",
+    "check_every_volume_has_a_slice",
     "relative_positions",
     "slice_position_encoding",
 ]
@@ -115,8 +116,7 @@ class SliceTransformer(nn.Module):
         device = slice_embeddings.device
         if slice_valid is None:
             slice_valid = torch.ones(batch, num_slices, dtype=torch.bool, device=device)
-        if not bool(slice_valid.any(dim=1).all()):
-            raise ValueError("every volume needs at least one valid slice (slice_valid is all False for one).")
+        check_every_volume_has_a_slice(slice_valid)
         tokens = slice_embeddings
         if slice_mask is not None:
             tokens = torch.where(slice_mask[..., None], self.mask_token.to(tokens.dtype), tokens)
@@ -128,6 +128,19 @@ class SliceTransformer(nn.Module):
         counts = slice_valid.sum(dim=1, keepdim=True).to(tokens.dtype)
         volume_embedding = F.normalize(tokens.sum(dim=1) / counts, dim=-1)
         return SliceTransformerOutput(tokens, volume_embedding)
+
+
+def check_every_volume_has_a_slice(slice_valid: torch.Tensor) -> None:
+    """Fail if a row of ``(B, N)`` bool ``slice_valid`` is all False (its volume feature would be 0 / 0).
+
+    An assertion that never makes the host wait for the device (``torch._assert_async``): on the CPU it raises a
+    ``RuntimeError`` at once; on a GPU a failure surfaces at a later kernel launch and ends the process, so that the
+    training step keeps no synchronisation. :class:`custom_nets.engines.JointPrepareBatch` checks the same on the host,
+    with the volume's index in the batch, before the batch reaches the GPU.
+    """
+    torch._assert_async(
+        slice_valid.any(dim=1).all(), "every volume needs at least one valid slice (slice_valid is all False for one)."
+    )
 
 
 def relative_positions(slice_valid: torch.Tensor, slice_position: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,9 @@ from custom_nets.losses import DeepClusterV2Loss, DenseSwAVLoss, JointLoss, Mask
 from custom_nets.nets import JointSSLNet
 from custom_nets.nets.segmentation import SliceEncoderUNet
 
-IMAGES, VOLUMES, SLICES, SIZE = 3, 2, 6, 32
+# 8 images: with 3, the small crops' 1 x 1 stage-4 maps gave each batch-norm channel 3 values, and float16 autocast
+# moved the SwAV loss by 7 % (5.40 against 5.78) on an AVX-512 CPU, past the 5 % bound; with 8 it moves by 0.1 %
+IMAGES, VOLUMES, SLICES, SIZE = 8, 2, 6, 32
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 

@@ -48,6 +48,19 @@ def test_prepare_batch_moves_inputs_and_matches_ids_to_chosen_slices() -> None:
     expected = [0] + [5 + j for j in range(3) if chosen[0, j]] + [5 + 3]
     assert targets["intra_index"].tolist() == expected
     assert targets["inter_index"].tolist() == [0, 1]
+    assert inputs["slice_rows"].tolist() == [0, 1, 2, 3]  # flat (volume, slice) rows of the valid slices
+    assert inputs["intra_rows"].tolist() == [j for j in range(3) if chosen[0, j]] + [3]  # among those 4
+
+
+def test_prepare_batch_names_a_volume_without_valid_slices() -> None:
+    batch = {
+        "volume_views": [torch.zeros(2, 1, 3, 4, 4)] * 2,
+        "slice_valid": torch.tensor([[True, True, False], [False, False, False]]),
+        "slice_position": torch.zeros(2, 3),
+        "volume_index": torch.tensor([1, 3]),
+    }
+    with pytest.raises(ValueError, match=r"volume\(s\) \[1\] of this batch have no valid slice"):
+        JointPrepareBatch(JointItemIds(KINDS, 3))(batch, "cpu")
 
 
 def test_latest_checkpoint(tmp_path: Path) -> None:

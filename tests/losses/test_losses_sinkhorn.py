@@ -70,6 +70,16 @@ def test_does_not_track_gradients_and_rejects_bad_shapes():
     scores = _unit_scores(8, 4).requires_grad_()
     assert not sinkhorn_knopp(scores).requires_grad
     with pytest.raises(ValueError, match="items, prototypes"):
-        sinkhorn_knopp(torch.zeros(2, 3, 4))
+        sinkhorn_knopp(torch.zeros(4))
     with pytest.raises(ValueError, match="epsilon"):
         sinkhorn_knopp(torch.zeros(2, 3), epsilon=0.0)
+
+
+def test_leading_dimensions_are_independent_problems():
+    problems = torch.stack([_unit_scores(8, 4), 3.0 * _unit_scores(8, 4).flip(0), torch.zeros(8, 4)])
+    batched = sinkhorn_knopp(problems.view(3, 1, 8, 4), iterations=5)
+    assert batched.shape == (3, 1, 8, 4)
+    for index, scores in enumerate(problems):
+        torch.testing.assert_close(batched[index, 0], sinkhorn_knopp(scores, iterations=5), atol=1e-7, rtol=1e-6)
+    empty = sinkhorn_knopp(torch.zeros(2, 0, 4))
+    assert empty.shape == (2, 0, 4)

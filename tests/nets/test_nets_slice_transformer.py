@@ -57,7 +57,7 @@ def test_mask_token_replaces_masked_slices(transformer: SliceTransformer) -> Non
 
 
 def test_all_padding_volume_is_rejected(transformer: SliceTransformer) -> None:
-    with pytest.raises(ValueError, match="at least one valid slice"):
+    with pytest.raises(RuntimeError, match="at least one valid slice"):
         transformer(torch.randn(1, 3, 32), torch.zeros(1, 3, dtype=torch.bool))
 
 

@@ -1,0 +1,80 @@
+"""The joint training step never makes the host wait for the device between the batch copy and the optimiser.
+
+On a GPU, the slice transformer, heads and losses work on small tensors: their kernels are short and the host's
+launches bound them. Without a synchronisation the host queues them while the GPU still runs the slice encoder's
+long convolutions; one ``.item()``, ``bool(tensor)`` or boolean mask in forward, loss or backward forces the host to
+wait for the encoder first and then feed the rest one kernel at a time. The check counts, on the CPU, the operators
+that synchronise a GPU (``benchmarks/measure.py``'s ``OperatorCounter``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from custom_nets.engines import JointItemIds, JointPrepareBatch
+from custom_nets.losses import JointLoss, MaskedSlicePredictionLoss, SwAVLoss
+from custom_nets.nets import JointSSLNet
+
+MEASURE = Path(__file__).resolve().parents[2] / "benchmarks" / "measure.py"
+spec = importlib.util.spec_from_file_location("measure", MEASURE)
+measure = importlib.util.module_from_spec(spec)
+sys.modules["measure"] = measure
+spec.loader.exec_module(measure)
+
+
+def _batch(generator: torch.Generator) -> dict[str, object]:
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2, [False] + [True] * 5])
+    return {
+        "image_views": [torch.randn(3, 1, 32, 32, generator=generator) for _ in range(2)]
+        + [torch.randn(3, 1, 16, 16, generator=generator) for _ in range(2)],
+        "image_index": torch.arange(3),
+        "volume_views": [torch.randn(3, 1, 6, 32, 32, generator=generator) for _ in range(2)],
+        "slice_valid": valid,
+        "slice_position": torch.arange(6.0).expand(3, 6) * 2.5,
+        "volume_index": torch.arange(3, 6),
+    }
+
+
+@pytest.mark.parametrize("inter_slice_scale", [None, (0.5, 1.0)])
+@pytest.mark.parametrize("intra_slices_per_volume", [None, 2])
+def test_joint_step_never_waits_for_the_device(inter_slice_scale, intra_slices_per_volume) -> None:
+    torch.manual_seed(0)
+    network = JointSSLNet(
+        encoder_depth=18,
+        embed_dim=32,
+        projection_hidden_dim=64,
+        projection_dim=16,
+        intra_prototypes=(8,),
+        inter_prototypes=(4,),
+        inter_slice_scale=inter_slice_scale,
+        mask_ratio=0.3,
+    ).train()
+    loss = JointLoss(intra=SwAVLoss(), inter=SwAVLoss(), mask=MaskedSlicePredictionLoss())
+    item_ids = JointItemIds(["image"] * 3 + ["volume"] * 3, num_slices=6)
+    prepare = JointPrepareBatch(item_ids, intra_slices_per_volume)
+    inputs, targets = prepare(_batch(torch.Generator().manual_seed(1)), "cpu")  # host work, by design
+    counter = measure.OperatorCounter()
+    with counter:
+        value = loss(network(inputs), targets)
+        value.backward()
+    assert counter.kernels > 100  # the counter saw the step
+    assert dict(counter.host_syncs) == {}
+    assert torch.isfinite(value.detach()) and all(p.grad is not None for p in network.slice_transformer.parameters())
+
+
+def test_counter_sees_each_kind_of_host_sync() -> None:
+    values = torch.tensor([0.5, -1.0, 2.0])
+    counter = measure.OperatorCounter()
+    with counter:
+        float(values.sum())
+        values[values > 0]
+        values.nonzero()
+        torch.tensor([1.0, 2.0])
+        values.index_select(0, torch.arange(2))  # long indices: no wait
+    kinds = {name for name, _ in counter.host_syncs}
+    assert kinds == {"_local_scalar_dense", "index (boolean mask)", "nonzero", "lift_fresh"}
