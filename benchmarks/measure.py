@@ -97,8 +97,8 @@ class OperatorCounter(TorchDispatchMode):
     * ``host_syncs``: ``{(operator, call site): count}`` of the operators after which a GPU's host waits for the
       device: reading a value (``.item()``, ``bool()``, ``int()``), sizes that depend on values (``nonzero``, boolean
       mask indexing, ``masked_select``, ``unique``), and tensors made from Python data (``torch.tensor``: a
-      synchronous copy to the device). The call site is the innermost frame in ``custom_nets``. Copies of host
-      tensors to the device are not seen on a CPU run.
+      synchronous copy to the device). The call site is the innermost frame in ``custom_nets``, after ``phase``
+      when it is set. Copies of host tensors to the device are not seen on a CPU run.
     """
 
     def __init__(self) -> None:
@@ -106,6 +106,7 @@ class OperatorCounter(TorchDispatchMode):
         self.operators = 0
         self.kernels = 0
         self.host_syncs: Counter[tuple[str, str]] = Counter()
+        self.phase = ""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -117,7 +118,8 @@ class OperatorCounter(TorchDispatchMode):
             _is_tensor(index) and index.dtype == torch.bool for index in (args[1] if len(args) > 1 else ()) or ()
         )
         if name in HOST_SYNC_OPERATORS or name == "lift_fresh" or boolean_index:
-            self.host_syncs[(name + (" (boolean mask)" if boolean_index else ""), _call_site())] += 1
+            site = f"{self.phase}: {_call_site()}" if self.phase else _call_site()
+            self.host_syncs[(name + (" (boolean mask)" if boolean_index else ""), site)] += 1
         return func(*args, **kwargs)
 
 

@@ -35,6 +35,16 @@ Sections (``--sections a,b,c``):
   ``torch.cuda.max_memory_allocated`` minus ``torch.cuda.memory_allocated`` before the step. The time column is the
   faster of two further steps.
 
+* (d) Kernel launches and host syncs per step: the aten operators that launch a kernel (views and bare allocations
+  left out), counted by a ``TorchDispatchMode`` (``measure.OperatorCounter``) per phase of one joint step and for the
+  encoder's share alone. On a GPU the slice transformer, heads and losses work on small tensors, so their time is the
+  host's launch time: the step's launches beyond the encoder's are the overhead of (a) in kernels, and they do not
+  depend on the machine's load. Listed too: every operator after which a GPU's host waits for the device (``.item()``,
+  ``bool(tensor)``, boolean masks, ``nonzero``, ``torch.tensor`` of Python data), with its call site; on CUDA also
+  the synchronisations that ``torch.cuda.set_sync_debug_mode`` reports. On the CPU the slice sampling runs the fused
+  Triton kernels in Triton's interpreter when Triton is installed, so the count is the CUDA path's (one kernel
+  forward, a zero fill and one kernel backward); otherwise the PyTorch reference is counted, and the report says so.
+
 The machine may be shared: the torch thread count and the 1-minute load average are printed before and after each
 section. ``--profile`` adds a ``torch.profiler`` table of the step's most expensive operators.
 
@@ -53,23 +63,26 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torchvision
-from measure import TensorMemoryTracker, timed
+from measure import OperatorCounter, TensorMemoryTracker, timed
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import _disable_current_modes
 
 from custom_nets.data import build_joint_dataloader, load_datalist, make_demo_corpus
 from custom_nets.engines import JointItemIds, JointPrepareBatch, build_sgd
 from custom_nets.engines.handlers import GradientControl
 from custom_nets.losses import JointLoss, MaskedSlicePredictionLoss, SwAVLoss
-from custom_nets.nets import JointSSLNet
+from custom_nets.nets import JointSSLNet, deformable_attention
+from custom_nets.nets.slice_sampling import slice_sampling_reference
 
-SECTIONS = ("a", "b", "c")
+SECTIONS = ("a", "b", "c", "d")
 LARC_TRUST = 0.001  # train.json's larc_trust
 STEP_RATIO_TARGET = 1.15
 THROUGHPUT_TARGET = 0.87
@@ -185,17 +198,29 @@ def synthetic_batch(shape: StepShape, slice_spacing_mm: float = 2.5, seed: int =
     }
 
 
-def training_step(training: Training, batch: dict[str, object], phase_marks: bool = False) -> dict[str, float]:
+def training_step(
+    training: Training,
+    batch: dict[str, object],
+    phase_marks: bool = False,
+    on_phase: Callable[[str], None] | None = None,
+) -> dict[str, float]:
     """One iteration of ``SupervisedTrainer`` (without handlers), with its autocast and loss scaling when ``amp`` is
     on. With ``phase_marks`` the device is synchronised after each phase and the seconds of each are returned; without
-    them nothing waits inside the step (as in training), and the result is empty."""
+    them nothing waits inside the step (as in training), and the result is empty. ``on_phase`` is called with the
+    name of each phase (``PHASES``) as it starts."""
     device = training.device
     marks = [time.perf_counter()]
+    phases = iter(PHASES)
 
     def mark() -> None:
         if phase_marks:
             synchronize(device)
             marks.append(time.perf_counter())
+        if on_phase is not None:
+            on_phase(next(phases, "after the step"))
+
+    if on_phase is not None:
+        on_phase(next(phases))
 
     with record_function("prepare_batch"):
         inputs, targets = training.prepare_batch(batch, device, non_blocking=training.non_blocking)
@@ -412,6 +437,130 @@ def profile_step(shape: StepShape, device: torch.device, steps: int = 3, rows: i
             training_step(training, batch)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
+@dataclass
+class LaunchCount:
+    """Kernel-launching operators of one joint step per phase and of the encoder's share alone; host syncs."""
+
+    step_kernels: dict[str, int]
+    encoder_kernels: int
+    host_syncs: dict[tuple[str, str], int]
+    cuda_syncs: dict[str, int] | None
+    on_cuda: bool
+
+
+class FusedSamplingLaunches(torch.autograd.Function):
+    """The slice sampling as a CPU count should see it: the launches of the fused Triton path that CUDA runs (one
+    kernel forward; a zero fill and one kernel backward), with the values and gradients of the PyTorch reference,
+    computed outside the count."""
+
+    @staticmethod
+    def forward(ctx, counter: OperatorCounter, values, offsets, logits, slice_valid):
+        with _disable_current_modes(), torch.enable_grad():
+            inputs = [tensor.detach().requires_grad_() for tensor in (values, offsets, logits)]
+            output = slice_sampling_reference(*inputs, slice_valid)
+        counter.kernels += 1
+        ctx.counter = counter
+        ctx.save_for_backward(*inputs, output)
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        *inputs, output = ctx.saved_tensors
+        with _disable_current_modes():
+            gradients = torch.autograd.grad(output, inputs, grad_output)
+        ctx.counter.kernels += 2
+        return None, *gradients, None
+
+
+def cuda_synchronisations(run: Callable[[], object]) -> dict[str, int] | None:
+    """``{call site: count}`` of the synchronisations ``torch.cuda.set_sync_debug_mode("warn")`` reports during
+    ``run``; None if its warnings cannot be captured here (checked with one deliberate ``.item()`` first)."""
+    sites: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            torch.ones(1, device="cuda").item()
+            if not caught:
+                return None
+            caught.clear()
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        site = f"{Path(warning.filename).name}:{warning.lineno}"
+        sites[site] = sites.get(site, 0) + 1
+    return sites
+
+
+def count_step_launches(shape: StepShape, device: torch.device, amp_dtype: torch.dtype | None = None) -> LaunchCount:
+    """Operators of the second joint step (after a warm-up step) and of the encoder's forward + backward alone.
+
+    On the CPU, the count models what CUDA launches: the slice sampling counts as the fused Triton path
+    (:class:`FusedSamplingLaunches`), and the unfused SGD takes torch's multi-tensor (foreach) form, which torch picks
+    for CUDA parameters (on CPU it loops over parameters)."""
+    training = build_training(shape, synthetic_item_ids(shape), device, amp_dtype=amp_dtype)
+    if device.type == "cpu" and not shape.fused_optimizer:
+        group = training.optimizer.param_groups[0]
+        parameters = [p for g in training.optimizer.param_groups for p in g["params"]]
+        optimizer = torch.optim.SGD(
+            parameters, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"], foreach=True
+        )
+        training = replace(training, optimizer=optimizer)
+    batch = synthetic_batch(shape)
+    inputs, _ = training.prepare_batch(batch, device)
+    training_step(training, batch)
+    counter = OperatorCounter()
+    step_kernels: dict[str, int] = {}
+
+    def on_phase(name: str) -> None:
+        if counter.phase:
+            step_kernels[counter.phase] = counter.kernels - sum(step_kernels.values())
+        counter.phase = name
+
+    def fused_sampling(values, offsets, logits, slice_valid=None, backend="auto"):
+        return FusedSamplingLaunches.apply(counter, values, offsets, logits, slice_valid)
+
+    original_sampling = deformable_attention.deformable_slice_sampling
+    if device.type == "cpu":
+        deformable_attention.deformable_slice_sampling = fused_sampling
+    try:
+        with counter:
+            training_step(training, batch, on_phase=on_phase)
+    finally:
+        deformable_attention.deformable_slice_sampling = original_sampling
+    cuda_syncs = cuda_synchronisations(lambda: training_step(training, batch)) if device.type == "cuda" else None
+    encoder_counter = OperatorCounter()
+    with encoder_counter:
+        encoder_forward_backward(training.network.slice_encoder, inputs, amp_dtype)
+    return LaunchCount(
+        step_kernels, encoder_counter.kernels, dict(counter.host_syncs), cuda_syncs, device.type == "cuda"
+    )
+
+
+def report_launches(count: LaunchCount) -> str:
+    total = sum(count.step_kernels.values())
+    rows = [[f"joint step: {phase}", str(kernels)] for phase, kernels in count.step_kernels.items()]
+    rows += [
+        ["joint step, all phases", str(total)],
+        ["slice encoder forward + backward alone", str(count.encoder_kernels)],
+        ["the step's launches beyond the encoder's", str(total - count.encoder_kernels)],
+    ]
+    lines = [markdown_table(["what runs", "kernel-launching operators"], rows), ""]
+    lines += ["Slice sampling and SGD counted as CUDA launches them (fused Triton kernels; multi-tensor SGD).", ""]
+    syncs = sorted(count.host_syncs.items(), key=lambda item: item[0][1])
+    heading = "Operators that make a GPU's host wait for the device (prepare_batch works on host tensors by design):"
+    lines.append(heading + ("" if syncs else " none."))
+    lines += [f"- {name} x{calls} at {site}" for (name, site), calls in syncs]
+    if count.cuda_syncs is not None:
+        cuda_syncs = sorted(count.cuda_syncs.items())
+        lines += ["", "Reported by torch.cuda.set_sync_debug_mode during a step:" + ("" if cuda_syncs else " none.")]
+        lines += [f"- x{calls} at {site}" for site, calls in cuda_syncs]
+    elif count.on_cuda:
+        lines += ["", "torch.cuda.set_sync_debug_mode's warnings could not be captured here: no CUDA list."]
+    return "\n".join(lines)
 
 
 @dataclass
@@ -660,6 +809,10 @@ def run_device(args: argparse.Namespace, device: torch.device) -> None:
         memory_shape = replace(shape, volume_size=args.memory_image_size)
         text = measure_memory_section(memory_shape, device, args.memory_slices, args.slice_chunk)
         print(f"after: {load_line()}\n\n{text}", flush=True)
+    if "d" in args.sections:
+        print("\n### (d) kernel launches and host syncs per step", flush=True)
+        amp_dtype = None if args.amp == "off" else getattr(torch, args.amp)
+        print("\n" + report_launches(count_step_launches(shape, device, amp_dtype)), flush=True)
     if targets:
         print("\nTargets (issue 4 section 5, issue 11 section 3-4):\n" + "\n".join(targets), flush=True)
 
@@ -671,7 +824,7 @@ def comma_ints(text: str) -> list[int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:<index>, or auto: cpu, then cuda if present")
-    parser.add_argument("--sections", default="a,b,c", help="comma-separated subset of a,b,c (default: all)")
+    parser.add_argument("--sections", default="a,b,c,d", help="comma-separated subset of a,b,c,d (default: all)")
     parser.add_argument("--depth", type=int, choices=(18, 34, 50), help="ResNet depth (default: 18 CPU, 50 CUDA)")
     parser.add_argument("--image-size", type=int, default=64, help="global 2D crop and volume in-plane size")
     parser.add_argument("--small-crop-size", type=int, help="small 2D crop size (default: image size / 2)")

@@ -79,6 +79,10 @@ def cuda_scripts() -> list[Script]:
             "Joint step, paper size, bfloat16 autocast, every fast-path switch and LARC as train.json (CUDA)",
             [*step, "--amp", "bfloat16", *PAPER, *fast, "--larc"],
         ),
+        Script(
+            "Joint step, paper size: kernel launches and host synchronisations (CUDA)",
+            [*step[:-1], "d", "--amp", "bfloat16", *PAPER, *fast],
+        ),
     ]
 
 
