@@ -7,13 +7,24 @@ import time
 import traceback
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["OperatorCounter", "TensorMemoryTracker", "seconds_per_call", "timed"]
+from custom_nets.nets import deformable_attention
+from custom_nets.nets.slice_sampling import slice_sampling_reference
+
+__all__ = [
+    "FusedSamplingLaunches",
+    "OperatorCounter",
+    "TensorMemoryTracker",
+    "sampling_counted_as_on_cuda",
+    "seconds_per_call",
+    "timed",
+]
 
 # aten operators that allocate or read a scalar without a kernel of their own
 NO_KERNEL_OPERATORS = frozenset({"empty", "empty_strided", "empty_like", "_local_scalar_dense", "lift_fresh", "set_"})
@@ -129,3 +140,44 @@ def _call_site() -> str:
         return "outside custom_nets"
     frame = frames[-1]
     return f"{frame.filename.split('custom_nets')[-1].lstrip('/')}:{frame.lineno} ({frame.name})"
+
+
+class FusedSamplingLaunches(torch.autograd.Function):
+    """The slice sampling as a CPU count should see it: the launches of the fused Triton path that CUDA runs (one
+    kernel forward; a zero fill and one kernel backward), with the values and gradients of the PyTorch reference,
+    computed outside the count."""
+
+    @staticmethod
+    def forward(ctx, counter: OperatorCounter, values, sampling_parameters, slice_valid):
+        with _disable_current_modes(), torch.enable_grad():
+            inputs = [tensor.detach().requires_grad_() for tensor in (values, sampling_parameters)]
+            output = slice_sampling_reference(inputs[0], *inputs[1].unbind(2), slice_valid)
+        counter.kernels += 1
+        ctx.counter = counter
+        ctx.save_for_backward(*inputs, output)
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        *inputs, output = ctx.saved_tensors
+        with _disable_current_modes():
+            gradients = torch.autograd.grad(output, inputs, grad_output)
+        ctx.counter.kernels += 2
+        return None, *gradients, None
+
+
+@contextmanager
+def sampling_counted_as_on_cuda(counter: OperatorCounter, enabled: bool = True) -> Iterator[None]:
+    """Within this block, every :class:`custom_nets.nets.DeformableSliceAttention` samples through
+    :class:`FusedSamplingLaunches`, so ``counter`` sees the launches of the CUDA path on a CPU run."""
+    original = deformable_attention.deformable_slice_sampling
+
+    def fused_sampling(values, sampling_parameters, slice_valid=None, backend="auto"):
+        return FusedSamplingLaunches.apply(counter, values, sampling_parameters, slice_valid)
+
+    if enabled:
+        deformable_attention.deformable_slice_sampling = fused_sampling
+    try:
+        yield
+    finally:
+        deformable_attention.deformable_slice_sampling = original

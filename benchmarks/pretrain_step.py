@@ -70,17 +70,15 @@ from types import SimpleNamespace
 
 import torch
 import torchvision
-from measure import OperatorCounter, TensorMemoryTracker, timed
+from measure import OperatorCounter, TensorMemoryTracker, sampling_counted_as_on_cuda, timed
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
-from torch.utils._python_dispatch import _disable_current_modes
 
 from custom_nets.data import build_joint_dataloader, load_datalist, make_demo_corpus
 from custom_nets.engines import JointItemIds, JointPrepareBatch, build_sgd
 from custom_nets.engines.handlers import GradientControl
 from custom_nets.losses import JointLoss, MaskedSlicePredictionLoss, SwAVLoss
-from custom_nets.nets import JointSSLNet, deformable_attention
-from custom_nets.nets.slice_sampling import slice_sampling_reference
+from custom_nets.nets import JointSSLNet
 
 SECTIONS = ("a", "b", "c", "d")
 LARC_TRUST = 0.001  # train.json's larc_trust
@@ -450,30 +448,6 @@ class LaunchCount:
     on_cuda: bool
 
 
-class FusedSamplingLaunches(torch.autograd.Function):
-    """The slice sampling as a CPU count should see it: the launches of the fused Triton path that CUDA runs (one
-    kernel forward; a zero fill and one kernel backward), with the values and gradients of the PyTorch reference,
-    computed outside the count."""
-
-    @staticmethod
-    def forward(ctx, counter: OperatorCounter, values, offsets, logits, slice_valid):
-        with _disable_current_modes(), torch.enable_grad():
-            inputs = [tensor.detach().requires_grad_() for tensor in (values, offsets, logits)]
-            output = slice_sampling_reference(*inputs, slice_valid)
-        counter.kernels += 1
-        ctx.counter = counter
-        ctx.save_for_backward(*inputs, output)
-        return output.detach()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        *inputs, output = ctx.saved_tensors
-        with _disable_current_modes():
-            gradients = torch.autograd.grad(output, inputs, grad_output)
-        ctx.counter.kernels += 2
-        return None, *gradients, None
-
-
 def cuda_synchronisations(run: Callable[[], object]) -> dict[str, int] | None:
     """``{call site: count}`` of the synchronisations ``torch.cuda.set_sync_debug_mode("warn")`` reports during
     ``run``; None if its warnings cannot be captured here (checked with one deliberate ``.item()`` first)."""
@@ -499,8 +473,8 @@ def count_step_launches(shape: StepShape, device: torch.device, amp_dtype: torch
     """Operators of the second joint step (after a warm-up step) and of the encoder's forward + backward alone.
 
     On the CPU, the count models what CUDA launches: the slice sampling counts as the fused Triton path
-    (:class:`FusedSamplingLaunches`), and the unfused SGD takes torch's multi-tensor (foreach) form, which torch picks
-    for CUDA parameters (on CPU it loops over parameters)."""
+    (``measure.FusedSamplingLaunches``), and the unfused SGD takes torch's multi-tensor (foreach) form, which torch
+    picks for CUDA parameters (on CPU it loops over parameters)."""
     training = build_training(shape, synthetic_item_ids(shape), device, amp_dtype=amp_dtype)
     if device.type == "cpu" and not shape.fused_optimizer:
         group = training.optimizer.param_groups[0]
@@ -520,17 +494,8 @@ def count_step_launches(shape: StepShape, device: torch.device, amp_dtype: torch
             step_kernels[counter.phase] = counter.kernels - sum(step_kernels.values())
         counter.phase = name
 
-    def fused_sampling(values, offsets, logits, slice_valid=None, backend="auto"):
-        return FusedSamplingLaunches.apply(counter, values, offsets, logits, slice_valid)
-
-    original_sampling = deformable_attention.deformable_slice_sampling
-    if device.type == "cpu":
-        deformable_attention.deformable_slice_sampling = fused_sampling
-    try:
-        with counter:
-            training_step(training, batch, on_phase=on_phase)
-    finally:
-        deformable_attention.deformable_slice_sampling = original_sampling
+    with counter, sampling_counted_as_on_cuda(counter, enabled=device.type == "cpu"):
+        training_step(training, batch, on_phase=on_phase)
     cuda_syncs = cuda_synchronisations(lambda: training_step(training, batch)) if device.type == "cuda" else None
     encoder_counter = OperatorCounter()
     with encoder_counter:

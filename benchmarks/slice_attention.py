@@ -60,8 +60,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from measure import TensorMemoryTracker, timed
+from measure import OperatorCounter, TensorMemoryTracker, sampling_counted_as_on_cuda, timed
 from torch import nn
+
+from custom_nets.nets import DeformableSliceAttention
 
 METHODS = ("ours", "dense", "public")
 DEFAULT_SIZES = (64, 128, 256, 512, 1024, 2048)
@@ -91,6 +93,31 @@ class DenseSliceAttention(nn.Module):
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         attended = F.scaled_dot_product_attention(query, key, value)
         return self.output_proj(attended.transpose(1, 2).reshape(batch, num_slices, embed_dim))
+
+
+def launches_per_pass(dim: int, num_slices: int = 64, batch: int = 2) -> dict[str, int]:
+    """Kernel-launching operators of one forward + backward of ours and of dense, counted on the CPU as CUDA launches
+    them (ours: the fused Triton sampling). Where both are bound by the host's launches (a GPU at the slice counts of
+    real volumes), their times follow these counts. Parameter gradients start at None, as in the timed passes."""
+    counts = {}
+    for method, module in (
+        ("ours", DeformableSliceAttention(dim, NUM_HEADS, NUM_POINTS)),
+        ("dense", DenseSliceAttention(dim)),
+    ):
+        tokens = torch.randn(batch, num_slices, dim, requires_grad=True)
+        counter = OperatorCounter()
+        with counter, sampling_counted_as_on_cuda(counter):
+            module(tokens).backward(torch.ones(batch, num_slices, dim))
+        counts[method] = counter.kernels
+    return counts
+
+
+def launches_line(dim: int) -> str:
+    counts = launches_per_pass(dim)
+    return (
+        f"Kernel-launching operators per forward + backward, as CUDA runs them (counted on the CPU): ours "
+        f"{counts['ours']}, dense {counts['dense']} (ours / dense {counts['ours'] / counts['dense']:.2f})."
+    )
 
 
 @dataclass
@@ -367,6 +394,7 @@ def report(results: dict[tuple[str, int], dict], sizes: Sequence[int], args: arg
     out += ["Growth from one N to the next (2.00 = linear for a doubling, 4.00 = quadratic):", ""]
     out += [markdown_table(growth_header, growth_rows), ""]
 
+    out += [launches_line(args.dim), ""]
     out += targets(results, sizes)
     unavailable = [
         f"{method} N={size}: {record['status']} ({record.get('detail', '')})"

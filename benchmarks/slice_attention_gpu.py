@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from slice_attention import NUM_HEADS, NUM_POINTS, DenseSliceAttention
+from slice_attention import NUM_HEADS, NUM_POINTS, DenseSliceAttention, launches_line
 from torch import nn
 
 from custom_nets.nets import DeformableSliceAttention
@@ -52,8 +52,7 @@ def build(method: str, dim: int, device: torch.device, seed: int = 0) -> nn.Modu
     backend = "torch" if method == "ours-torch" else "triton"
     module = DeformableSliceAttention(dim, NUM_HEADS, NUM_POINTS, sampling_backend=backend).to(device)
     with torch.no_grad():  # offsets and weights that depend on the query, as after training
-        module.sampling_offsets.weight.normal_(std=0.05)
-        module.attention_weights.weight.normal_(std=0.05)
+        module.sampling_proj.weight.normal_(std=0.05)
     return module
 
 
@@ -246,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         header += ["ours MiB", "ours-torch MiB", "dense MiB"]
         print(f"\nTime and memory per forward + backward, {dtype_name}\n", flush=True)
         print(markdown_table(header, rows), flush=True)
+    print(f"\n{launches_line(args.dim)}", flush=True)
     print("\nTargets (issue 11, goal 1):", flush=True)
     for passed, text in verdicts:
         print(f"  {'PASS' if passed else 'FAIL'}  {text}", flush=True)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from custom_nets.atomic_files import atomic_path, atomic_write_text
+from custom_nets.nets.deformable_attention import merge_sampling_projections
 
 __all__ = [
     "WeightLoadReport",
@@ -89,7 +90,8 @@ def load_file(path: str | os.PathLike) -> dict:
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Read a flat state dict from a file or mapping, unwrapping checkpoint dicts and DDP ``module.`` prefixes."""
+    """Read a flat state dict from a file or mapping, unwrapping checkpoint dicts and DDP ``module.`` prefixes; the
+    slice attention's weights of earlier versions come back in today's layout."""
     state = dict(source) if isinstance(source, Mapping) else load_file(source)
     for key in CHECKPOINT_KEYS:
         if key in state and isinstance(state[key], Mapping):
@@ -99,7 +101,7 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> d
         raise ValueError(f"{source!s:.200} does not hold a flat state dict of tensors (keys: {list(state)[:5]}).")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
+    return merge_sampling_projections(state)  # f_inter weights saved before its two sampling projections became one
 
 
 def select_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -5,7 +5,8 @@ Two implementations of one function, chosen by :func:`deformable_slice_sampling`
 * ``"torch"``: the reference, plain PyTorch (one ``F.embedding_bag`` weighted sum per query and head, computed in
   float32 whatever the input dtype). It runs on any device and is the test reference.
 * ``"triton"``: one fused Triton kernel for the forward pass and one for the backward pass
-  (:mod:`custom_nets.nets.slice_sampling_triton`). The reference launches about 30 small kernels per pass, which makes
+  (:mod:`custom_nets.nets.slice_sampling_triton`), reading offsets and logits in place from the projection's output.
+  The reference launches about 30 small kernels per pass, which makes
   it launch-bound on a GPU at the slice counts of real volumes; the fused path launches one (plus a zero fill in the
   backward pass). Values may be float32, bfloat16 or float16; sampling arithmetic and accumulation are float32.
 
@@ -45,30 +46,33 @@ def resolve_sampling_backend(backend: str, values: torch.Tensor) -> str:
 
 def deformable_slice_sampling(
     values: torch.Tensor,
-    offsets: torch.Tensor,
-    logits: torch.Tensor,
+    sampling_parameters: torch.Tensor,
     slice_valid: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention-weighted reads of ``values`` at fractional slice positions, per query slice and head.
 
-    For query slice ``n``, head ``m`` and point ``k`` the read position is ``n + offsets[b, n, m, k]`` (slice units)
-    and its weight is ``softmax_k(logits[b, n, m, :])``. A position between two slices reads both by linear
-    interpolation; a slice outside ``[0, N)`` or marked False in ``slice_valid`` reads zeros and receives no gradient.
+    ``sampling_parameters[:, :, 0]`` holds the offsets and ``sampling_parameters[:, :, 1]`` the attention logits (the
+    layout of one linear projection to ``2 * M * K`` features, viewed as ``(B, N, 2, M, K)``). For query slice ``n``,
+    head ``m`` and point ``k`` the read position is ``n + offsets[b, n, m, k]`` (slice units) and its weight is
+    ``softmax_k(logits[b, n, m, :])``. A position between two slices reads both by linear interpolation; a slice
+    outside ``[0, N)`` or marked False in ``slice_valid`` reads zeros and receives no gradient.
 
     Shapes:
-        values ``(B, N, M, D)``; offsets and logits ``(B, N, M, K)``; slice_valid ``(B, N)`` bool or None;
+        values ``(B, N, M, D)``; sampling_parameters ``(B, N, 2, M, K)``; slice_valid ``(B, N)`` bool or None;
         returns ``(B, N, M, D)`` in the dtype of ``values``.
     """
-    if values.dim() != 4 or offsets.shape != logits.shape or offsets.shape[:3] != values.shape[:3]:
+    expected = (*values.shape[:2], 2, values.shape[2]) if values.dim() == 4 else None
+    if expected is None or sampling_parameters.dim() != 5 or tuple(sampling_parameters.shape[:4]) != expected:
         raise ValueError(
-            f"expected values (B, N, M, D) and offsets, logits (B, N, M, K); got {tuple(values.shape)}, "
-            f"{tuple(offsets.shape)}, {tuple(logits.shape)}."
+            f"expected values (B, N, M, D) and sampling parameters (B, N, 2, M, K) (offsets, then logits); got "
+            f"{tuple(values.shape)} and {tuple(sampling_parameters.shape)}."
         )
     if resolve_sampling_backend(backend, values) == "triton":
         from custom_nets.nets.slice_sampling_triton import triton_slice_sampling
 
-        return triton_slice_sampling(values, offsets, logits, slice_valid)
+        return triton_slice_sampling(values, sampling_parameters, slice_valid)
+    offsets, logits = sampling_parameters.unbind(2)
     return slice_sampling_reference(values, offsets, logits, slice_valid)
 
 

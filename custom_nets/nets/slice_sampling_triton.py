@@ -7,6 +7,9 @@ Same function as :func:`custom_nets.nets.slice_sampling.slice_sampling_reference
 * backward: from the output gradient ``g``, the gradients of the logits (through the softmax), of the offsets
   (``weight * g . (v_upper - v_lower)``) and of the values (``coefficient * g``, added with float32 atomics).
 
+Offsets and logits are read from, and their gradients written to, one ``(B, N, 2, M, K)`` tensor (the output of the
+attention's single sampling projection), so no copy splits it.
+
 Programs handle ``BLOCK_ROWS`` rows of ``(b, n, m)`` times the whole head width. Arithmetic is float32 whatever the
 dtype of the values. The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that).
 """
@@ -101,11 +104,12 @@ def _sampling_forward_kernel(
     sample_slice = rows // num_heads
     query_slice = sample_slice % num_slices
     sample_start = sample_slice - query_slice
-    weights = _softmax_rows(logits_ptr, rows[:, None] * NUM_POINTS + points[None, :], point_mask)
+    parameter_rows = sample_slice * (2 * num_heads * NUM_POINTS) + head * NUM_POINTS
+    weights = _softmax_rows(logits_ptr, parameter_rows[:, None] + points[None, :], point_mask)
     accumulated = tl.zeros((BLOCK_ROWS, BLOCK_DIM), dtype=tl.float32)
     for point in tl.static_range(NUM_POINTS):
         weight = tl.sum(tl.where(points[None, :] == point, weights, 0.0), axis=1)
-        offset = tl.load(offsets_ptr + rows * NUM_POINTS + point, mask=row_mask, other=0.0).to(tl.float32)
+        offset = tl.load(offsets_ptr + parameter_rows + point, mask=row_mask, other=0.0).to(tl.float32)
         fraction, _, _, _, _, lower_values, upper_values = _point_read(
             values_ptr,
             valid_ptr,
@@ -152,11 +156,12 @@ def _sampling_backward_kernel(
     dim_mask = dims < head_dim
     points = tl.arange(0, BLOCK_POINTS)
     point_mask = row_mask[:, None] & (points[None, :] < NUM_POINTS)
-    point_rows = rows[:, None] * NUM_POINTS + points[None, :]
     head = rows % num_heads
     sample_slice = rows // num_heads
     query_slice = sample_slice % num_slices
     sample_start = sample_slice - query_slice
+    parameter_rows = sample_slice * (2 * num_heads * NUM_POINTS) + head * NUM_POINTS
+    point_rows = parameter_rows[:, None] + points[None, :]
     tile = row_mask[:, None] & dim_mask[None, :]
     grad_output = tl.load(grad_output_ptr + rows[:, None] * head_dim + dims[None, :], mask=tile, other=0.0)
     grad_output = grad_output.to(tl.float32)
@@ -164,7 +169,7 @@ def _sampling_backward_kernel(
     grad_weights = tl.zeros((BLOCK_ROWS, BLOCK_POINTS), dtype=tl.float32)
     for point in tl.static_range(NUM_POINTS):
         weight = tl.sum(tl.where(points[None, :] == point, weights, 0.0), axis=1)
-        offset = tl.load(offsets_ptr + rows * NUM_POINTS + point, mask=row_mask, other=0.0).to(tl.float32)
+        offset = tl.load(offsets_ptr + parameter_rows + point, mask=row_mask, other=0.0).to(tl.float32)
         fraction, lower_rows, upper_rows, lower_tile, upper_tile, lower_values, upper_values = _point_read(
             values_ptr,
             valid_ptr,
@@ -183,7 +188,7 @@ def _sampling_backward_kernel(
         upper_dot = tl.sum(grad_output * upper_values, axis=1)
         grad_weight = (1.0 - fraction) * lower_dot + fraction * upper_dot
         grad_weights = tl.where(points[None, :] == point, grad_weight[:, None], grad_weights)
-        tl.store(grad_offsets_ptr + rows * NUM_POINTS + point, weight * (upper_dot - lower_dot), mask=row_mask)
+        tl.store(grad_offsets_ptr + parameter_rows + point, weight * (upper_dot - lower_dot), mask=row_mask)
         lower_target = grad_values_ptr + lower_rows[:, None] + dims[None, :]
         upper_target = grad_values_ptr + upper_rows[:, None] + dims[None, :]
         tl.atomic_add(lower_target, (weight * (1.0 - fraction))[:, None] * grad_output, mask=lower_tile)
@@ -205,18 +210,18 @@ def _launch_shape(values: torch.Tensor, num_points: int) -> dict[str, int]:
 
 class _SliceSampling(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, offsets, logits, slice_valid):
+    def forward(ctx, values, parameters, slice_valid):
         batch, num_slices, num_heads, head_dim = values.shape
-        values, offsets, logits = values.contiguous(), offsets.contiguous(), logits.contiguous()
+        values, parameters = values.contiguous(), parameters.contiguous()
         valid = None if slice_valid is None else slice_valid.to(device=values.device, dtype=torch.int8).contiguous()
         output = torch.empty_like(values)
         num_rows = batch * num_slices * num_heads
-        shape = _launch_shape(values, offsets.shape[-1])
+        shape = _launch_shape(values, parameters.shape[-1])
         grid = (triton.cdiv(num_rows, shape["BLOCK_ROWS"]),)
         _sampling_forward_kernel[grid](
             values,
-            offsets,
-            logits,
+            parameters[:, :, 0],
+            parameters[:, :, 1],
             valid if valid is not None else values,
             output,
             num_rows,
@@ -226,29 +231,28 @@ class _SliceSampling(torch.autograd.Function):
             HAS_VALID=valid is not None,
             **shape,
         )
-        ctx.save_for_backward(values, offsets, logits, valid)
+        ctx.save_for_backward(values, parameters, valid)
         ctx.has_valid = valid is not None
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        values, offsets, logits, valid = ctx.saved_tensors
+        values, parameters, valid = ctx.saved_tensors
         batch, num_slices, num_heads, head_dim = values.shape
         grad_values = torch.zeros(values.shape, device=values.device, dtype=torch.float32)
-        grad_offsets = torch.empty(offsets.shape, device=offsets.device, dtype=torch.float32)
-        grad_logits = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+        grad_parameters = torch.empty(parameters.shape, device=parameters.device, dtype=torch.float32)
         num_rows = batch * num_slices * num_heads
-        shape = _launch_shape(values, offsets.shape[-1])
+        shape = _launch_shape(values, parameters.shape[-1])
         grid = (triton.cdiv(num_rows, shape["BLOCK_ROWS"]),)
         _sampling_backward_kernel[grid](
             grad_output.contiguous(),
             values,
-            offsets,
-            logits,
+            parameters[:, :, 0],
+            parameters[:, :, 1],
             valid if ctx.has_valid else values,
             grad_values,
-            grad_offsets,
-            grad_logits,
+            grad_parameters[:, :, 0],
+            grad_parameters[:, :, 1],
             num_rows,
             num_slices,
             num_heads,
@@ -256,11 +260,11 @@ class _SliceSampling(torch.autograd.Function):
             HAS_VALID=ctx.has_valid,
             **shape,
         )
-        return grad_values.to(values.dtype), grad_offsets.to(offsets.dtype), grad_logits.to(logits.dtype), None
+        return grad_values.to(values.dtype), grad_parameters.to(parameters.dtype), None
 
 
 def triton_slice_sampling(
-    values: torch.Tensor, offsets: torch.Tensor, logits: torch.Tensor, slice_valid: torch.Tensor | None = None
+    values: torch.Tensor, sampling_parameters: torch.Tensor, slice_valid: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Fused :func:`custom_nets.nets.slice_sampling.deformable_slice_sampling` (same shapes and semantics)."""
-    return _SliceSampling.apply(values, offsets, logits, slice_valid)
+    return _SliceSampling.apply(values, sampling_parameters, slice_valid)

@@ -1,5 +1,5 @@
-"""benchmarks/pretrain_step.py section (d): the CUDA-path stand-in of the slice sampling computes the reference's
-values and gradients, and the per-phase launch counts add up to the step."""
+"""benchmarks/pretrain_step.py section (d) and its measure.py helpers: the CUDA-path stand-in of the slice sampling
+computes the reference's values and gradients, and the per-phase launch counts add up to the step."""
 
 from __future__ import annotations
 
@@ -16,24 +16,26 @@ pretrain_step = importlib.util.module_from_spec(spec)
 sys.modules["pretrain_step"] = pretrain_step
 spec.loader.exec_module(pretrain_step)
 
+import measure  # noqa: E402
+
 from custom_nets.nets.slice_sampling import slice_sampling_reference  # noqa: E402
 
 
 def test_fused_sampling_stand_in_matches_the_reference_and_counts_three_launches() -> None:
     generator = torch.Generator().manual_seed(0)
-    values, offsets, logits = (torch.randn(2, 5, 2, size, generator=generator) for size in (4, 3, 3))
+    values, parameters = torch.randn(2, 5, 2, 4, generator=generator), torch.randn(2, 5, 2, 2, 3, generator=generator)
     valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     grad_output = torch.randn(2, 5, 2, 4, generator=generator)
     results = []
-    counter = pretrain_step.OperatorCounter()
+    counter = measure.OperatorCounter()
     for stand_in in (False, True):
-        inputs = [tensor.clone().requires_grad_() for tensor in (values, offsets, logits)]
+        inputs = [tensor.clone().requires_grad_() for tensor in (values, parameters)]
         if stand_in:
             with counter:
-                output = pretrain_step.FusedSamplingLaunches.apply(counter, *inputs, valid)
+                output = measure.FusedSamplingLaunches.apply(counter, *inputs, valid)
                 output.backward(grad_output)
         else:
-            output = slice_sampling_reference(*inputs, valid)
+            output = slice_sampling_reference(inputs[0], *inputs[1].unbind(2), valid)
             output.backward(grad_output)
         results.append([output.detach()] + [tensor.grad for tensor in inputs])
     for stand_in_result, reference in zip(results[1], results[0], strict=True):

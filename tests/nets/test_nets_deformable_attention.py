@@ -13,8 +13,7 @@ def make_attention(dim: int = 32, heads: int = 4, points: int = 2, seed: int = 0
     torch.manual_seed(seed)
     attention = DeformableSliceAttention(dim, heads, points)
     with torch.no_grad():  # non-trivial offsets and weights that depend on the query
-        attention.sampling_offsets.weight.normal_(std=0.3)
-        attention.attention_weights.weight.normal_(std=0.3)
+        attention.sampling_proj.weight.normal_(std=0.3)
     return attention.eval()
 
 
@@ -51,8 +50,8 @@ def test_mixed_lengths_in_one_batch_match_single_runs() -> None:
 def test_zero_offsets_single_point_reads_reference_slice() -> None:
     attention = DeformableSliceAttention(16, num_heads=2, num_points=1).eval()
     with torch.no_grad():
-        attention.sampling_offsets.weight.zero_()
-        attention.sampling_offsets.bias.zero_()
+        attention.sampling_proj.weight.zero_()
+        attention.sampling_proj.bias[:2].zero_()  # the offsets of both heads (the logits follow)
     tokens = torch.randn(3, 11, 16)
     expected = attention.output_proj(attention.value_proj(tokens))
     torch.testing.assert_close(attention(tokens), expected, rtol=1e-5, atol=1e-5)
@@ -61,8 +60,8 @@ def test_zero_offsets_single_point_reads_reference_slice() -> None:
 def test_fractional_offset_interpolates_linearly() -> None:
     attention = DeformableSliceAttention(8, num_heads=1, num_points=1).eval()
     with torch.no_grad():
-        attention.sampling_offsets.weight.zero_()
-        attention.sampling_offsets.bias.fill_(0.25)
+        attention.sampling_proj.weight.zero_()
+        attention.sampling_proj.bias[0] = 0.25  # the one offset (index 1 is the one logit)
         attention.value_proj.weight.copy_(torch.eye(8))
         attention.output_proj.weight.copy_(torch.eye(8))
     tokens = torch.randn(1, 4, 8)
@@ -75,8 +74,30 @@ def test_fractional_offset_interpolates_linearly() -> None:
 def test_gradients_reach_offsets_and_weights() -> None:
     attention = make_attention().train()
     attention(torch.randn(2, 9, 32)).square().sum().backward()
-    for parameter in (attention.sampling_offsets.weight, attention.attention_weights.weight):
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    offset_rows, logit_rows = attention.sampling_proj.weight.grad.view(2, -1, 32)
+    assert offset_rows.abs().sum() > 0 and logit_rows.abs().sum() > 0
+
+
+def test_initial_offsets_and_uniform_weights() -> None:
+    attention = DeformableSliceAttention(16, num_heads=4, num_points=2)
+    locations, weights = attention.sampling_locations(torch.randn(1, 5, 16))
+    expected = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [2.0, 4.0], [-2.0, -4.0]])  # head m: +-(k+1) * (1 + m // 2)
+    torch.testing.assert_close(locations[0, 0], expected)
+    torch.testing.assert_close(weights, torch.full_like(weights, 0.5))
+
+
+def test_weights_saved_with_two_sampling_projections_load() -> None:
+    """Earlier versions had sampling_offsets and attention_weights; their files load into sampling_proj, exactly."""
+    attention = make_attention()
+    state = attention.state_dict()
+    legacy = {k: v for k, v in state.items() if not k.startswith("sampling_proj")}
+    for tensor in ("weight", "bias"):
+        offsets, logits = state[f"sampling_proj.{tensor}"].chunk(2)
+        legacy[f"sampling_offsets.{tensor}"], legacy[f"attention_weights.{tensor}"] = offsets, logits
+    loaded = DeformableSliceAttention(32, 4, 2)
+    loaded.load_state_dict(legacy)  # strict: no key missing or left over
+    tokens = torch.randn(2, 6, 32)
+    torch.testing.assert_close(loaded.eval()(tokens), attention(tokens))
 
 
 def test_sample_independent_of_batch() -> None:

@@ -65,7 +65,7 @@ def test_reference_gradients_match_the_dense_formula() -> None:
 def test_reduced_precision_values_keep_their_dtype() -> None:
     values, offsets, logits, valid = _inputs(dtype=torch.bfloat16)
     values.requires_grad_()
-    output = deformable_slice_sampling(values, offsets, logits, valid)
+    output = deformable_slice_sampling(values, torch.stack([offsets, logits], dim=2), valid)
     output.float().sum().backward()
     assert output.dtype == torch.bfloat16 and values.grad.dtype == torch.bfloat16
 
@@ -78,8 +78,8 @@ def test_backend_choice() -> None:
         resolve_sampling_backend("cuda", cpu_values)
     with pytest.raises(ValueError, match="sampling_backend"):
         DeformableSliceAttention(16, 2, 2, sampling_backend="fast")
-    with pytest.raises(ValueError, match="offsets"):
-        deformable_slice_sampling(torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3))
+    with pytest.raises(ValueError, match="offsets, then logits"):
+        deformable_slice_sampling(torch.zeros(1, 4, 3, 5), torch.zeros(1, 4, 3, 2, 2))  # (B, N, M, 2, K): wrong order
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -99,6 +99,9 @@ TRITON_CHECK = textwrap.dedent(
     from custom_nets.nets.slice_sampling import slice_sampling_reference
     from custom_nets.nets.slice_sampling_triton import triton_slice_sampling
 
+    def fused(values, offsets, logits, valid):  # offsets and logits read in place from one (B, N, 2, M, K) tensor
+        return triton_slice_sampling(values, torch.stack([offsets, logits], dim=2), valid)
+
     errors = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for points, head_dim in ((3, 5), (4, 8)):
@@ -111,7 +114,7 @@ TRITON_CHECK = textwrap.dedent(
                 valid[1, 5:] = False
                 grad_output = torch.randn(2, 7, 3, head_dim, generator=generator)
                 results = []
-                for function in (slice_sampling_reference, triton_slice_sampling):
+                for function in (slice_sampling_reference, fused):
                     inputs = [t.clone().requires_grad_() for t in (values, offsets, logits)]
                     output = function(*inputs, valid if masked else None)
                     (output.float() * grad_output).sum().backward()

@@ -15,8 +15,7 @@ def transformer() -> SliceTransformer:
     transformer = SliceTransformer(embed_dim=32, num_layers=2, num_heads=4, num_points=2, ffn_dim=40).eval()
     with torch.no_grad():  # offsets and weights that depend on the query (and so on the position encoding)
         for layer in transformer.layers:
-            layer.attention.sampling_offsets.weight.normal_(std=0.3)
-            layer.attention.attention_weights.weight.normal_(std=0.3)
+            layer.attention.sampling_proj.weight.normal_(std=0.3)
     return transformer
 
 
