@@ -58,6 +58,27 @@ def test_transformer_loads_from_checkpoint_dict_with_ddp_prefix(tmp_path: Path) 
     torch.testing.assert_close(transformer.mask_token, net.slice_transformer.mask_token)
 
 
+def test_export_from_before_the_single_sampling_projection_loads(tmp_path: Path) -> None:
+    """Exports written before f_inter's offset and attention-weight projections became one still load, exactly."""
+    net = JointSSLNet(**NET_OPTIONS)
+    legacy = {}
+    for key, value in net.state_dict().items():
+        if ".sampling_proj." in key:
+            offsets, logits = value.chunk(2)
+            legacy[key.replace("sampling_proj", "sampling_offsets")] = offsets
+            legacy[key.replace("sampling_proj", "attention_weights")] = logits
+        else:
+            legacy[key] = value
+    torch.save(legacy, tmp_path / "legacy.pt")
+    transformer = SliceTransformer(embed_dim=32, num_layers=1, num_heads=4, ffn_dim=40)
+    report = load_slice_transformer_weights(transformer, tmp_path / "legacy.pt")
+    assert report.missing == [] and report.unexpected == []
+    attention = transformer.layers[0].attention
+    torch.testing.assert_close(
+        attention.sampling_proj.weight, net.slice_transformer.layers[0].attention.sampling_proj.weight
+    )
+
+
 def test_input_channel_adaptation_preserves_grayscale_response(exported: Path) -> None:
     gray = SliceEncoder(depth=18, embed_dim=32).eval()
     load_slice_encoder_weights(gray, exported)
