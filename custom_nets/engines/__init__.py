@@ -3,6 +3,7 @@ mixed precision, the optimiser."""
 
 from custom_nets.engines.amp import autocast_dtype
 from custom_nets.engines.checkpoints import AtomicCheckpointSaver, AtomicDiskSaver, atomic_torch_save, latest_checkpoint
+from custom_nets.engines.distributed import shutdown_distributed
 from custom_nets.engines.embedding import EmbeddingInferer, EmbeddingPrepareBatch
 from custom_nets.engines.optimizers import build_sgd
 from custom_nets.engines.prepare_batch import JointItemIds, JointPrepareBatch
@@ -18,4 +19,5 @@ __all__ = [
     "autocast_dtype",
     "build_sgd",
     "latest_checkpoint",
+    "shutdown_distributed",
 ]

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from custom_nets.engines import shutdown_distributed
 from custom_nets.losses import DeepClusterV2Loss, JointLoss, SwAVLoss, sinkhorn_knopp
 
 NUM_IMAGES, NUM_SLICES, IN_DIM, DIM, PROTOTYPES = 6, 4, 10, 8, (5, 7)
+DDP_MODELS: list[nn.Module] = []  # released before the process group is destroyed
 UNEVEN_SPLIT = (3, 8)  # Sinkhorn items per rank: ranks may hold different numbers of items
 
 
@@ -78,6 +80,7 @@ def compute(rank: int, world_size: int) -> dict:
 
     head = ToyClusteringHead()
     model = DistributedDataParallel(head) if distributed else head
+    DDP_MODELS.append(model)
     loss = SwAVLoss()(*model(views))
     loss.backward()
     results["swav_loss"] = _mean_over_ranks(loss)
@@ -85,6 +88,7 @@ def compute(rank: int, world_size: int) -> dict:
 
     head = ToyClusteringHead()
     model = DistributedDataParallel(head) if distributed else head
+    DDP_MODELS.append(model)
     deepcluster = DeepClusterV2Loss(num_items=NUM_IMAGES + NUM_SLICES, embedding_dim=DIM, num_heads=len(PROTOTYPES))
     with torch.no_grad():
         deepcluster(*head(views), ids)  # fills the memory bank, as during an epoch
@@ -111,4 +115,4 @@ def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
     try:
         torch.save(compute(rank, world_size), Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed(*DDP_MODELS)  # releases the DDP reducers first: no abort at exit
