@@ -70,21 +70,23 @@ def _to(value: object, device: torch.device | str | None, non_blocking: bool) ->
 
 
 def _slice_rows(
-    slice_valid: torch.Tensor, intra_slices: torch.Tensor, device: torch.device | str | None, non_blocking: bool
+    slice_valid: torch.Tensor,
+    intra_slices: torch.Tensor | None,
+    device: torch.device | str | None,
+    non_blocking: bool,
 ) -> dict[str, torch.Tensor]:
-    """``slice_rows`` and ``intra_rows`` (see :class:`JointPrepareBatch`) from host ``(B3, N)`` masks."""
+    """``slice_rows`` and, with ``intra_slices``, ``intra_rows`` (see :class:`JointPrepareBatch`) from host
+    ``(B3, N)`` masks."""
     empty = ~slice_valid.any(dim=1)
     if bool(empty.any()):
         raise ValueError(
             f"volume(s) {empty.nonzero().flatten().tolist()} of this batch have no valid slice (slice_valid all "
             "False); every volume needs at least one slice: check the volume files and the slice cropping."
         )
-    rows = slice_valid.flatten().nonzero().squeeze(1)
-    intra_rows = intra_slices.flatten()[rows].nonzero().squeeze(1)
-    return {
-        "slice_rows": rows.to(device, non_blocking=non_blocking),
-        "intra_rows": intra_rows.to(device, non_blocking=non_blocking),
-    }
+    rows = {"slice_rows": slice_valid.flatten().nonzero().squeeze(1)}
+    if intra_slices is not None:
+        rows["intra_rows"] = intra_slices.flatten()[rows["slice_rows"]].nonzero().squeeze(1)
+    return {key: value.to(device, non_blocking=non_blocking) for key, value in rows.items()}
 
 
 class JointPrepareBatch(PrepareBatch):
@@ -98,8 +100,8 @@ class JointPrepareBatch(PrepareBatch):
     takes in train mode) and ``targets`` holds ``intra_index`` ``(B2 + S,)`` and ``inter_index`` ``(B3,)`` (what the
     clustering losses key their memory banks with). With volumes, ``inputs`` also holds two index tensors computed
     here on the host, so that the network's forward pass never waits for the GPU to count valid slices:
-    ``slice_rows`` ``(S,)``, the flat ``B3 * N`` indices of the valid slices, and ``intra_rows``, the positions among
-    those ``S`` of the slices that enter the 2D clustering.
+    ``slice_rows`` ``(S,)``, the flat ``B3 * N`` indices of the valid slices, and (with ``intra_slices_per_volume``)
+    ``intra_rows``, the positions among those ``S`` of the slices that enter the 2D clustering.
 
     Args:
         item_ids: the global item ids of the datalist.
@@ -137,12 +139,14 @@ class JointPrepareBatch(PrepareBatch):
         slice_valid = batchdata.get("slice_valid")
         if slice_valid is None:
             slice_valid = torch.zeros(0, self.item_ids.num_slices, dtype=torch.bool)
-        intra_slices = slice_valid
+        intra_slices, chosen = slice_valid, None
         if self.intra_slices_per_volume is not None and slice_valid.numel():
-            intra_slices = choose_slices(slice_valid, self.intra_slices_per_volume)
+            intra_slices = chosen = choose_slices(slice_valid, self.intra_slices_per_volume)
             inputs["intra_slices"] = intra_slices.to(device, non_blocking=non_blocking)
         if slice_valid.numel():
-            inputs.update(_slice_rows(slice_valid.cpu(), intra_slices.cpu(), device, non_blocking))
+            inputs.update(
+                _slice_rows(slice_valid.cpu(), None if chosen is None else chosen.cpu(), device, non_blocking)
+            )
         targets = {
             "intra_index": self.item_ids.intra_ids(image_index, volume_index, intra_slices),
             "inter_index": self.item_ids.inter_ids(volume_index),

@@ -138,7 +138,11 @@ class JointSSLNet(nn.Module):
         ``image_views``: list of ``(B2, C, H_v, W_v)`` (views 0 and 1 global, others small crops),
         ``volume_views``: list of two ``(B3, C, N, H, W)`` views with the same slice sampling,
         ``slice_valid`` ``(B3, N)`` bool and ``slice_position`` ``(B3, N)`` float (mm), optionally
-        ``intra_slices`` ``(B3, N)`` bool: the valid slices that enter the 2D clustering (default: all valid slices).
+        ``intra_slices`` ``(B3, N)`` bool: the valid slices that enter the 2D clustering (default: all valid slices),
+        and optionally ``slice_rows`` / ``intra_rows``, the same selections as long indices (see
+        :class:`custom_nets.engines.JointPrepareBatch`, which computes them on the host): with them the forward pass
+        never makes the host wait for the GPU; without them they are computed here (one wait each).
+    ``f_inter`` runs once over the sequences of both volume views (``2 * B3``).
     It returns a dict:
         ``intra_projection``: per 2D view ``(M_v, P)``, unit norm. Views 0/1 hold the B2 images then the
         ``intra_slices`` of the volumes (volume-major); small-crop views hold the B2 images only.
