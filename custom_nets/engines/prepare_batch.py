@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from monai.engines.utils import PrepareBatch
 
+from custom_nets.nets.joint_ssl import valid_slice_rows
+
 __all__ = ["JointItemIds", "JointPrepareBatch", "choose_slices"]
 
 
@@ -83,7 +85,7 @@ def _slice_rows(
             f"volume(s) {empty.nonzero().flatten().tolist()} of this batch have no valid slice (slice_valid all "
             "False); every volume needs at least one slice: check the volume files and the slice cropping."
         )
-    rows = {"slice_rows": slice_valid.flatten().nonzero().squeeze(1)}
+    rows = {"slice_rows": valid_slice_rows(slice_valid)}
     if intra_slices is not None:
         rows["intra_rows"] = intra_slices.flatten()[rows["slice_rows"]].nonzero().squeeze(1)
     return {key: value.to(device, non_blocking=non_blocking) for key, value in rows.items()}
