@@ -102,9 +102,8 @@ def _is_tensor(value: object) -> bool:
 class OperatorCounter(TorchDispatchMode):
     """Counts the aten operators run under this mode, on any device.
 
-    * ``operators``: every dispatched operator;
-    * ``kernels``: those that launch a kernel (not views, not bare allocations): on a GPU each costs the host one
-      launch, so a step whose small tensors leave the GPU idle is bound by this count;
+    * ``kernels``: the operators that launch a kernel (not views, not bare allocations): on a GPU each costs the host
+      one launch, so a step whose small tensors leave the GPU idle is bound by this count;
     * ``host_syncs``: ``{(operator, call site): count}`` of the operators after which a GPU's host waits for the
       device: reading a value (``.item()``, ``bool()``, ``int()``), sizes that depend on values (``nonzero``, boolean
       mask indexing, ``masked_select``, ``unique``), and tensors made from Python data (``torch.tensor``: a
@@ -114,7 +113,6 @@ class OperatorCounter(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.operators = 0
         self.kernels = 0
         self.host_syncs: Counter[tuple[str, str]] = Counter()
         self.phase = ""
@@ -122,7 +120,6 @@ class OperatorCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name.split("::")[-1]
-        self.operators += 1
         if not func.is_view and name not in NO_KERNEL_OPERATORS:
             self.kernels += 1
         boolean_index = name in ("index", "index_put", "index_put_") and any(
@@ -167,16 +164,15 @@ class FusedSamplingLaunches(torch.autograd.Function):
 
 
 @contextmanager
-def sampling_counted_as_on_cuda(counter: OperatorCounter, enabled: bool = True) -> Iterator[None]:
+def sampling_counted_as_on_cuda(counter: OperatorCounter) -> Iterator[None]:
     """Within this block, every :class:`custom_nets.nets.DeformableSliceAttention` samples through
-    :class:`FusedSamplingLaunches`, so ``counter`` sees the launches of the CUDA path on a CPU run."""
+    :class:`FusedSamplingLaunches`, so ``counter`` sees the launches of the CUDA path on any device."""
     original = deformable_attention.deformable_slice_sampling
 
     def fused_sampling(values, sampling_parameters, slice_valid=None, backend="auto"):
         return FusedSamplingLaunches.apply(counter, values, sampling_parameters, slice_valid)
 
-    if enabled:
-        deformable_attention.deformable_slice_sampling = fused_sampling
+    deformable_attention.deformable_slice_sampling = fused_sampling
     try:
         yield
     finally:

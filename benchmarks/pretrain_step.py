@@ -41,9 +41,9 @@ Sections (``--sections a,b,c``):
   host's launch time: the step's launches beyond the encoder's are the overhead of (a) in kernels, and they do not
   depend on the machine's load. Listed too: every operator after which a GPU's host waits for the device (``.item()``,
   ``bool(tensor)``, boolean masks, ``nonzero``, ``torch.tensor`` of Python data), with its call site; on CUDA also
-  the synchronisations that ``torch.cuda.set_sync_debug_mode`` reports. On the CPU the slice sampling runs the fused
-  Triton kernels in Triton's interpreter when Triton is installed, so the count is the CUDA path's (one kernel
-  forward, a zero fill and one kernel backward); otherwise the PyTorch reference is counted, and the report says so.
+  the synchronisations that ``torch.cuda.set_sync_debug_mode`` reports. On every device the slice sampling counts as
+  the fused Triton path launches it (one kernel forward, a zero fill and one kernel backward;
+  ``measure.FusedSamplingLaunches``: Triton's own launches are not aten operators, and the CPU runs the reference).
 
 The machine may be shared: the torch thread count and the 1-minute load average are printed before and after each
 section. ``--profile`` adds a ``torch.profiler`` table of the step's most expensive operators.
@@ -472,9 +472,9 @@ def cuda_synchronisations(run: Callable[[], object]) -> dict[str, int] | None:
 def count_step_launches(shape: StepShape, device: torch.device, amp_dtype: torch.dtype | None = None) -> LaunchCount:
     """Operators of the second joint step (after a warm-up step) and of the encoder's forward + backward alone.
 
-    On the CPU, the count models what CUDA launches: the slice sampling counts as the fused Triton path
-    (``measure.FusedSamplingLaunches``), and the unfused SGD takes torch's multi-tensor (foreach) form, which torch
-    picks for CUDA parameters (on CPU it loops over parameters)."""
+    The count models what CUDA launches: the slice sampling counts as the fused Triton path on every device
+    (``measure.FusedSamplingLaunches``), and on the CPU the unfused SGD takes torch's multi-tensor (foreach) form,
+    which torch picks for CUDA parameters (on CPU it loops over parameters)."""
     training = build_training(shape, synthetic_item_ids(shape), device, amp_dtype=amp_dtype)
     if device.type == "cpu" and not shape.fused_optimizer:
         group = training.optimizer.param_groups[0]
@@ -494,7 +494,7 @@ def count_step_launches(shape: StepShape, device: torch.device, amp_dtype: torch
             step_kernels[counter.phase] = counter.kernels - sum(step_kernels.values())
         counter.phase = name
 
-    with counter, sampling_counted_as_on_cuda(counter, enabled=device.type == "cpu"):
+    with counter, sampling_counted_as_on_cuda(counter):
         training_step(training, batch, on_phase=on_phase)
     cuda_syncs = cuda_synchronisations(lambda: training_step(training, batch)) if device.type == "cuda" else None
     encoder_counter = OperatorCounter()
