@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models import resnet18, resnet34, resnet50
 
-__all__ = ["SliceEncoder", "SliceEncoderOutput", "RESNET_BUILDERS", "resnet_stage_maps"]
+__all__ = ["SliceEncoder", "SliceEncoderOutput", "RESNET_BUILDERS", "resnet_stage_maps", "spatial_mean"]
 
 RESNET_BUILDERS = {18: resnet18, 34: resnet34, 50: resnet50}
 
@@ -24,6 +24,32 @@ def resnet_stage_maps(trunk: nn.Module, images: torch.Tensor) -> list[torch.Tens
         current = stage(current)
         maps.append(current)
     return maps
+
+
+class _SpatialMean(torch.autograd.Function):
+    """``maps.mean(dim=(2, 3))`` whose gradient is a broadcast view of the ``(B, C)`` gradient.
+
+    torch's own backward of ``mean`` writes a full-size ``(B, C, H, W)`` tensor in the contiguous (NCHW) layout.
+    Added to the gradient that reaches the same stage map from the next stage, which is channels-last when the trunk
+    is, it turns that sum NCHW too, and cuDNN converts it back. A broadcast view writes nothing, and the sum keeps the
+    layout of the other gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, maps: torch.Tensor) -> torch.Tensor:
+        ctx.map_shape = maps.shape
+        return maps.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        height, width = ctx.map_shape[2:]
+        return (grad / (height * width))[:, :, None, None].expand(ctx.map_shape)
+
+
+def spatial_mean(maps: torch.Tensor) -> torch.Tensor:
+    """Global average pool ``(B, C, H, W) -> (B, C)``, equal to ``maps.mean(dim=(2, 3))``; its gradient is a broadcast
+    view, so the trunk's gradients keep their memory layout (see :class:`_SpatialMean`)."""
+    return _SpatialMean.apply(maps)
 
 
 class SliceEncoderOutput(NamedTuple):
@@ -101,9 +127,9 @@ class SliceEncoder(nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         maps = resnet_stage_maps(self.trunk, images)
-        pools = [F.normalize(m.mean(dim=(2, 3)), dim=1) for m in maps[1:]]
-        embedding = self.embedding_proj(torch.cat(pools, dim=1))
-        pooled = maps[-1].mean(dim=(2, 3))
+        means = [spatial_mean(m) for m in maps[1:]]
+        embedding = self.embedding_proj(torch.cat([F.normalize(mean, dim=1) for mean in means], dim=1))
+        pooled = means[-1]
         return (embedding, pooled, *maps) if return_features else (embedding, pooled)
 
     def encode_images(self, images: torch.Tensor, return_features: bool = True) -> SliceEncoderOutput:
@@ -120,7 +146,7 @@ class SliceEncoder(nn.Module):
                 parts.append(checkpoint(self._encode, block, return_features, use_reentrant=False))
             else:
                 parts.append(self._encode(block, return_features))
-        merged = [torch.cat(items, dim=0) for items in zip(*parts, strict=True)]
+        merged = parts[0] if len(parts) == 1 else [torch.cat(items, dim=0) for items in zip(*parts, strict=True)]
         return SliceEncoderOutput(merged[0], merged[1], tuple(merged[2:]))
 
     def forward(self, x: torch.Tensor, return_features: bool = True) -> SliceEncoderOutput:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from custom_nets.nets import SliceEncoder
+from custom_nets.nets.slice_encoder import spatial_mean
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +90,53 @@ def test_channels_last_matches_default_layout() -> None:
     for out in outputs:
         out.embedding.square().sum().backward()
     torch.testing.assert_close(fast.trunk.conv1.weight.grad, plain.trunk.conv1.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_mean_equals_mean_in_value_and_gradient(channels_last: bool) -> None:
+    torch.manual_seed(3)
+    maps = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    if channels_last:
+        maps = maps.contiguous(memory_format=torch.channels_last)
+    maps.requires_grad_(True)
+    torch.testing.assert_close(spatial_mean(maps), maps.mean(dim=(2, 3)), rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(spatial_mean, (maps,))
+    weights = torch.randn(2, 3, dtype=torch.float64)
+    (gradient,) = torch.autograd.grad((spatial_mean(maps) * weights).sum(), maps)
+    torch.testing.assert_close(gradient, (weights / 20)[:, :, None, None].expand(2, 3, 4, 5), rtol=0, atol=0)
+
+
+class ActivationLayouts(TorchDispatchMode):
+    """Records the memory layout of every activation-sized tensor (first dimension ``batch``, H and W > 1) that an
+    operator writes; weight gradients, whose first dimension is a channel count, are left out."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch, self.layouts = batch, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if (
+                isinstance(tensor, torch.Tensor)
+                and not func.is_view
+                and tensor.ndim == 4
+                and tensor.shape[0] == self.batch
+            ):
+                if tensor.shape[2] > 1 and tensor.shape[3] > 1:
+                    self.layouts.append((func.__name__, tensor.is_contiguous(memory_format=torch.channels_last)))
+        return out
+
+
+def test_channels_last_training_pass_writes_no_other_layout() -> None:
+    """Forward + backward of a channels-last encoder writes every activation and activation gradient channels-last: the
+    stage pools' gradients are broadcast views, not NCHW tensors that turn the trunk's gradient sums NCHW."""
+    torch.manual_seed(4)
+    encoder = SliceEncoder(depth=18, embed_dim=16, channels_last=True).train()
+    images = torch.randn(3, 1, 32, 32)
+    layouts = ActivationLayouts(batch=3)
+    with layouts:
+        out = encoder.encode_images(images, return_features=False)
+        (out.embedding.square().sum() + out.pooled.sum()).backward()
+    assert len(layouts.layouts) > 100
+    assert [name for name, channels_last in layouts.layouts if not channels_last] == []
