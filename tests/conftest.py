@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import zipfile
@@ -176,6 +177,50 @@ def torchrun_failure(stderr: str, per_rank: int = 1500, tail: int = 1200) -> str
     return "\n...\n".join(part for part in [summary[-tail:], *parts] if part)
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_launchers(nodes: int, rdzv_id: str) -> list[list[str]]:
+    """The torchrun commands (module and arguments, for ``python -m``) that start 2 processes: one launcher of 2
+    (``nodes=1``, ``--standalone``), or two launchers of one process each that meet by c10d rendezvous on 127.0.0.1 as
+    two nodes would (``nodes=2``; start both with :func:`launch_nodes`)."""
+    if nodes == 1:
+        return [["torch.distributed.run", "--standalone", "--nproc_per_node=2"]]
+    launcher = ["torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d"]
+    launcher += [f"--rdzv_endpoint=127.0.0.1:{free_port()}", f"--rdzv_id={rdzv_id}", "--local_addr=127.0.0.1"]
+    launcher += [
+        "--rdzv_conf=keep_alive_interval=1"
+    ]  # the launchers exit on a keep-alive tick: 1 s, not the 5 s default
+    return [launcher] * nodes
+
+
+def launch_nodes(
+    commands: list[list[str]], log_dir: Path, timeout: int, cwd: Path, env: Mapping[str, str] | None = None
+) -> list[tuple[int, str]]:
+    """Start every ``python -m`` command at once (one torchrun launcher per "node"); their return codes and logs."""
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    logs = [log_dir / f"node{node}.log" for node in range(len(commands))]
+    processes = []
+    for command, log in zip(commands, logs, strict=True):
+        with log.open("w") as out:  # a file, not a pipe: a full pipe would stall one node while the other waits on it
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", *command], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=environment
+                )
+            )
+    try:
+        codes = [process.wait(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()  # torchrun stops its workers on SIGTERM
+                process.wait(timeout=30)
+    return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]
+
+
 def train_until_sigkill(
     config_files: list[str | os.PathLike], overrides: Mapping[str, Any], kill_at_iteration: int, cwd: Path
 ) -> subprocess.CompletedProcess:
@@ -271,9 +316,12 @@ def inference_stops_then_skips(bundle_root: str | os.PathLike, message: str, **s
     return workflow, skipped
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def bundle_checks() -> SimpleNamespace:
     return SimpleNamespace(
+        free_port=free_port,
+        torchrun_launchers=torchrun_launchers,
+        launch_nodes=launch_nodes,
         IDENTIFIERS=IDENTIFIERS,
         NaNAt=NaNAt,
         stamp_identifiers=stamp_identifiers,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -316,12 +315,6 @@ def bundle_run_args(args_file: Path, output_dir: Path) -> list[str]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def single_node_ddp(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> tuple[Path, str]:
     """One torchrun launcher, 2 gloo CPU processes: the output folder and the log."""
@@ -351,47 +344,17 @@ def test_two_process_ddp_trains_saves_once_logs_once(single_node_ddp: tuple[Path
     assert not any(key.startswith("module.") for key in checkpoint["model"])
 
 
-def launch_nodes(commands: list[list[str]], log_dir: Path, timeout: int) -> list[tuple[int, str]]:
-    """Start every command at once (one torchrun launcher per "node"); their return codes and logs."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **ONE_THREAD}
-    logs = [log_dir / f"node{node}.log" for node in range(len(commands))]
-    processes = []
-    for command, log in zip(commands, logs, strict=True):
-        with log.open("w") as out:  # a file, not a pipe: a full pipe would stall one node while the other waits on it
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", *command], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env
-                )
-            )
-    try:
-        codes = [process.wait(timeout=timeout) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()  # torchrun stops its workers on SIGTERM
-                process.wait(timeout=30)
-    return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]
-
-
 @pytest.mark.flaky(reruns=1, only_rerun=["SIGABRT", "Signal 6"])  # a rare gloo process abort, see pyproject.toml
 @pytest.mark.slow
 def test_two_nodes_match_one_node_with_two_processes(
-    tmp_path: Path, corpus: Path, single_node_ddp: tuple[Path, str]
+    tmp_path: Path, corpus: Path, single_node_ddp: tuple[Path, str], bundle_checks
 ) -> None:
     """Two torchrun launchers of one process each meet by c10d rendezvous on 127.0.0.1, as two nodes would."""
     args_file = write_tiny_args(tmp_path / "tiny_args.json", corpus)
     output_dir = tmp_path / "two_nodes"
-    launcher = [
-        "torch.distributed.run",
-        "--nnodes=2",
-        "--nproc_per_node=1",
-        "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-        "--rdzv_id=pretrain_joint_two_nodes",
-        "--local_addr=127.0.0.1",
-        "--rdzv_conf=keep_alive_interval=1",  # the launchers exit on a keep-alive tick: 1 s instead of the 5 s default
-    ]
-    nodes = launch_nodes([launcher + bundle_run_args(args_file, output_dir)] * 2, tmp_path, timeout=600)
+    launchers = bundle_checks.torchrun_launchers(nodes=2, rdzv_id="pretrain_joint_two_nodes")
+    commands = [launcher + bundle_run_args(args_file, output_dir) for launcher in launchers]
+    nodes = bundle_checks.launch_nodes(commands, tmp_path, timeout=600, cwd=REPO, env=ONE_THREAD)
 
     for node, (code, log) in enumerate(nodes):
         assert code == 0, f"node {node}:\n{log[-4000:]}"

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,23 +157,27 @@ def test_workflow_properties_and_metadata(cxr, tmp_path):
 
 @pytest.mark.flaky(reruns=1, only_rerun=["SIGABRT", "Signal 6", "ChildFailedError"])  # see pyproject.toml
 @pytest.mark.slow
-def test_multi_gpu_overlay_trains_with_two_cpu_processes(cxr, tmp_path, bundle_checks):
-    """torchrun with 2 processes on the gloo backend: DistributedSampler, DDP around the RetinaNet, the validation
-    mAP gathered over both processes, rank-0 checkpoints."""
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one_node", "two_nodes"])
+def test_multi_gpu_overlay_trains_with_two_cpu_processes(cxr, tmp_path, bundle_checks, nodes):
+    """torchrun with 2 processes on the gloo backend, on one "node" or as two one-process nodes (c10d rendezvous on
+    127.0.0.1): DistributedSampler, DDP around the RetinaNet, the validation mAP gathered over both processes, rank-0
+    checkpoints."""
     folder = cxr.make_vindr_folder(tmp_path / "raw", num_images=12)
     vindr_cxr.prepare(str(folder.images), str(folder.csv), str(tmp_path / "data"), 64, val_fraction=0.2)
     root = _copy_bundle(tmp_path)
     configs = json.dumps([str(root / "configs" / c) for c in ("train.json", "multi_gpu_train.json")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "monai.bundle", "run", "--config_file", configs]
-    command += ["--meta_file", str(root / "configs" / "metadata.json"), "--bundle_root", str(root)]
-    command += ["--logging_file", str(root / "configs" / "logging.conf"), "--dataset_dir", str(tmp_path / "data")]
-    command += ["--epochs", "1", "--batch_size", "2"]
+    bundle = ["-m", "monai.bundle", "run", "--config_file", configs]
+    bundle += ["--meta_file", str(root / "configs" / "metadata.json"), "--bundle_root", str(root)]
+    bundle += ["--logging_file", str(root / "configs" / "logging.conf"), "--dataset_dir", str(tmp_path / "data")]
+    bundle += ["--epochs", "1", "--batch_size", "2"]
     for key, value in TINY.items():
-        command += [f"--{key}", json.dumps(value)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, bundle_checks.torchrun_failure(result.stderr)
-    assert "val_map50" in result.stdout + result.stderr
+        bundle += [f"--{key}", json.dumps(value)]
+    launchers = bundle_checks.torchrun_launchers(nodes, rdzv_id="finetune_cxr_two_nodes")
+    runs = bundle_checks.launch_nodes([launcher + bundle for launcher in launchers], tmp_path, timeout=600, cwd=root)
+    for code, log in runs:
+        assert code == 0, bundle_checks.torchrun_failure(log)
+    assert sorted(log.count("Epoch: 1/1, Iter: 2/2") for _, log in runs) == [0] * (nodes - 1) + [1]  # rank 0 logs
+    assert "val_map50" in "".join(log for _, log in runs)
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert "classification_head.cls_logits.weight" in state  # saved without DDP's "module." prefix
     checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)

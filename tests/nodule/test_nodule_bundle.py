@@ -164,30 +164,24 @@ def test_label_efficiency_trials_read_the_cpm(tmp_path, luna_data):
 
 @pytest.mark.flaky(reruns=1, only_rerun=["SIGABRT", "Signal 6", "ChildFailedError"])  # see pyproject.toml
 @pytest.mark.slow
-def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, luna_data, bundle_checks):
-    """torchrun with 2 processes on the gloo backend: DistributedWeightedRandomSampler, DDP, rank-0 checkpoints."""
-    import subprocess
-    import sys
-
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one_node", "two_nodes"])
+def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, luna_data, bundle_checks, nodes):
+    """torchrun with 2 processes on the gloo backend, on one "node" or as two one-process nodes (c10d rendezvous on
+    127.0.0.1): DistributedWeightedRandomSampler, DDP, rank-0 checkpoints."""
     root = _copy_bundle(tmp_path)
     _, dataset_dir = _prepare(tmp_path, luna_data)
     configs = json.dumps([str(root / "configs" / c) for c in ("train.json", "multi_gpu_train.json")])
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "monai.bundle",
-    ]
-    command += ["run", "--config_file", configs, "--meta_file", str(root / "configs" / "metadata.json")]
-    command += ["--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root)]
-    command += ["--dataset_dir", str(dataset_dir), "--epochs", "1", "--samples_per_epoch", "4"]
+    bundle = ["-m", "monai.bundle", "run", "--config_file", configs]
+    bundle += ["--meta_file", str(root / "configs" / "metadata.json")]
+    bundle += ["--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root)]
+    bundle += ["--dataset_dir", str(dataset_dir), "--epochs", "1", "--samples_per_epoch", "4"]
     for key, value in {**TINY, **FOLDS}.items():
-        command += [f"--{key}", json.dumps(value)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, bundle_checks.torchrun_failure(result.stderr)
+        bundle += [f"--{key}", json.dumps(value)]
+    launchers = bundle_checks.torchrun_launchers(nodes, rdzv_id="finetune_nodule_two_nodes")
+    runs = bundle_checks.launch_nodes([launcher + bundle for launcher in launchers], tmp_path, timeout=600, cwd=root)
+    for code, log in runs:
+        assert code == 0, bundle_checks.torchrun_failure(log)
+    assert sorted(log.count("Epoch: 1/1, Iter: 1/1") for _, log in runs) == [0] * (nodes - 1) + [1]  # rank 0 logs
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert "head.1.weight" in state  # DDP's "module." prefix is not saved
     checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
