@@ -111,6 +111,7 @@ class StepShape:
     fused_optimizer: bool = False
     pin_memory: bool = False
     larc: bool = False  # train.json's GradientControl (LARC, trust 0.001) between backward and the SGD step
+    group_views: bool = False  # JointSSLNet(group_views): one encoder call per kind and size of view, not per view
 
 
 @dataclass
@@ -146,6 +147,7 @@ def build_training(
         intra_prototypes=(shape.intra_prototypes,),
         inter_prototypes=(shape.inter_prototypes,),
         channels_last=shape.channels_last,
+        group_views=shape.group_views,
     ).to(device)
     network.train()
     loss = JointLoss(
@@ -263,12 +265,18 @@ def plain_resnet(depth: int, device: torch.device, channels_last: bool = False) 
     return network.to(memory_format=torch.channels_last) if channels_last else network
 
 
-def encoder_stacks(inputs: dict[str, object]) -> list[torch.Tensor]:
-    """The 2D batches the slice encoder sees in one step: each image view, then each volume view's valid slices."""
+def encoder_stacks(inputs: dict[str, object], group_views: bool = False) -> list[torch.Tensor]:
+    """The 2D batches the slice encoder sees in one step: each image view, then each volume view's valid slices; with
+    ``group_views`` the views of one kind and size concatenated, as ``JointSSLNet(group_views=True)`` encodes them."""
     slice_valid = inputs["slice_valid"]
-    return list(inputs["image_views"]) + [
-        volume.permute(0, 2, 1, 3, 4)[slice_valid] for volume in inputs["volume_views"]
-    ]
+    images = list(inputs["image_views"])
+    slices = [volume.permute(0, 2, 1, 3, 4)[slice_valid] for volume in inputs["volume_views"]]
+    if not group_views:
+        return images + slices
+    by_size: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for view in images:
+        by_size.setdefault(tuple(view.shape[1:]), []).append(view)
+    return [torch.cat(views) for views in by_size.values()] + ([torch.cat(slices)] if slices else [])
 
 
 def plain_resnet_forward_backward(network: nn.Module, stacks: Sequence[torch.Tensor], amp_dtype) -> None:
@@ -279,15 +287,18 @@ def plain_resnet_forward_backward(network: nn.Module, stacks: Sequence[torch.Ten
     total.backward()
 
 
-def encoder_forward_backward(encoder: nn.Module, inputs: dict[str, object], amp_dtype=None) -> None:
-    """The slice encoder's share of the step: one ``encode_images`` per image view and per volume view.
+def encoder_forward_backward(
+    encoder: nn.Module, inputs: dict[str, object], amp_dtype=None, group_views: bool = False
+) -> None:
+    """The slice encoder's share of the step: one ``encode_images`` per image view and per volume view (with
+    ``group_views``: per kind and size of view).
 
     Volume slices are folded exactly as ``JointSSLNet.embed_volume`` folds them (valid slices, volume-major).
     """
     encoder.zero_grad(set_to_none=True)
     total = 0.0
     with torch.autocast(inputs["slice_valid"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        for images in encoder_stacks(inputs):
+        for images in encoder_stacks(inputs, group_views):
             encoded = encoder.encode_images(images, return_features=False)
             total = total + encoded.embedding.float().mean() + encoded.pooled.float().mean()
     total.backward()
@@ -320,7 +331,7 @@ def describe_shape(shape: StepShape) -> str:
     )
     volumes = f"{shape.volumes_per_batch} volumes x 2 views x {shape.num_slices} x {shape.volume_size}^2"
     clustered = shape.intra_slices_per_volume
-    switches = ("channels_last", "fused_optimizer", "pin_memory", "larc")
+    switches = ("channels_last", "fused_optimizer", "pin_memory", "larc", "group_views")
     return (
         f"ResNet-{shape.depth}, d={shape.embed_dim}, prototypes {shape.intra_prototypes}/{shape.inter_prototypes}; "
         f"batch: {images} + {volumes}; 2D clustering on {'all' if clustered is None else clustered} slices per volume"
@@ -361,12 +372,12 @@ def measure_step_vs_encoder(
     inputs, _ = training.prepare_batch(batch, device)
     encoder = training.network.slice_encoder
     resnet = plain_resnet(shape.depth, device, shape.channels_last)
-    stacks = encoder_stacks(inputs)
+    stacks = encoder_stacks(inputs, shape.group_views)
     if shape.channels_last:
         stacks = [images.contiguous(memory_format=torch.channels_last) for images in stacks]
     runs = [
         lambda: training_step(training, batch),
-        lambda: encoder_forward_backward(encoder, inputs, amp_dtype),
+        lambda: encoder_forward_backward(encoder, inputs, amp_dtype, shape.group_views),
         lambda: plain_resnet_forward_backward(resnet, stacks, amp_dtype),
     ]
     for _ in range(warmup):
@@ -499,7 +510,7 @@ def count_step_launches(shape: StepShape, device: torch.device, amp_dtype: torch
     cuda_syncs = cuda_synchronisations(lambda: training_step(training, batch)) if device.type == "cuda" else None
     encoder_counter = OperatorCounter()
     with encoder_counter:
-        encoder_forward_backward(training.network.slice_encoder, inputs, amp_dtype)
+        encoder_forward_backward(training.network.slice_encoder, inputs, amp_dtype, shape.group_views)
     return LaunchCount(
         step_kernels, encoder_counter.kernels, dict(counter.host_syncs), cuda_syncs, device.type == "cuda"
     )
@@ -743,6 +754,7 @@ def shape_for(args: argparse.Namespace, device: torch.device) -> StepShape:
         fused_optimizer=args.fused_optimizer,
         pin_memory=args.pin_memory,
         larc=args.larc,
+        group_views=args.group_views,
     )
 
 
@@ -820,6 +832,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pin-memory", action="store_true", help="pinned batch + non_blocking copies (CUDA)")
     parser.add_argument(
         "--larc", action="store_true", help=f"LARC (trust {LARC_TRUST}) before the SGD step, as train.json"
+    )
+    parser.add_argument(
+        "--group-views", action="store_true", help="one encoder call per kind and size of view (JointSSLNet)"
     )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the step")
     args = parser.parse_args(argv)

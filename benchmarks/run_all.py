@@ -80,6 +80,14 @@ def cuda_scripts() -> list[Script]:
             [*step, "--amp", "bfloat16", *PAPER, *fast, "--larc"],
         ),
         Script(
+            "Joint step, demo size, bfloat16 autocast, views grouped by kind and size (CUDA)",
+            [*step, "--amp", "bfloat16", "--group-views"],
+        ),
+        Script(
+            "Joint step, paper size, bfloat16 autocast, every fast-path switch, views grouped by kind and size (CUDA)",
+            [*step, "--amp", "bfloat16", *PAPER, *fast, "--group-views"],
+        ),
+        Script(
             "Joint step, paper size: kernel launches and host synchronisations (CUDA)",
             [*step[:-1], "d", "--amp", "bfloat16", *PAPER, *fast],
         ),

@@ -33,6 +33,20 @@ def valid_slice_rows(slice_valid: torch.Tensor) -> torch.Tensor:
     return slice_valid.flatten().nonzero().squeeze(1)
 
 
+def gather_slices(volume: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The slices at flat ``rows`` (into ``B * N``) of ``(B, C, N, H, W)`` volumes, as ``(S, C, H, W)`` images."""
+    batch, channels, num_slices = volume.shape[:3]
+    return volume.transpose(1, 2).reshape(batch * num_slices, channels, *volume.shape[3:]).index_select(0, rows)
+
+
+def scatter_slices(embedding: torch.Tensor, rows: torch.Tensor, volume_shape: Sequence[int]) -> torch.Tensor:
+    """Per-slice ``(S, d)`` ``embedding`` of the slices at flat ``rows`` -> ``(B, N, d)``, zero at the other slices
+    (``volume_shape`` = ``(B, N)``)."""
+    batch, num_slices = volume_shape
+    flat = embedding.new_zeros(batch * num_slices, embedding.shape[-1])
+    return flat.index_copy(0, rows, embedding).view(batch, num_slices, -1)
+
+
 def sample_slice_mask(
     slice_valid: torch.Tensor, ratio: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -202,6 +216,11 @@ class JointSSLNet(nn.Module):
             (``C_k -> projection_hidden_dim -> projection_dim``, a 1 x 1 convolution stack) for
             :class:`custom_nets.losses.DenseSwAVLoss`; it is not part of arXiv 2212.01893 (see that loss).
         dense_stage: the ``f_intra`` stage (1-4, strides 4-32) whose map the dense head reads.
+        group_views: in pretraining, encode the views of one kind and one size in one ``f_intra`` call (the two global
+            image crops together, the small crops together, the two volume views' slices together), as SwAV's
+            multi-crop forward does; False (the default): one call per view. Fewer, larger kernels (the benchmark's
+            demo shape: 2064 -> 1310 kernel launches per step, counted on the CPU), and batch-norm statistics then
+            span the views of a group instead of one view. Images and volume slices are never mixed in one call.
     """
 
     def __init__(
@@ -228,6 +247,7 @@ class JointSSLNet(nn.Module):
         channels_last: bool = False,
         dense_prototypes: int = 0,
         dense_stage: int = 4,
+        group_views: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -261,6 +281,7 @@ class JointSSLNet(nn.Module):
             raise ValueError(f"inter_slice_scale must satisfy 0 < low <= high <= 1, got {inter_slice_scale}.")
         self.inter_slice_scale = None if inter_slice_scale is None else tuple(inter_slice_scale)
         self.mask_ratio = mask_ratio
+        self.group_views = group_views
         self.freeze_slice_encoder = freeze_slice_encoder
         self.slice_encoder.requires_grad_(not freeze_slice_encoder)
         for stem_module in (self.slice_encoder.trunk.conv1, self.slice_encoder.trunk.bn1):
@@ -313,12 +334,28 @@ class JointSSLNet(nn.Module):
         """``f_intra`` on the slices at flat ``rows`` of ``(B, C, N, H, W)`` volumes: their embeddings scattered to
         ``(B, N, d)`` (zero elsewhere) and the encoder's output for those ``S`` slices. Long indices, no boolean
         masks: nothing here waits for the GPU."""
-        batch, channels, num_slices = volume.shape[:3]
-        slices = volume.transpose(1, 2).reshape(batch * num_slices, channels, *volume.shape[3:]).index_select(0, rows)
-        encoded = self.slice_encoder.encode_images(slices, return_features=stage is not None)
-        flat = encoded.embedding.new_zeros(batch * num_slices, encoded.embedding.shape[-1])
-        embeddings = flat.index_copy(0, rows, encoded.embedding).view(batch, num_slices, -1)
-        return embeddings, encoded
+        encoded = self.slice_encoder.encode_images(gather_slices(volume, rows), return_features=stage is not None)
+        return scatter_slices(encoded.embedding, rows, (volume.shape[0], volume.shape[2])), encoded
+
+    def _encode_views(self, views: Sequence[torch.Tensor], return_features: Sequence[bool]) -> list[SliceEncoderOutput]:
+        """``f_intra`` on each ``(B_v, C, H, W)`` view: one call per view, or with ``group_views`` one call per size
+        (the views of a size concatenated along the batch, the outputs split back); ``return_features[v]`` asks for
+        view v's feature maps."""
+        if not self.group_views:
+            return [self.slice_encoder.encode_images(v, want) for v, want in zip(views, return_features, strict=True)]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, view in enumerate(views):
+            groups.setdefault(tuple(view.shape[1:]), []).append(index)
+        encoded: list[SliceEncoderOutput | None] = [None] * len(views)
+        for members in groups.values():
+            sizes = [views[i].shape[0] for i in members]
+            want = any(return_features[i] for i in members)
+            output = self.slice_encoder.encode_images(torch.cat([views[i] for i in members]), want)
+            parts = [tensor.split(sizes) for tensor in (output.embedding, output.pooled, *output.features)]
+            for position, index in enumerate(members):
+                per_view = [part[position] for part in parts]
+                encoded[index] = SliceEncoderOutput(per_view[0], per_view[1], tuple(per_view[2:]))
+        return encoded
 
     def pretraining_outputs(self, batch: Mapping[str, object]) -> dict[str, object]:
         """The per-view projections, scores and masked-prediction tensors that :class:`JointLoss` consumes."""
@@ -335,9 +372,11 @@ class JointSSLNet(nn.Module):
         # per global view, per group (the images, then the volume slices): (stage map, view geometry, view size)
         dense_maps: list[list[tuple[torch.Tensor, torch.Tensor, Sequence[int]]]] = [[], []]
         slice_embeddings: list[torch.Tensor] = []  # view 0: images, then valid slices
-        for view, images in enumerate(image_views):
-            dense = self.dense_stage is not None and view < 2
-            encoded = self.slice_encoder.encode_images(images, return_features=dense)
+        dense_views = [self.dense_stage is not None and view < 2 for view in range(len(image_views))]
+        for view, (images, encoded) in enumerate(
+            zip(image_views, self._encode_views(image_views, dense_views), strict=True)
+        ):
+            dense = dense_views[view]
             pooled_per_view[view].append(encoded.pooled)
             if dense:
                 geometry = _view_geometry(batch, "image_view_geometry", view)
@@ -403,9 +442,10 @@ class JointSSLNet(nn.Module):
         if self.mask_ratio > 0:
             slice_mask = sample_slice_mask(windows[0] & windows[1], self.mask_ratio)
         embeddings = []
-        for view, volume in enumerate(volume_views):
-            view_embeddings, encoded = self._encode_slices(volume, rows, self.dense_stage)
-            embeddings.append(view_embeddings)
+        slices = [gather_slices(volume, rows) for volume in volume_views]
+        encoded_views = self._encode_views(slices, [self.dense_stage is not None] * len(slices))
+        for view, (volume, encoded) in enumerate(zip(volume_views, encoded_views, strict=True)):
+            embeddings.append(scatter_slices(encoded.embedding, rows, (volume.shape[0], volume.shape[2])))
             pooled = encoded.pooled
             pooled_per_view[view].append(pooled if intra_rows is None else pooled.index_select(0, intra_rows))
             if self.dense_stage is not None:

@@ -237,6 +237,16 @@ def test_fast_path_switch_keeps_the_losses(
     assert losses[1] == pytest.approx(plain_path_losses[1], rel=1e-2)  # after one step: ~0.2 % for channels_last
 
 
+@pytest.mark.slow
+def test_group_views_trains(corpus: Path, tmp_path: Path) -> None:
+    """group_views reaches the network and trains; its losses differ from the per-view path's (batch-norm statistics
+    over both global views), so they are only checked to be finite."""
+    losses: list[float] = []
+    workflow = train(corpus, tmp_path, losses=losses, **{**PLAIN_PATH, "num_small_crops": 2, "group_views": True})
+    assert workflow.parser.get_parsed_content("network_def").group_views
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
 def run_module(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", *args],

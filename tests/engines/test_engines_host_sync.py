@@ -40,9 +40,11 @@ def _batch(generator: torch.Generator) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize("inter_slice_scale", [None, (0.5, 1.0)])
-@pytest.mark.parametrize("intra_slices_per_volume", [None, 2])
-def test_joint_step_never_waits_for_the_device(inter_slice_scale, intra_slices_per_volume) -> None:
+@pytest.mark.parametrize(
+    ("inter_slice_scale", "intra_slices_per_volume", "group_views"),
+    [(None, None, False), (None, 2, False), ((0.5, 1.0), None, False), ((0.5, 1.0), 2, False), ((0.5, 1.0), 2, True)],
+)
+def test_joint_step_never_waits_for_the_device(inter_slice_scale, intra_slices_per_volume, group_views) -> None:
     torch.manual_seed(0)
     network = JointSSLNet(
         encoder_depth=18,
@@ -53,6 +55,7 @@ def test_joint_step_never_waits_for_the_device(inter_slice_scale, intra_slices_p
         inter_prototypes=(4,),
         inter_slice_scale=inter_slice_scale,
         mask_ratio=0.3,
+        group_views=group_views,
     ).train()
     loss = JointLoss(intra=SwAVLoss(), inter=SwAVLoss(), mask=MaskedSlicePredictionLoss())
     item_ids = JointItemIds(["image"] * 3 + ["volume"] * 3, num_slices=6)

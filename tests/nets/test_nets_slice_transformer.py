@@ -253,3 +253,59 @@ def test_freeze_stem_keeps_the_first_convolution_at_its_initialisation() -> None
     assert not torch.equal(trunk.bn1.running_mean, bn_before["running_mean"])  # statistics still follow the data
     assert not torch.equal(trunk.layer1[0].conv1.weight, layer1_before)  # the rest of f_intra learns
     assert tiny_net().slice_encoder.trunk.conv1.weight.requires_grad  # off by default
+
+
+def _grouping_batch() -> dict[str, object]:
+    generator = torch.Generator().manual_seed(5)
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    return {
+        "image_views": [torch.randn(3, 1, 32, 32, generator=generator) for _ in range(2)]
+        + [torch.randn(3, 1, 16, 16, generator=generator) for _ in range(2)],
+        "volume_views": [torch.randn(2, 1, 6, 32, 32, generator=generator) for _ in range(2)],
+        "slice_valid": valid,
+        "slice_position": torch.arange(6.0).expand(2, 6),
+    }
+
+
+@pytest.mark.parametrize(("group_views", "expected"), [(False, [3, 3, 3, 3, 10, 10]), (True, [6, 6, 20])])
+def test_group_views_encodes_each_kind_and_size_once(
+    monkeypatch: pytest.MonkeyPatch, group_views: bool, expected: list[int]
+) -> None:
+    """group_views: the two 32 x 32 image views, the two 16 x 16 ones and the two volume views' 10 valid slices each
+    go through f_intra as one batch (3 calls instead of 6); images and slices are never mixed."""
+    net = tiny_net(group_views=group_views).train()
+    batch_sizes: list[int] = []
+    encode = net.slice_encoder.encode_images
+    monkeypatch.setattr(net.slice_encoder, "encode_images", lambda x, *a: batch_sizes.append(len(x)) or encode(x, *a))
+    out = net(_grouping_batch())
+    assert batch_sizes == expected
+    assert [z.shape for z in out["intra_projection"]] == [(13, 16), (13, 16), (3, 16), (3, 16)]
+
+
+@pytest.mark.parametrize("dense_prototypes", [0, 5])
+def test_group_views_gives_the_per_view_outputs_when_batch_norm_uses_running_statistics(dense_prototypes) -> None:
+    """With batch norm reading its running statistics (eval mode: no batch statistics to share between views) the
+    grouped encoding gives every output and gradient of the per-view one, up to rounding."""
+    results = []
+    for group_views in (False, True):
+        net = tiny_net(group_views=group_views, dense_prototypes=dense_prototypes, dense_stage=3).eval()
+        batch = _grouping_batch()
+        if dense_prototypes:
+            batch["image_view_geometry"] = [torch.eye(3).expand(3, 3, 3) for _ in range(2)]
+            batch["volume_view_geometry"] = [torch.eye(3).expand(2, 3, 3) for _ in range(2)]
+        torch.manual_seed(7)  # the same masked slices
+        out = net(batch)
+        total = sum(z.sum() for z in out["intra_projection"] + out["inter_projection"]) + out["mask_prediction"].sum()
+        if dense_prototypes:
+            total = total + sum(scores.square().sum() for view in out["dense_scores"] for scores in view)
+        total.backward()
+        gradients = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+        results.append((out, gradients))
+    (per_view, per_view_grads), (grouped, grouped_grads) = results
+    for key in ("intra_projection", "inter_projection", "slice_embedding", "mask_prediction", "mask_target"):
+        torch.testing.assert_close(grouped[key], per_view[key], rtol=1e-4, atol=1e-5)
+    if dense_prototypes:
+        torch.testing.assert_close(grouped["dense_scores"], per_view["dense_scores"], rtol=1e-4, atol=1e-5)
+    assert grouped_grads.keys() == per_view_grads.keys() and len(grouped_grads) > 20
+    for name, gradient in per_view_grads.items():
+        torch.testing.assert_close(grouped_grads[name], gradient, rtol=1e-3, atol=1e-5, msg=name)
