@@ -8,6 +8,10 @@ seed on 2 cores. Run on 2026-11-29 for the code of 54a1e87 and of 7ccf63a (READM
 
     python experiments/pretraining_seed.py run 0 1 2      # workdirs pretraining_seed_<s>/ under OUT (default .)
     python experiments/pretraining_seed.py table 0 1 2
+
+``GROUP_VIEWS=1`` in the environment adds ``group_views: true`` to the pretraining overrides (workdirs
+``pretraining_seed_<s>_group_views/``): run on 2026-11-29 at ce0a884 against the per-view default, to see whether
+encoding the views of one size in one batch (other batch-norm statistics) moves the yardstick.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from pathlib import Path
 from custom_nets.pretraining_demo import run_demo
 
 OUT = Path(os.environ.get("OUT", "."))
+GROUP_VIEWS = os.environ.get("GROUP_VIEWS") == "1"
 
 
 def workdir(seed: int) -> Path:
-    return OUT / f"pretraining_seed_{seed}"
+    return OUT / f"pretraining_seed_{seed}{'_group_views' if GROUP_VIEWS else ''}"
 
 
 def frozen_dice(seed: int) -> dict[tuple[str, int], list[float]]:
@@ -58,7 +63,8 @@ def main(argv: list[str]) -> None:
     seeds = [int(value) for value in argv[1:]]
     if argv[0] == "run":
         for seed in seeds:
-            run_demo(workdir=workdir(seed), pretrain_overrides={"seed": seed})
+            overrides = {"seed": seed, **({"group_views": True} if GROUP_VIEWS else {})}
+            run_demo(workdir=workdir(seed), pretrain_overrides=overrides)
     print(table(seeds))
 
 
