@@ -65,31 +65,32 @@ def cpu_scripts(demo: bool) -> list[Script]:
 
 
 def cuda_scripts() -> list[Script]:
+    """The CUDA figures, the most informative first (gpu_check.sh stops the list after its figures timeout)."""
     step = ["benchmarks/pretrain_step.py", "--device", "cuda", "--sections", "a"]
     fast = ["--channels-last", "--fused-optimizer", "--pin-memory"]
     return [
         Script("Slice attention (CUDA)", ["benchmarks/slice_attention_gpu.py"]),
-        Script("Joint step, demo size, bfloat16 autocast (CUDA)", [*step, "--amp", "bfloat16"]),
-        Script("Joint step, paper size, bfloat16 autocast (CUDA)", [*step, "--amp", "bfloat16", *PAPER]),
         Script(
             "Joint step, paper size, bfloat16 autocast, every fast-path switch, with a profile (CUDA)",
             [*step, "--amp", "bfloat16", *PAPER, *fast, "--profile"],
         ),
         Script(
-            "Joint step, paper size, bfloat16 autocast, every fast-path switch and LARC as train.json (CUDA)",
-            [*step, "--amp", "bfloat16", *PAPER, *fast, "--larc"],
+            "Joint step, paper size, bfloat16 autocast, every fast-path switch, views grouped by kind and size (CUDA)",
+            [*step, "--amp", "bfloat16", *PAPER, *fast, "--group-views"],
         ),
+        Script("Joint step, demo size, bfloat16 autocast (CUDA)", [*step, "--amp", "bfloat16"]),
         Script(
             "Joint step, demo size, bfloat16 autocast, views grouped by kind and size (CUDA)",
             [*step, "--amp", "bfloat16", "--group-views"],
         ),
         Script(
-            "Joint step, paper size, bfloat16 autocast, every fast-path switch, views grouped by kind and size (CUDA)",
-            [*step, "--amp", "bfloat16", *PAPER, *fast, "--group-views"],
-        ),
-        Script(
             "Joint step, paper size: kernel launches and host synchronisations (CUDA)",
             [*step[:-1], "d", "--amp", "bfloat16", *PAPER, *fast],
+        ),
+        Script("Joint step, paper size, bfloat16 autocast (CUDA)", [*step, "--amp", "bfloat16", *PAPER]),
+        Script(
+            "Joint step, paper size, bfloat16 autocast, every fast-path switch and LARC as train.json (CUDA)",
+            [*step, "--amp", "bfloat16", *PAPER, *fast, "--larc"],
         ),
     ]
 
