@@ -221,6 +221,20 @@ def launch_nodes(
     return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]
 
 
+def train_on_nodes(
+    bundle_args: list[str], nodes: int, rdzv_id: str, log_dir: Path, cwd: Path, last_iteration_line: str
+) -> str:
+    """Run ``python -m monai.bundle ...`` (``bundle_args``) as 2 gloo processes through
+    :func:`torchrun_launchers` (``nodes`` 1 or 2), assert that every launcher ended with status 0 and that exactly one
+    log, rank 0's, holds ``last_iteration_line`` (once); returns all logs joined."""
+    launchers = torchrun_launchers(nodes, rdzv_id)
+    runs = launch_nodes([launcher + bundle_args for launcher in launchers], log_dir, timeout=600, cwd=cwd)
+    for code, log in runs:
+        assert code == 0, torchrun_failure(log)
+    assert sorted(log.count(last_iteration_line) for _, log in runs) == [0] * (nodes - 1) + [1]  # rank 0 logs
+    return "".join(log for _, log in runs)
+
+
 def train_until_sigkill(
     config_files: list[str | os.PathLike], overrides: Mapping[str, Any], kill_at_iteration: int, cwd: Path
 ) -> subprocess.CompletedProcess:
@@ -322,6 +336,7 @@ def bundle_checks() -> SimpleNamespace:
         free_port=free_port,
         torchrun_launchers=torchrun_launchers,
         launch_nodes=launch_nodes,
+        train_on_nodes=train_on_nodes,
         IDENTIFIERS=IDENTIFIERS,
         NaNAt=NaNAt,
         stamp_identifiers=stamp_identifiers,

@@ -177,11 +177,7 @@ def test_multi_gpu_overlay_trains_with_two_cpu_processes(tmp_path, luna_data, bu
     bundle += ["--dataset_dir", str(dataset_dir), "--epochs", "1", "--samples_per_epoch", "4"]
     for key, value in {**TINY, **FOLDS}.items():
         bundle += [f"--{key}", json.dumps(value)]
-    launchers = bundle_checks.torchrun_launchers(nodes, rdzv_id="finetune_nodule_two_nodes")
-    runs = bundle_checks.launch_nodes([launcher + bundle for launcher in launchers], tmp_path, timeout=600, cwd=root)
-    for code, log in runs:
-        assert code == 0, bundle_checks.torchrun_failure(log)
-    assert sorted(log.count("Epoch: 1/1, Iter: 1/1") for _, log in runs) == [0] * (nodes - 1) + [1]  # rank 0 logs
+    bundle_checks.train_on_nodes(bundle, nodes, "finetune_nodule_two_nodes", tmp_path, root, "Epoch: 1/1, Iter: 1/1")
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert "head.1.weight" in state  # DDP's "module." prefix is not saved
     checkpoint = torch.load(root / "outputs" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
