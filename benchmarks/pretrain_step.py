@@ -79,6 +79,7 @@ from custom_nets.engines import JointItemIds, JointPrepareBatch, build_sgd
 from custom_nets.engines.handlers import GradientControl
 from custom_nets.losses import JointLoss, MaskedSlicePredictionLoss, SwAVLoss
 from custom_nets.nets import JointSSLNet
+from custom_nets.nets.joint_ssl import views_by_size
 
 SECTIONS = ("a", "b", "c", "d")
 LARC_TRUST = 0.001  # train.json's larc_trust
@@ -273,10 +274,8 @@ def encoder_stacks(inputs: dict[str, object], group_views: bool = False) -> list
     slices = [volume.permute(0, 2, 1, 3, 4)[slice_valid] for volume in inputs["volume_views"]]
     if not group_views:
         return images + slices
-    by_size: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for view in images:
-        by_size.setdefault(tuple(view.shape[1:]), []).append(view)
-    return [torch.cat(views) for views in by_size.values()] + ([torch.cat(slices)] if slices else [])
+    groups = [[images[i] for i in members] for members in views_by_size(images)]
+    return [torch.cat(views) for views in groups] + ([torch.cat(slices)] if slices else [])
 
 
 def plain_resnet_forward_backward(network: nn.Module, stacks: Sequence[torch.Tensor], amp_dtype) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "sample_slice_mask",
     "sample_slice_window",
     "valid_slice_rows",
+    "views_by_size",
 ]
 
 
@@ -31,6 +32,15 @@ def valid_slice_rows(slice_valid: torch.Tensor) -> torch.Tensor:
     ``intra_rows``, the training forward pass never waits for the GPU.
     """
     return slice_valid.flatten().nonzero().squeeze(1)
+
+
+def views_by_size(views: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of the ``(B_v, C, H, W)`` views that share one ``(C, H, W)``, in order of first appearance: the groups
+    that ``JointSSLNet(group_views=True)`` encodes in one call."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, view in enumerate(views):
+        groups.setdefault(tuple(view.shape[1:]), []).append(index)
+    return list(groups.values())
 
 
 def gather_slices(volume: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -343,11 +353,8 @@ class JointSSLNet(nn.Module):
         view v's feature maps."""
         if not self.group_views:
             return [self.slice_encoder.encode_images(v, want) for v, want in zip(views, return_features, strict=True)]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, view in enumerate(views):
-            groups.setdefault(tuple(view.shape[1:]), []).append(index)
         encoded: list[SliceEncoderOutput | None] = [None] * len(views)
-        for members in groups.values():
+        for members in views_by_size(views):
             sizes = [views[i].shape[0] for i in members]
             want = any(return_features[i] for i in members)
             output = self.slice_encoder.encode_images(torch.cat([views[i] for i in members]), want)

@@ -7,7 +7,6 @@ five on this machine kind (9 of 40 two-process runs, 2026-11-29; see custom_nets
 from __future__ import annotations
 
 import importlib
-import socket
 from pathlib import Path
 
 import torch.multiprocessing as mp
@@ -15,19 +14,13 @@ import torch.multiprocessing as mp
 from custom_nets.engines import shutdown_distributed
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_ddp_run_ends_cleanly_on_every_rank(tmp_path, monkeypatch) -> None:
+def test_ddp_run_ends_cleanly_on_every_rank(tmp_path, monkeypatch, bundle_checks) -> None:
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     worker = importlib.import_module("ddp_shutdown_worker")
     for attempt in range(3):  # each spawn fails the test if a process exits with a signal or an error
         out_dir = tmp_path / str(attempt)
         out_dir.mkdir()
-        mp.spawn(worker.run, args=(_free_port(), str(out_dir)), nprocs=2, join=True)
+        mp.spawn(worker.run, args=(bundle_checks.free_port(), str(out_dir)), nprocs=2, join=True)
         for rank in range(2):
             assert (out_dir / f"rank{rank}.txt").read_text() == "False False True"
 
