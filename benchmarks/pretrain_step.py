@@ -79,7 +79,7 @@ from custom_nets.engines import JointItemIds, JointPrepareBatch, build_sgd
 from custom_nets.engines.handlers import GradientControl
 from custom_nets.losses import JointLoss, MaskedSlicePredictionLoss, SwAVLoss
 from custom_nets.nets import JointSSLNet
-from custom_nets.nets.joint_ssl import views_by_size
+from custom_nets.nets.joint_ssl import COMPILE_MODES, views_by_size
 
 SECTIONS = ("a", "b", "c", "d")
 LARC_TRUST = 0.001  # train.json's larc_trust
@@ -113,6 +113,7 @@ class StepShape:
     pin_memory: bool = False
     larc: bool = False  # train.json's GradientControl (LARC, trust 0.001) between backward and the SGD step
     group_views: bool = False  # JointSSLNet(group_views): one encoder call per kind and size of view, not per view
+    compile_slice_transformer: str | None = None  # JointSSLNet(compile_slice_transformer): a torch.compile mode
 
 
 @dataclass
@@ -149,6 +150,7 @@ def build_training(
         inter_prototypes=(shape.inter_prototypes,),
         channels_last=shape.channels_last,
         group_views=shape.group_views,
+        compile_slice_transformer=shape.compile_slice_transformer,
     ).to(device)
     network.train()
     loss = JointLoss(
@@ -331,10 +333,13 @@ def describe_shape(shape: StepShape) -> str:
     volumes = f"{shape.volumes_per_batch} volumes x 2 views x {shape.num_slices} x {shape.volume_size}^2"
     clustered = shape.intra_slices_per_volume
     switches = ("channels_last", "fused_optimizer", "pin_memory", "larc", "group_views")
+    names = [s for s in switches if getattr(shape, s)]
+    if shape.compile_slice_transformer is not None:
+        names.append(f"f_inter compiled ({shape.compile_slice_transformer})")
     return (
         f"ResNet-{shape.depth}, d={shape.embed_dim}, prototypes {shape.intra_prototypes}/{shape.inter_prototypes}; "
         f"batch: {images} + {volumes}; 2D clustering on {'all' if clustered is None else clustered} slices per volume"
-        f"; switches: {', '.join(s for s in switches if getattr(shape, s)) or 'none'}"
+        f"; switches: {', '.join(names) or 'none'}"
     )
 
 
@@ -754,6 +759,7 @@ def shape_for(args: argparse.Namespace, device: torch.device) -> StepShape:
         pin_memory=args.pin_memory,
         larc=args.larc,
         group_views=args.group_views,
+        compile_slice_transformer=args.compile_slice_transformer,
     )
 
 
@@ -835,6 +841,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--group-views", action="store_true", help="one encoder call per kind and size of view (JointSSLNet)"
     )
+    parser.add_argument(
+        "--compile-slice-transformer",
+        choices=COMPILE_MODES,
+        help="compile f_inter with this torch.compile mode (JointSSLNet; default: eager)",
+    )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the step")
     args = parser.parse_args(argv)
     args.sections = [section.strip() for section in args.sections.split(",") if section.strip()]
@@ -845,6 +856,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda asked for, but torch.cuda.is_available() is False")
     if min(args.repeats, args.loader_epochs, args.demo_per_class) < 1 or not args.loader_workers:
         parser.error("--repeats, --loader-epochs and --demo-per-class must be >= 1, --loader-workers non-empty")
+    if args.compile_slice_transformer and "d" in args.sections:
+        parser.error("section d counts aten operators, and a compiled f_inter runs fused kernels it cannot see")
     if args.images_per_batch < 1 or args.volumes_per_batch < 1:
         parser.error("the joint step needs at least one image and one volume per batch")
     if args.memory_slices != sorted(set(args.memory_slices)) or min(args.memory_slices) < 1:

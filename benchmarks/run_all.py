@@ -71,12 +71,23 @@ def cuda_scripts() -> list[Script]:
     return [
         Script("Slice attention (CUDA)", ["benchmarks/slice_attention_gpu.py"]),
         Script(
+            "Slice attention, compiled with CUDA graphs (CUDA)",
+            [
+                "benchmarks/slice_attention_gpu.py",
+                *("--compile-mode", "reduce-overhead", "--sizes", "64", "256", "1024", "4096", "--check-sizes", "64"),
+            ],
+        ),
+        Script(
             "Joint step, paper size, bfloat16 autocast, every fast-path switch, with a profile (CUDA)",
             [*step, "--amp", "bfloat16", *PAPER, *fast, "--profile"],
         ),
         Script(
             "Joint step, paper size, bfloat16 autocast, every fast-path switch, views grouped by kind and size (CUDA)",
             [*step, "--amp", "bfloat16", *PAPER, *fast, "--group-views"],
+        ),
+        Script(
+            "Joint step, paper size, bfloat16 autocast, every fast-path switch, f_inter compiled (CUDA)",
+            [*step, "--amp", "bfloat16", *PAPER, *fast, "--compile-slice-transformer", "default"],
         ),
         Script("Joint step, demo size, bfloat16 autocast (CUDA)", [*step, "--amp", "bfloat16"]),
         Script(

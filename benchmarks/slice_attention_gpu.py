@@ -16,6 +16,11 @@ Issue 11, goal 1. For every autocast dtype (float32 = autocast off, bfloat16, fl
   only: capture needs autocast off) and replayed back to back: the device time without the host's launch costs. At
   small N both attentions are bound by those host costs (about 1-2 ms per pass whatever N is), which in a training
   step overlap with the slice encoder's GPU work; the graph column says what the GPU itself spends.
+* **compiled** (``--compile-mode MODE``): ``ours-compiled`` and ``dense-compiled``, the same two modules through
+  ``torch.compile(mode=MODE)`` (what ``compile_slice_transformer`` does to ``f_inter`` in pretraining; the fused
+  sampling is a ``torch.library`` operator, so the graph does not break there), timed like the others after their
+  compilation. ``reduce-overhead`` replays them as CUDA graphs: the host's launch costs go, as in the graph column,
+  but through the path a training run takes. Targets are also checked for ``ours-compiled`` against eager ``dense``.
 * **memory**: ``torch.cuda.max_memory_allocated`` increase during one forward + backward.
 
 Targets (issue 11): ours no slower than dense at every N >= 64, and at most half of dense's time at N >= 1024, in
@@ -24,6 +29,7 @@ every dtype.
 Example (the CUDA figures in docs/benchmarks.md)::
 
     python benchmarks/slice_attention_gpu.py
+    python benchmarks/slice_attention_gpu.py --compile-mode reduce-overhead --sizes 64 256 1024 4096 --check-sizes 64
 """
 
 from __future__ import annotations
@@ -39,13 +45,18 @@ from slice_attention import NUM_HEADS, NUM_POINTS, DenseSliceAttention, launches
 from torch import nn
 
 from custom_nets.nets import DeformableSliceAttention
+from custom_nets.nets.joint_ssl import COMPILE_MODES
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECK_BOUNDS = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
 METHODS = ("ours", "ours-torch", "dense")
+COMPILED_METHODS = ("ours-compiled", "dense-compiled")
 
 
-def build(method: str, dim: int, device: torch.device, seed: int = 0) -> nn.Module:
+def build(method: str, dim: int, device: torch.device, seed: int = 0, compile_mode: str | None = None) -> nn.Module:
+    """The module of ``method``; a ``-compiled`` method is its eager module through ``torch.compile(compile_mode)``."""
+    if method.endswith("-compiled"):
+        return torch.compile(build(method.removesuffix("-compiled"), dim, device, seed), mode=compile_mode)
     torch.manual_seed(seed)
     if method == "dense":
         return DenseSliceAttention(dim).to(device)
@@ -60,6 +71,7 @@ def forward_backward(module: nn.Module, tokens: torch.Tensor, grad_output: torch
     tokens.grad = None
     for parameter in module.parameters():
         parameter.grad = None
+    torch.compiler.cudagraph_mark_step_begin()  # a new pass: CUDA graphs of "reduce-overhead" may reuse their memory
     with torch.autocast(tokens.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         output = module(tokens)
     output.float().backward(grad_output)
@@ -95,17 +107,29 @@ def check(dim: int, num_slices: int, batch: int, device: torch.device, dtype_nam
 
 
 def time_methods(
-    dim: int, num_slices: int, batch: int, device: torch.device, amp_dtype, rounds: int, round_s: float
+    dim: int,
+    num_slices: int,
+    batch: int,
+    device: torch.device,
+    amp_dtype,
+    rounds: int,
+    round_s: float,
+    compile_mode: str | None = None,
 ) -> dict[str, dict]:
-    """Median ms per forward + backward of every method (rounds interleaved) and the peak memory of one pass."""
+    """Median ms per forward + backward of every method (rounds interleaved) and the peak memory of one pass; with
+    ``compile_mode`` the compiled methods too (compiled afresh for this size and dtype, outside the timing)."""
     passes: dict[str, Callable[[], None]] = {}
     records: dict[str, dict] = {}
-    for method in METHODS:
+    torch._dynamo.reset()  # every size and dtype compiles once, never against the recompilation limit
+    for method in METHODS + (COMPILED_METHODS if compile_mode else ()):
         try:
-            module = build(method, dim, device)
+            module = build(method, dim, device, compile_mode=compile_mode)
             tokens = torch.randn(batch, num_slices, dim, device=device, requires_grad=True)
             grad_output = torch.randn(batch, num_slices, dim, device=device)
             run = (lambda m, t, g: lambda: forward_backward(m, t, g, amp_dtype))(module, tokens, grad_output)
+            if method in COMPILED_METHODS:
+                for _ in range(3):  # compile, then record CUDA graphs (reduce-overhead), before memory and timing
+                    run()
             records[method] = {"peak_mib": peak_mib(run, device), "times": []}
             for _ in range(3):
                 run()
@@ -189,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--round-s", type=float, default=0.05, help="seconds of passes per round, about")
     parser.add_argument("--check-sizes", type=int, nargs="+", default=[7, 64, 1024], help="slice counts of the check")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only for a dry run with TRITON_INTERPRET=1)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, help="also time both modules through torch.compile")
     args = parser.parse_args(argv)
+    methods = METHODS + (COMPILED_METHODS if args.compile_mode else ())
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("needs CUDA")
@@ -214,9 +240,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for num_slices in args.sizes:
             records = time_methods(
-                args.dim, num_slices, args.batch, device, DTYPES[dtype_name], args.rounds, args.round_s
+                args.dim,
+                num_slices,
+                args.batch,
+                device,
+                DTYPES[dtype_name],
+                args.rounds,
+                args.round_s,
+                args.compile_mode,
             )
-            ms = {m: records[m].get("ms") for m in METHODS}
+            ms = {m: records[m].get("ms") for m in methods}
             ratio = ms["ours"] / ms["dense"] if ms["ours"] and ms["dense"] else None
             graphs = {}
             if dtype_name == "float32" and device.type == "cuda":
@@ -226,23 +259,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit = 0.5 if num_slices >= 1024 else 1.0
             if ratio is not None:
                 verdicts.append((ratio <= limit, f"{dtype_name} N={num_slices}: ours/dense {ratio:.2f} <= {limit}"))
+            if ms.get("ours-compiled") and ms["dense"]:
+                compiled_ratio = ms["ours-compiled"] / ms["dense"]
+                text = (
+                    f"{dtype_name} N={num_slices}, ours compiled ({args.compile_mode}): ours/dense {compiled_ratio:.2f}"
+                )
+                verdicts.append((compiled_ratio <= limit, f"{text} <= {limit}"))
             if graphs.get("ours") and graphs.get("dense"):
                 graph_ratio = graphs["ours"] / graphs["dense"]
                 text = f"{dtype_name} N={num_slices}, device time (CUDA graph): ours/dense {graph_ratio:.2f} <= {limit}"
                 verdicts.append((graph_ratio <= limit, text))
             rows.append(
                 [str(num_slices)]
-                + [f"{ms[m]:.3f}" if ms[m] else records[m].get("status", "-") for m in METHODS]
+                + [f"{ms[m]:.3f}" if ms[m] else records[m].get("status", "-") for m in methods]
                 + [f"{ratio:.2f}" if ratio else "-"]
                 + [f"{graphs[m]:.3f}" if graphs.get(m) else "-" for m in ("ours", "dense")]
                 + [
                     f"{records[m]['peak_mib']:.1f}" if records[m].get("peak_mib") == records[m].get("peak_mib") else "-"
-                    for m in METHODS
+                    for m in methods
                 ]
             )
             print(f"  {dtype_name} N={num_slices}: {rows[-1]}", file=sys.stderr, flush=True)
-        header = ["N", "ours ms", "ours-torch ms", "dense ms", "ours/dense", "ours graph ms", "dense graph ms"]
-        header += ["ours MiB", "ours-torch MiB", "dense MiB"]
+        header = ["N", *(f"{m} ms" for m in methods), "ours/dense", "ours graph ms", "dense graph ms"]
+        header += [f"{m} MiB" for m in methods]
         print(f"\nTime and memory per forward + backward, {dtype_name}\n", flush=True)
         print(markdown_table(header, rows), flush=True)
     print(f"\n{launches_line(args.dim)}", flush=True)

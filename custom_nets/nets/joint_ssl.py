@@ -14,6 +14,7 @@ from custom_nets.nets.slice_encoder import SliceEncoder, SliceEncoderOutput
 from custom_nets.nets.slice_transformer import SliceTransformer
 
 __all__ = [
+    "COMPILE_MODES",
     "JointSSLNet",
     "VolumeEncoding",
     "location_coordinates",
@@ -22,6 +23,8 @@ __all__ = [
     "valid_slice_rows",
     "views_by_size",
 ]
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
 
 
 def valid_slice_rows(slice_valid: torch.Tensor) -> torch.Tensor:
@@ -231,6 +234,12 @@ class JointSSLNet(nn.Module):
             multi-crop forward does; False (the default): one call per view. Fewer, larger kernels (the benchmark's
             demo shape: 2064 -> 1310 kernel launches per step, counted on the CPU), and batch-norm statistics then
             span the views of a group instead of one view. Images and volume slices are never mixed in one call.
+        compile_slice_transformer: a ``torch.compile`` mode (one of :data:`COMPILE_MODES`) to compile ``f_inter`` with,
+            in place (weight names unchanged), or None (the default): eager. On a GPU at the slice counts of real
+            volumes ``f_inter`` is bound by the host's kernel launches, which compilation fuses (the fused slice
+            sampling is a ``torch.library`` operator, so the graph does not break there); ``"reduce-overhead"`` also
+            replays it as CUDA graphs. The first steps pay the compilation (tens of seconds); a new batch or slice
+            count may compile again (then with dynamic shapes).
     """
 
     def __init__(
@@ -258,16 +267,24 @@ class JointSSLNet(nn.Module):
         dense_prototypes: int = 0,
         dense_stage: int = 4,
         group_views: bool = False,
+        compile_slice_transformer: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
+        if compile_slice_transformer is not None and compile_slice_transformer not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_slice_transformer must be None (eager) or one of {COMPILE_MODES}, "
+                f"got {compile_slice_transformer!r}."
+            )
         self.slice_encoder = SliceEncoder(
             encoder_depth, in_channels, embed_dim, slice_chunk, gradient_checkpointing, channels_last
         )
         self.slice_transformer = SliceTransformer(
             embed_dim, transformer_layers, num_heads, num_points, ffn_dim, dropout
         )
+        if compile_slice_transformer is not None:
+            self.slice_transformer.compile(mode=compile_slice_transformer)
         self.projection_head = _projection_head(self.slice_encoder.pooled_dim, projection_hidden_dim, projection_dim)
         self.intra_prototypes = _prototype_heads(projection_dim, intra_prototypes)
         self.inter_projection_head = (

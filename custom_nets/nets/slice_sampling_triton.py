@@ -208,63 +208,79 @@ def _launch_shape(values: torch.Tensor, num_points: int) -> dict[str, int]:
     }
 
 
-class _SliceSampling(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values, parameters, slice_valid):
-        batch, num_slices, num_heads, head_dim = values.shape
-        values, parameters = values.contiguous(), parameters.contiguous()
-        valid = None if slice_valid is None else slice_valid.to(device=values.device, dtype=torch.int8).contiguous()
-        output = torch.empty_like(values)
-        num_rows = batch * num_slices * num_heads
-        shape = _launch_shape(values, parameters.shape[-1])
-        grid = (triton.cdiv(num_rows, shape["BLOCK_ROWS"]),)
-        _sampling_forward_kernel[grid](
-            values,
-            parameters[:, :, 0],
-            parameters[:, :, 1],
-            valid if valid is not None else values,
-            output,
-            num_rows,
-            num_slices,
-            num_heads,
-            head_dim,
-            HAS_VALID=valid is not None,
-            **shape,
-        )
-        ctx.save_for_backward(values, parameters, valid)
-        ctx.has_valid = valid is not None
-        return output
+def _launch(kernel, arguments: tuple, values: torch.Tensor, num_points: int, has_valid: bool) -> None:
+    batch, num_slices, num_heads, head_dim = values.shape
+    num_rows = batch * num_slices * num_heads
+    shape = _launch_shape(values, num_points)
+    grid = (triton.cdiv(num_rows, shape["BLOCK_ROWS"]),)
+    kernel[grid](*arguments, num_rows, num_slices, num_heads, head_dim, HAS_VALID=has_valid, **shape)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        values, parameters, valid = ctx.saved_tensors
-        batch, num_slices, num_heads, head_dim = values.shape
-        grad_values = torch.zeros(values.shape, device=values.device, dtype=torch.float32)
-        grad_parameters = torch.empty(parameters.shape, device=parameters.device, dtype=torch.float32)
-        num_rows = batch * num_slices * num_heads
-        shape = _launch_shape(values, parameters.shape[-1])
-        grid = (triton.cdiv(num_rows, shape["BLOCK_ROWS"]),)
-        _sampling_backward_kernel[grid](
-            grad_output.contiguous(),
-            values,
-            parameters[:, :, 0],
-            parameters[:, :, 1],
-            valid if ctx.has_valid else values,
-            grad_values,
-            grad_parameters[:, :, 0],
-            grad_parameters[:, :, 1],
-            num_rows,
-            num_slices,
-            num_heads,
-            head_dim,
-            HAS_VALID=ctx.has_valid,
-            **shape,
-        )
-        return grad_values.to(values.dtype), grad_parameters.to(parameters.dtype), None
+
+@torch.library.custom_op("custom_nets::slice_sampling", mutates_args=())
+def slice_sampling_op(values: torch.Tensor, parameters: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Forward kernel as an operator: values ``(B, N, M, D)``, parameters ``(B, N, 2, M, K)`` and ``valid``
+    ``(B, N)`` int8 or None, all contiguous; returns ``(B, N, M, D)`` in the dtype of ``values``."""
+    output = torch.empty_like(values)
+    arguments = (values, parameters[:, :, 0], parameters[:, :, 1], values if valid is None else valid, output)
+    _launch(_sampling_forward_kernel, arguments, values, parameters.shape[-1], valid is not None)
+    return output
+
+
+@slice_sampling_op.register_fake
+def _(values: torch.Tensor, parameters: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty_like(values)
+
+
+@torch.library.custom_op("custom_nets::slice_sampling_backward", mutates_args=())
+def slice_sampling_backward_op(
+    grad_output: torch.Tensor, values: torch.Tensor, parameters: torch.Tensor, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward kernel as an operator: the float32 gradients of ``values`` and ``parameters`` (same shapes)."""
+    grad_values = torch.zeros(values.shape, device=values.device, dtype=torch.float32)
+    grad_parameters = torch.empty(parameters.shape, device=parameters.device, dtype=torch.float32)
+    arguments = (
+        grad_output,
+        values,
+        parameters[:, :, 0],
+        parameters[:, :, 1],
+        values if valid is None else valid,
+        grad_values,
+        grad_parameters[:, :, 0],
+        grad_parameters[:, :, 1],
+    )
+    _launch(_sampling_backward_kernel, arguments, values, parameters.shape[-1], valid is not None)
+    return grad_values, grad_parameters
+
+
+@slice_sampling_backward_op.register_fake
+def _(
+    grad_output: torch.Tensor, values: torch.Tensor, parameters: torch.Tensor, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return values.new_empty(values.shape, dtype=torch.float32), parameters.new_empty(
+        parameters.shape, dtype=torch.float32
+    )
+
+
+def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    values, parameters, valid = ctx.saved_tensors
+    grad_values, grad_parameters = slice_sampling_backward_op(grad_output.contiguous(), values, parameters, valid)
+    return grad_values.to(values.dtype), grad_parameters.to(parameters.dtype), None
+
+
+slice_sampling_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_slice_sampling(
     values: torch.Tensor, sampling_parameters: torch.Tensor, slice_valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Fused :func:`custom_nets.nets.slice_sampling.deformable_slice_sampling` (same shapes and semantics)."""
-    return _SliceSampling.apply(values, sampling_parameters, slice_valid)
+    """Fused :func:`custom_nets.nets.slice_sampling.deformable_slice_sampling` (same shapes and semantics).
+
+    The kernels run as the operators ``torch.ops.custom_nets.slice_sampling`` and ``slice_sampling_backward``
+    (``torch.library`` custom ops with fake tensor rules), so ``torch.compile`` traces through them without a graph
+    break and CUDA graphs capture them (neither makes the host wait for the device)."""
+    valid = None if slice_valid is None else slice_valid.to(device=values.device, dtype=torch.int8).contiguous()
+    return slice_sampling_op(values.contiguous(), sampling_parameters.contiguous(), valid)

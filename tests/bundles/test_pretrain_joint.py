@@ -247,6 +247,21 @@ def test_group_views_trains(corpus: Path, tmp_path: Path) -> None:
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
 
 
+@pytest.mark.slow
+def test_compile_slice_transformer_trains(corpus: Path, tmp_path: Path) -> None:
+    """compile_slice_transformer reaches the network and trains; the checkpoint keeps the eager weight names. The
+    compiled dropout draws other random numbers than eager dropout, so the losses are only checked to be finite
+    (tests/nets/test_nets_slice_transformer.py compares outputs and gradients with dropout 0)."""
+    losses: list[float] = []
+    workflow = train(corpus, tmp_path, losses=losses, **{**PLAIN_PATH, "compile_slice_transformer": "default"})
+    network = workflow.parser.get_parsed_content("network_def")
+    assert network.slice_transformer._compiled_call_impl is not None
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    checkpoint = torch.load(tmp_path / "model_final.pt", map_location="cpu", weights_only=True)
+    assert sorted(checkpoint["model"]) == sorted(network.state_dict())
+    assert not any("_orig_mod" in key for key in checkpoint["model"])
+
+
 def run_module(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", *args],

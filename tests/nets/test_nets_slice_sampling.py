@@ -143,3 +143,53 @@ def test_triton_kernels_match_the_reference_in_the_interpreter(tmp_path) -> None
         assert output < output_tolerance, name
         assert grad_values < output_tolerance and grad_offsets < 1e-4 and grad_logits < 1e-4, name
         assert same_dtype, name
+
+
+TRITON_OPERATOR_CHECK = textwrap.dedent(
+    """
+    import json, torch
+    from custom_nets.nets import DeformableSliceAttention
+    from custom_nets.nets.slice_sampling_triton import slice_sampling_op
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 7, 3, 8, generator=generator, requires_grad=True)
+    parameters = torch.randn(2, 7, 2, 3, 4, generator=generator, requires_grad=True)
+    valid = torch.ones(2, 7, dtype=torch.int8)
+    valid[1, 5:] = 0
+    for slice_valid in (None, valid):  # schema, fake tensor rule, autograd registration, against eager calls
+        torch.library.opcheck(slice_sampling_op, (values, parameters, slice_valid))
+
+    torch.manual_seed(0)
+    attention = DeformableSliceAttention(24, 3, 4, sampling_backend="triton")
+    compiled = torch.compile(attention, fullgraph=True)  # fullgraph: a graph break would raise
+    query = torch.randn(2, 7, 24, generator=generator)
+    grad_output = torch.randn(2, 7, 24, generator=generator)
+    results = []
+    for module in (attention, compiled):
+        attention.zero_grad()
+        inputs = query.clone().requires_grad_()
+        output = module(inputs, slice_valid=valid.bool())
+        (output * grad_output).sum().backward()
+        results.append([output, inputs.grad] + [p.grad.clone() for p in attention.parameters()])
+    print(json.dumps([float((a - b).abs().max()) for a, b in zip(*results)]))
+    """
+)
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_triton_sampling_is_an_operator_that_torch_compile_traces(tmp_path) -> None:
+    """The fused sampling is a ``torch.library`` operator (``opcheck``: schema, fake tensor rule, autograd), and an
+    attention layer on the Triton path compiles in one graph with the eager values and gradients (interpreter)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run(
+        [sys.executable, "-c", TRITON_OPERATOR_CHECK],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(errors) == 2 + 6  # output, input gradient, three projections' weight and bias
+    assert max(errors) < 1e-5, errors

@@ -309,3 +309,38 @@ def test_group_views_gives_the_per_view_outputs_when_batch_norm_uses_running_sta
     assert grouped_grads.keys() == per_view_grads.keys() and len(grouped_grads) > 20
     for name, gradient in per_view_grads.items():
         torch.testing.assert_close(grouped_grads[name], gradient, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compiled_slice_transformer_gives_the_eager_outputs_and_gradients() -> None:
+    """compile_slice_transformer: f_inter compiled by torch.compile (inductor, CPU here) gives the eager network's
+    pretraining outputs and parameter gradients, keeps the weight names, and a second slice count runs too."""
+    results = []
+    torch._dynamo.reset()
+    for mode in (None, "default"):
+        net = tiny_net(compile_slice_transformer=mode, dropout=0.0).train()
+        torch.manual_seed(7)  # the same masked slices
+        out = net(_grouping_batch())
+        total = sum(z.sum() for z in out["intra_projection"] + out["inter_projection"]) + out["mask_prediction"].sum()
+        total.backward()
+        results.append((net, out, {name: p.grad for name, p in net.named_parameters() if p.grad is not None}))
+    (eager, eager_out, eager_grads), (compiled, compiled_out, compiled_grads) = results
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled
+    assert not torch._dynamo.utils.counters["graph_break"]  # in one piece
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for key in ("inter_projection", "mask_prediction", "mask_target", "volume_feature"):
+        torch.testing.assert_close(compiled_out[key], eager_out[key], rtol=1e-4, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    transformer_grads = [name for name in eager_grads if name.startswith("slice_transformer.")]
+    assert len(transformer_grads) > 10
+    scale = max(float(gradient.abs().max()) for gradient in eager_grads.values())  # rounding follows the largest
+    for name, gradient in eager_grads.items():  # (a bias before batch norm has a gradient of pure rounding)
+        torch.testing.assert_close(compiled_grads[name], gradient, rtol=1e-3, atol=1e-6 * scale, msg=name)
+    volume, valid = torch.randn(1, 1, 9, 32, 32), torch.tensor([[True] * 7 + [False] * 2])
+    torch.testing.assert_close(
+        compiled.eval()(volume, slice_valid=valid), eager.eval()(volume, slice_valid=valid), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_compile_slice_transformer_rejects_an_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="compile_slice_transformer must be None"):
+        tiny_net(compile_slice_transformer="fast")
