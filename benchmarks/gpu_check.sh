@@ -15,7 +15,7 @@
 #      under float16 autocast with a gradient scaler on CUDA)
 #   3. pretrain_joint: one epoch of the cpu_demo preset on CUDA with amp and the fast-path switches (pinned memory,
 #      channels-last, fused SGD), export, embeddings
-# About 6 minutes on one H200 (335 s, 2026-11-28, with 4 of today's 8 figure scripts; about 8 minutes expected now).
+# About 6 minutes on one H200 (335 s, 2026-11-28, with 4 of today's 10 figure scripts; 8-10 minutes expected now).
 # Each step is stopped after STEP_TIMEOUT seconds (default 300), the figures step after FIGURES_TIMEOUT (default 360;
 # run_all.py's CUDA list runs the most informative scripts first), each figure script after half of STEP_TIMEOUT; the
 # figures of the scripts that finished are kept.
@@ -32,7 +32,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 declare -a NAMES STATUS SECONDS_USED
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}  # seconds per step; a step past it is stopped (exit status 124) and the next one runs
-FIGURES_TIMEOUT=${FIGURES_TIMEOUT:-360}  # the figures step: 8 scripts of 25-65 s each on one H200; the last may be cut
+FIGURES_TIMEOUT=${FIGURES_TIMEOUT:-360}  # the figures step: 10 scripts of 25-100 s each on one H200; the last are cut
 step() {
     local limit=$1 name=$2; shift 2
     local start=$SECONDS

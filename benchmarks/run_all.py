@@ -71,19 +71,27 @@ def cuda_scripts() -> list[Script]:
     return [
         Script("Slice attention (CUDA)", ["benchmarks/slice_attention_gpu.py"]),
         Script(
-            "Slice attention, compiled with CUDA graphs (CUDA)",
-            [
-                "benchmarks/slice_attention_gpu.py",
-                *("--compile-mode", "reduce-overhead", "--sizes", "64", "256", "1024", "4096", "--check-sizes", "64"),
-            ],
-        ),
-        Script(
             "Joint step, paper size, bfloat16 autocast, every fast-path switch, with a profile (CUDA)",
             [*step, "--amp", "bfloat16", *PAPER, *fast, "--profile"],
         ),
         Script(
+            "f_inter eager and compiled, paper size, bfloat16 autocast (CUDA)",
+            [
+                "benchmarks/slice_transformer_compile.py",
+                *("--device", "cuda", "--amp", "bfloat16", "--modes", "default", "reduce-overhead"),
+            ],
+        ),
+        Script(
             "Joint step, paper size, bfloat16 autocast, every fast-path switch, views grouped by kind and size (CUDA)",
             [*step, "--amp", "bfloat16", *PAPER, *fast, "--group-views"],
+        ),
+        Script(
+            "Slice attention, compiled with CUDA graphs (CUDA)",
+            [
+                "benchmarks/slice_attention_gpu.py",
+                *("--compile-mode", "reduce-overhead", "--sizes", "64", "1024", "--dtypes", "float32", "bfloat16"),
+                *("--check-sizes", "64", "--rounds", "5"),
+            ],
         ),
         Script(
             "Joint step, paper size, bfloat16 autocast, every fast-path switch, f_inter compiled (CUDA)",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -103,12 +102,6 @@ def _random_weights(bundle: str, path: Path, overrides: dict = TINY) -> Path:
     return save_weights(network, path)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _request(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 300) -> bytes:
     request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data else "GET")
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -153,13 +146,13 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[dict]:
+def server(tmp_path: Path, bundle_checks) -> Iterator[dict]:
     python = _server_python()
     studies = _make_studies(tmp_path / "studies")
     weights = {name: _random_weights(name, tmp_path / "weights" / f"{name}.pt") for name in SERVED}
     app = tmp_path / "app"
     models = prepare_monailabel_app(app, [BUNDLES / name for name in SERVED], python, weights, TINY)
-    port = _free_port()
+    port = bundle_checks.free_port()
     command = start_server_command(python, app, studies, models, port=port)
     environment = {
         **os.environ,

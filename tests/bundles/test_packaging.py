@@ -4,7 +4,6 @@ interrupted downloads, repeated downloads and weights that do not fit the networ
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -51,18 +50,12 @@ SERVER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def server(tmp_path: Path):
+def server(tmp_path: Path, bundle_checks):
     """(base URL, served folder) of an HTTP server in a subprocess."""
     served = tmp_path / "served"
     served.mkdir()
-    port = _free_port()
+    port = bundle_checks.free_port()
     process = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(served)])
     base_url = f"http://127.0.0.1:{port}"
     for _ in range(100):

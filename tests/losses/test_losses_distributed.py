@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import socket
 from pathlib import Path
 
 import pytest
@@ -11,18 +10,12 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.flaky(reruns=1, only_rerun=["SIGABRT", "Signal 6"])  # a rare gloo process abort, see pyproject.toml
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, monkeypatch):
+def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, monkeypatch, bundle_checks):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     worker = importlib.import_module("losses_ddp_worker")
-    mp.spawn(worker.run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker.run, args=(2, bundle_checks.free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     single = worker.compute(rank=0, world_size=1)
 

@@ -1,5 +1,6 @@
-"""benchmarks/slice_attention_gpu.py as a dry run on the CPU (Triton's interpreter): with ``--compile-mode`` it times
-both modules through ``torch.compile`` too and checks the goal-1 targets for the compiled slice attention."""
+"""The benchmarks of ``torch.compile`` on the CPU: slice_attention_gpu.py as a dry run (Triton's interpreter) with
+``--compile-mode`` times both attention modules compiled too and checks the goal-1 targets for the compiled one;
+slice_transformer_compile.py times f_inter eager and compiled."""
 
 from __future__ import annotations
 
@@ -28,3 +29,15 @@ def test_dry_run_times_the_compiled_modules() -> None:
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 8 |"))
     assert len(row.split("|")) == len(header.split("|"))
     assert "float32 N=8, ours compiled (default): ours/dense" in result.stdout
+
+
+@pytest.mark.slow
+def test_slice_transformer_compile_times_eager_and_compiled() -> None:
+    command = [sys.executable, "slice_transformer_compile.py", "--device", "cpu", "--batch", "2", "--num-slices", "6"]
+    command += ["--embed-dim", "16", "--layers", "1", "--repeats", "1", "--rounds", "1"]
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    result = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert {"eager", "default"} <= set(rows)
+    assert rows["eager"].rstrip(" |").endswith("1.000")
