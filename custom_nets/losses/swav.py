@@ -89,6 +89,18 @@ class SwAVLoss(ClusteringLoss):
         self.register_buffer("training_iterations", torch.zeros((), dtype=torch.long))  # kept by checkpoints
         self._queue: torch.Tensor | None = None  # (assignment views, queue_length, P), newest first
         self._queue_items = 0
+        self._host_iterations: int | None = None  # training_iterations as a host integer (None: read it)
+
+    def _iterations_so_far(self) -> int:
+        """``training_iterations`` without a wait for the device at every step: the buffer is read once (after
+        construction or a state-dict load), then counted on the host."""
+        if self._host_iterations is None:
+            self._host_iterations = int(self.training_iterations)
+        return self._host_iterations
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_iterations = None
 
     def _queue_scores(self, head: int, slot: int) -> torch.Tensor | None:
         if self._queue is None or self._queue_items < self.queue_length:
@@ -143,8 +155,10 @@ class SwAVLoss(ClusteringLoss):
             )
         loss = torch.stack(head_losses).mean()
 
-        if self.training and self.queue_length > 0 and int(self.training_iterations) >= self.queue_start_iteration:
-            self._enqueue(projections)
+        if self.training and self.queue_length > 0:
+            if self._iterations_so_far() >= self.queue_start_iteration:
+                self._enqueue(projections)
+            self._host_iterations += 1
         if self.training:
             self.training_iterations += 1
         self._record(scores, loss)

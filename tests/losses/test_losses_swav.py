@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,6 +136,29 @@ def test_queue_waits_for_the_start_iteration_and_eval_mode_does_not_fill_it():
     other = _views([4, 4], seed=5)  # the queue must differ from the batch (duplicated columns keep the codes)
     loss_fn(other, [[p @ layer.weight.detach().t() for p in other]])  # third training call: fills the queue
     assert not torch.allclose(loss_fn(projections, scores), reference_swav(scores), atol=1e-4)
+
+
+def test_queue_start_counts_on_the_host_and_survives_a_state_dict_load():
+    """With a queue, the call count is read from its buffer once (a device wait on a GPU), then counted on the host;
+    a state-dict load (a resumed run) makes it read the buffer again, so the queue starts at the same call."""
+    spec = importlib.util.spec_from_file_location("measure", Path(__file__).parents[2] / "benchmarks" / "measure.py")
+    measure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(measure)
+    layer = nn.Linear(8, 6, bias=False)
+    projections, other = _views([4, 4]), _views([4, 4], seed=5)  # the queue must differ from the scored batch
+    scores, other_scores = ([[p @ layer.weight.detach().t() for p in views]] for views in (projections, other))
+    loss_fn = SwAVLoss(queue_length=4, queue_start_iteration=3, prototypes=layer)
+    loss_fn(projections, scores)
+    counter = measure.OperatorCounter()
+    with counter:
+        loss_fn(projections, scores)
+    assert dict(counter.host_syncs) == {}
+    resumed = SwAVLoss(queue_length=4, queue_start_iteration=3, prototypes=layer)
+    resumed(projections, scores)  # its own count (1) is now on the host ...
+    resumed.load_state_dict(loss_fn.state_dict())  # ... and the load brings 2
+    resumed(other, other_scores)  # call 2: before the start
+    torch.testing.assert_close(resumed(other, other_scores), reference_swav(other_scores))  # call 3: fills the queue
+    assert not torch.allclose(resumed(projections, scores), reference_swav(scores), atol=1e-4)  # call 4: uses it
 
 
 def test_invalid_inputs_are_rejected():
