@@ -26,15 +26,32 @@ def _present_terms(prediction: Mapping) -> dict[str, bool]:
     }
 
 
+_HOST_GROUP: list = []  # [(default process group, its gloo group for host-side checks)]
+
+
+def host_process_group() -> dist.ProcessGroup | None:
+    """A process group of every rank that reduces CPU tensors: the default group when its backend has gloo (None),
+    otherwise a gloo group created once per default group (a collective call, made by every rank at the same point).
+    A check reduced there makes the host wait for the other ranks' hosts, never for its own GPU's queued work."""
+    if "gloo" in str(dist.get_backend()):
+        return None
+    world = dist.group.WORLD
+    if not _HOST_GROUP or _HOST_GROUP[0][0] is not world:
+        _HOST_GROUP[:] = [(world, dist.new_group(backend="gloo"))]
+    return _HOST_GROUP[0][1]
+
+
 def _check_same_terms_on_all_ranks(present: dict[str, bool]) -> None:
-    """Sinkhorn all-reduces inside a term, so a term present on one rank only would hang: fail clearly instead."""
+    """Sinkhorn all-reduces inside a term, so a term present on one rank only would hang: fail clearly instead. The
+    flags are host values and are compared on the host (:func:`host_process_group`): with NCCL, a GPU all-reduce and
+    ``torch.equal`` would make the host wait for the forward pass at every step."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == dist.Backend.NCCL else None
-    flags = torch.tensor([float(present[name]) for name in TERMS], device=device)
+    group = host_process_group()
+    flags = torch.tensor([float(present[name]) for name in TERMS])
     low, high = flags.clone(), flags.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(low, high):
         raise RuntimeError(
             f"rank {dist.get_rank()}: loss terms present in this batch differ between ranks (this rank: "

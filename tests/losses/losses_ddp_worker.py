@@ -7,6 +7,7 @@ import mode (the test puts this folder on ``sys.path``).
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from custom_nets.engines import shutdown_distributed
 from custom_nets.losses import DeepClusterV2Loss, JointLoss, SwAVLoss, sinkhorn_knopp
+from custom_nets.losses.joint import host_process_group
 
 NUM_IMAGES, NUM_SLICES, IN_DIM, DIM, PROTOTYPES = 6, 4, 10, 8, (5, 7)
 DDP_MODELS: list[nn.Module] = []  # released before the process group is destroyed
@@ -106,6 +108,12 @@ def compute(rank: int, world_size: int) -> dict:
             JointLoss(intra=SwAVLoss())(prediction, {})
         except (RuntimeError, ValueError) as error:
             results["mismatch_error"] = str(error)
+        with mock.patch("torch.distributed.get_backend", return_value="nccl"):  # as on GPUs: a gloo group of its own
+            try:
+                JointLoss(intra=SwAVLoss())(prediction, {})
+            except (RuntimeError, ValueError) as error:
+                results["mismatch_error_nccl"] = str(error)
+            results["host_group_kept"] = host_process_group() is host_process_group() is not None
     return results
 
 

@@ -32,6 +32,8 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, monkey
             torch.testing.assert_close(centroids, expected, atol=1e-5, rtol=1e-5)
         assert torch.equal(rank_result["assignments"], single["assignments"])
         assert "differ between ranks" in rank_result["mismatch_error"]
+        assert "differ between ranks" in rank_result["mismatch_error_nccl"]  # the check through its own gloo group
+        assert rank_result["host_group_kept"]  # created once
     for first, second in zip(ranks[0]["centroids"], ranks[1]["centroids"], strict=True):
         assert torch.equal(first, second)
     assert (single["assignments"] >= 0).all()
