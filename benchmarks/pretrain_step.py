@@ -71,6 +71,7 @@ from types import SimpleNamespace
 import torch
 import torchvision
 from measure import OperatorCounter, TensorMemoryTracker, sampling_counted_as_on_cuda, timed
+from monai.data import MetaTensor
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -114,6 +115,7 @@ class StepShape:
     larc: bool = False  # train.json's GradientControl (LARC, trust 0.001) between backward and the SGD step
     group_views: bool = False  # JointSSLNet(group_views): one encoder call per kind and size of view, not per view
     compile_slice_transformer: str | None = None  # JointSSLNet(compile_slice_transformer): a torch.compile mode
+    metatensor_views: bool = False  # views as MONAI MetaTensors (what joint_collate passed on before 0.12.0)
 
 
 @dataclass
@@ -189,6 +191,8 @@ def synthetic_batch(shape: StepShape, slice_spacing_mm: float = 2.5, seed: int =
     volume_views = (
         [noise(volumes, 1, slices, shape.volume_size, shape.volume_size) for _ in range(2)] if volumes else []
     )
+    if shape.metatensor_views:
+        image_views, volume_views = ([MetaTensor(view) for view in views] for views in (image_views, volume_views))
     return {
         "image_views": image_views,
         "image_index": torch.arange(images),
@@ -336,6 +340,8 @@ def describe_shape(shape: StepShape) -> str:
     names = [s for s in switches if getattr(shape, s)]
     if shape.compile_slice_transformer is not None:
         names.append(f"f_inter compiled ({shape.compile_slice_transformer})")
+    if shape.metatensor_views:
+        names.append("MetaTensor views")
     return (
         f"ResNet-{shape.depth}, d={shape.embed_dim}, prototypes {shape.intra_prototypes}/{shape.inter_prototypes}; "
         f"batch: {images} + {volumes}; 2D clustering on {'all' if clustered is None else clustered} slices per volume"
@@ -760,6 +766,7 @@ def shape_for(args: argparse.Namespace, device: torch.device) -> StepShape:
         larc=args.larc,
         group_views=args.group_views,
         compile_slice_transformer=args.compile_slice_transformer,
+        metatensor_views=args.metatensor_views,
     )
 
 
@@ -845,6 +852,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--compile-slice-transformer",
         choices=COMPILE_MODES,
         help="compile f_inter with this torch.compile mode (JointSSLNet; default: eager)",
+    )
+    parser.add_argument(
+        "--metatensor-views", action="store_true", help="synthetic views as MONAI MetaTensors (their cost in the step)"
     )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the step")
     args = parser.parse_args(argv)

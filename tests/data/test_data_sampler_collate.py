@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from custom_nets.data.collate import joint_collate
 from custom_nets.data.sampler import JointBatchSampler
@@ -133,6 +134,19 @@ def test_collate_stacks_the_view_geometry_when_every_sample_has_it():
     assert [tuple(g.shape) for g in batch["image_view_geometry"]] == [(2, 3, 3)] * 3
     torch.testing.assert_close(batch["image_view_geometry"][2][1], torch.eye(3) * 4)
     assert "volume_view_geometry" not in batch  # the volumes did not record it
+
+
+def test_collate_gives_plain_tensors_for_metatensor_views():
+    """MONAI's readers and transforms return MetaTensors; the batch holds plain tensors with the same values (a
+    MetaTensor would send every operation of the network through Python-level metadata handling)."""
+    samples = [image_sample(0), image_sample(1), volume_sample(2), volume_sample(3)]
+    for sample in samples:
+        key = "image_views" if sample["kind"] == "image" else "volume_views"
+        sample[key] = [MetaTensor(view, affine=torch.eye(4) * 2) for view in sample[key]]
+    batch = joint_collate(samples)
+    assert {type(view) for view in batch["image_views"] + batch["volume_views"]} == {torch.Tensor}
+    torch.testing.assert_close(batch["volume_views"][1][1], samples[3]["volume_views"][1].as_tensor())
+    torch.testing.assert_close(batch["image_views"][2][0], samples[0]["image_views"][2].as_tensor())
 
 
 def test_collate_images_only():

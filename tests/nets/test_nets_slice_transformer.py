@@ -316,6 +316,7 @@ def test_compiled_slice_transformer_gives_the_eager_outputs_and_gradients() -> N
     pretraining outputs and parameter gradients, keeps the weight names, and a second slice count runs too."""
     results = []
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # other tests may have compiled in this process
     for mode in (None, "default"):
         net = tiny_net(compile_slice_transformer=mode, dropout=0.0).train()
         torch.manual_seed(7)  # the same masked slices
