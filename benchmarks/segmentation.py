@@ -2,7 +2,9 @@
 
 Measures, on the CPU and on the GPU when one is available:
 
-* training slices/s: forward + Dice-CE loss + backward + AdamW step of ``SliceEncoderUNet`` on batches of 2D slices;
+* training slices/s: forward + Dice-CE loss + backward + AdamW step of ``SliceEncoderUNet`` on batches of 2D slices,
+  as plain tensors (what the bundles' trainers pass since ``custom_nets.engines.plain_prepare_batch``) and as MONAI
+  ``MetaTensor`` s (what MONAI's default ``prepare_batch`` passes on from the loader);
 * sampling slices/s: the bundle's slice pipeline (``RandForegroundSliced`` + crop/pad) drawing from a cached volume;
 * inference volumes/s: whole-volume prediction with MONAI ``SliceInferer`` (slice by slice along the last axis).
 
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from measure import seconds_per_call
+from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from monai.losses import DiceCELoss
 from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
@@ -27,13 +30,23 @@ from custom_nets.nets.segmentation import SliceEncoderUNet
 
 
 def training_slices_per_second(
-    depth: int, image_size: int, batch: int, num_classes: int, device: torch.device, amp: bool, repeats: int
+    depth: int,
+    image_size: int,
+    batch: int,
+    num_classes: int,
+    device: torch.device,
+    amp: bool,
+    repeats: int,
+    metatensor: bool = False,
 ) -> float:
+    torch.manual_seed(0)
     net = SliceEncoderUNet(in_channels=1, out_channels=num_classes, depth=depth).to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     images = torch.randn(batch, 1, image_size, image_size, device=device)
     labels = torch.randint(0, num_classes, (batch, 1, image_size, image_size), device=device)
+    if metatensor:
+        images, labels = MetaTensor(images), MetaTensor(labels)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
     def step() -> None:
@@ -106,17 +119,21 @@ def main(
     )
     sampling = sampling_slices_per_second(volume_shape, image_size, samples=16, repeats=max(repeats, 5))
     print(f"slice sampling (RandForegroundSliced + pad/crop, CPU): {sampling:.0f} slices/s\n")
-    print("| device | depth | amp | train slices/s | inference volumes/s | inference slices/s |")
-    print("|---|---|---|---|---|---|")
+    header = "| device | depth | amp | train slices/s | train slices/s, MetaTensor inputs | inference volumes/s |"
+    print(header + " inference slices/s |\n|---|---|---|---|---|---|---|")
     for device in devices:
         amp = device.type == "cuda"
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         for depth in depths:
-            train = training_slices_per_second(depth, image_size, batch, num_classes, device, amp, repeats)
+            train, train_meta = (
+                training_slices_per_second(depth, image_size, batch, num_classes, device, amp, repeats, metatensor)
+                for metatensor in (False, True)
+            )
             infer = inference_volumes_per_second(
                 depth, image_size, volume_shape, sw_batch_size, num_classes, device, amp, repeats
             )
-            print(f"| {name} | {depth} | {amp} | {train:.1f} | {infer:.3f} | {infer * volume_shape[-1]:.1f} |")
+            row = f"| {name} | {depth} | {amp} | {train:.1f} | {train_meta:.1f} | {infer:.3f} |"
+            print(f"{row} {infer * volume_shape[-1]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from custom_nets.engines.checkpoints import AtomicCheckpointSaver, AtomicDiskSav
 from custom_nets.engines.distributed import shutdown_distributed
 from custom_nets.engines.embedding import EmbeddingInferer, EmbeddingPrepareBatch
 from custom_nets.engines.optimizers import build_sgd
-from custom_nets.engines.prepare_batch import JointItemIds, JointPrepareBatch
+from custom_nets.engines.prepare_batch import JointItemIds, JointPrepareBatch, plain_prepare_batch
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -19,5 +19,6 @@ __all__ = [
     "autocast_dtype",
     "build_sgd",
     "latest_checkpoint",
+    "plain_prepare_batch",
     "shutdown_distributed",
 ]

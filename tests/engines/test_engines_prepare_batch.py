@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 
-from custom_nets.engines import JointItemIds, JointPrepareBatch, latest_checkpoint
+from custom_nets.engines import JointItemIds, JointPrepareBatch, latest_checkpoint, plain_prepare_batch
 from custom_nets.engines.handlers import GradientControl, LossTermsHandler, ratio_from_norms
 
 KINDS = ["image", "volume", "image", "volume", "volume"]  # global datalist order
@@ -153,3 +155,23 @@ def test_loss_terms_become_epoch_means() -> None:
     engine.run([0, 1], max_epochs=2)
     assert seen == [2.0, 6.0]
     assert handler.history == [{"epoch": 1, "intra": 2.0}, {"epoch": 2, "intra": 6.0}]
+
+
+def test_plain_prepare_batch_gives_plain_tensors_with_the_same_values() -> None:
+    image, label = torch.randn(2, 1, 4, 4), torch.randint(0, 3, (2, 1, 4, 4))
+    batch = {"image": MetaTensor(image, affine=torch.eye(4) * 2), "label": MetaTensor(label)}
+    prepared_image, prepared_label = plain_prepare_batch(batch, torch.device("cpu"))
+    assert type(prepared_image) is torch.Tensor and type(prepared_label) is torch.Tensor
+    assert torch.equal(prepared_image, image) and torch.equal(prepared_label, label)
+    image_only, no_label = plain_prepare_batch(MetaTensor(image), "cpu")
+    assert type(image_only) is torch.Tensor and no_label is None
+
+
+@pytest.mark.parametrize("bundle", ["finetune_heart", "finetune_brainseg", "finetune_nodule"])
+def test_training_engines_prepare_plain_tensors(bundle: str) -> None:
+    """The fine-tuning trainers strip the MetaTensor metadata (their outputs are never written as images); the
+    evaluators keep MONAI's default, which their inverted and saved predictions need."""
+    config = ConfigParser()
+    config.read_config(Path(__file__).resolve().parents[2] / "bundles" / bundle / "configs" / "train.json")
+    assert config["train"]["trainer"]["prepare_batch"] == "$custom_nets.engines.plain_prepare_batch"
+    assert "prepare_batch" not in config["validate"]["evaluator"]
