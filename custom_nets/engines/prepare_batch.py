@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from monai.engines.utils import PrepareBatch, default_prepare_batch
+from monai.utils import convert_to_tensor
 
-from custom_nets.data.collate import plain_tensor
 from custom_nets.nets.joint_ssl import valid_slice_rows
 
 __all__ = ["JointItemIds", "JointPrepareBatch", "choose_slices", "plain_prepare_batch"]
@@ -20,12 +20,12 @@ def plain_prepare_batch(
     **kwargs: object,
 ) -> tuple:
     """MONAI's ``default_prepare_batch`` (image and label to ``device``) with MONAI ``MetaTensor`` s turned into plain
-    tensors (:func:`custom_nets.data.collate.plain_tensor`, no copy): a ``MetaTensor`` sends every operation of the
+    tensors (``convert_to_tensor(track_meta=False)``, no copy): a ``MetaTensor`` sends every operation of the
     forward pass, the loss and the metrics through Python-level metadata handling. For training engines, whose
     outputs are never written as images; evaluators that invert transforms or save predictions need the metadata and
     keep MONAI's default."""
     prepared = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-    return tuple(plain_tensor(item) if isinstance(item, torch.Tensor) else item for item in prepared)
+    return tuple(convert_to_tensor(item, track_meta=False) if item is not None else None for item in prepared)
 
 
 class JointItemIds:
