@@ -3,7 +3,8 @@
 Measures, on the CPU and on the GPU when one is available:
 
 * training candidates/s: forward + BCE-with-logits loss + backward + AdamW step of ``NoduleClassifier`` on a batch of
-  candidate cubes (backbone fine-tuned, or frozen with ``--frozen``);
+  candidate cubes (backbone fine-tuned, or frozen with ``--frozen``), as plain tensors (what the bundle's trainer
+  passes since ``custom_nets.engines.plain_prepare_batch``) and as MONAI ``MetaTensor`` s (MONAI's default);
 * inference candidates/s: forward in eval mode under ``torch.no_grad``;
 * cutting candidates/s (CPU): :func:`custom_nets.datasets.luna16.candidate_cube` resampling cubes out of a CT-sized
   scan array (what ``prepare_luna16`` and ``inference.json`` do per candidate).
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from measure import seconds_per_call
+from monai.data import MetaTensor
 
 from custom_nets.datasets.luna16 import ScanGeometry, candidate_cube
 from custom_nets.nets.nodule import NoduleClassifier
@@ -34,12 +36,20 @@ def _network(depth: int, embed_dim: int, layers: int, frozen: bool, device: torc
 
 
 def training_candidates_per_second(
-    net: NoduleClassifier, cube: Sequence[int], batch: int, device: torch.device, amp: bool, repeats: int
+    net: NoduleClassifier,
+    cube: Sequence[int],
+    batch: int,
+    device: torch.device,
+    amp: bool,
+    repeats: int,
+    metatensor: bool = False,
 ) -> float:
     net.train()
     optimizer = torch.optim.AdamW(net.parameter_groups(1e-4), lr=1e-4)
     cubes = torch.rand(batch, 1, *cube, device=device)
     labels = (torch.rand(batch, 1, device=device) > 0.5).float()
+    if metatensor:
+        cubes, labels = MetaTensor(cubes), MetaTensor(labels)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
@@ -101,18 +111,21 @@ def main(
     )
     cutting = cutting_candidates_per_second(cube, (1.0, 1.0, 1.0), count=50)
     print(f"cube cutting (candidate_cube, 1 mm, CPU): {cutting:.0f} candidates/s\n")
-    print("| device | amp | train candidates/s | inference candidates/s |")
-    print("|---|---|---|---|")
+    print("| device | amp | train candidates/s | train candidates/s, MetaTensor inputs | inference candidates/s |")
+    print("|---|---|---|---|---|")
     for device in devices:
         amp = device.type == "cuda"
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        train = training_candidates_per_second(
-            _network(depth, embed_dim, layers, frozen, device), cube, batch, device, amp, repeats
+        train, train_meta = (
+            training_candidates_per_second(
+                _network(depth, embed_dim, layers, frozen, device), cube, batch, device, amp, repeats, metatensor
+            )
+            for metatensor in (False, True)
         )
         infer = inference_candidates_per_second(
             _network(depth, embed_dim, layers, frozen, device), cube, batch, device, amp, repeats
         )
-        print(f"| {name} | {amp} | {train:.1f} | {infer:.1f} |")
+        print(f"| {name} | {amp} | {train:.1f} | {train_meta:.1f} | {infer:.1f} |")
 
 
 if __name__ == "__main__":
