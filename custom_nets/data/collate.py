@@ -23,7 +23,8 @@ def _stack_views(samples: Sequence[Mapping], key: str) -> list[torch.Tensor]:
         raise ValueError(f"samples hold different numbers of {key}: {sorted(counts)}")
     # plain tensors, sharing memory: a MONAI MetaTensor (what its readers and transforms return) would send every
     # operation of the training step through Python-level metadata handling (demo-shape CPU step: 503 ms against
-    # 448 ms with plain views); the views' geometry travels in the batch as its own tensors
+    # 450 ms with plain views, benchmarks/pretrain_step.py --metatensor-views); the views' geometry travels in the
+    # batch as its own tensors
     return [
         torch.stack([convert_to_tensor(s[key][v], track_meta=False).float() for s in samples])
         for v in range(counts.pop())
