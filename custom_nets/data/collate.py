@@ -22,9 +22,8 @@ def _stack_views(samples: Sequence[Mapping], key: str) -> list[torch.Tensor]:
     if len(counts) != 1:
         raise ValueError(f"samples hold different numbers of {key}: {sorted(counts)}")
     # plain tensors, sharing memory: a MONAI MetaTensor (what its readers and transforms return) would send every
-    # operation of the training step through Python-level metadata handling (demo-shape CPU step: 503 ms against
-    # 450 ms with plain views, benchmarks/pretrain_step.py --metatensor-views); the views' geometry travels in the
-    # batch as its own tensors
+    # operation of the training step through Python-level metadata handling (the demo-shape CPU step took 9-12 % longer,
+    # benchmarks/pretrain_step.py --metatensor-views); the views' geometry travels in the batch as its own tensors
     return [
         torch.stack([convert_to_tensor(s[key][v], track_meta=False).float() for s in samples])
         for v in range(counts.pop())
