@@ -434,10 +434,8 @@ def report_step_vs_encoder(timing: StepTiming, depth: int) -> tuple[str, list[st
     rows[2] += [f"{timing.resnet_min_s * 1e3:.1f}", ""]
     if timing.metatensor_step_s is not None:
         meta_ratio = timing.metatensor_step_s / timing.encoder_s
-        rows.append(
-            ["joint training step, MetaTensor views", f"{timing.metatensor_step_s * 1e3:.1f}", f"{meta_ratio:.3f}"]
-        )
-        rows[-1] += ["", ""]
+        meta_ms = f"{timing.metatensor_step_s * 1e3:.1f}"
+        rows.append(["joint training step, MetaTensor views", meta_ms, f"{meta_ratio:.3f}", "", ""])
     rows += [[f"  step phase (synchronised): {p}", f"{timing.phases_s[p] * 1e3:.1f}", "", "", ""] for p in PHASES]
     header = ["pass", f"median ms ({timing.repeats} repeats)", "/ encoder", "fastest ms", "/ encoder"]
     table = markdown_table(header, rows)

@@ -25,7 +25,7 @@ def plain_prepare_batch(
     outputs are never written as images; evaluators that invert transforms or save predictions need the metadata and
     keep MONAI's default."""
     prepared = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-    return tuple(convert_to_tensor(item, track_meta=False) if item is not None else None for item in prepared)
+    return tuple(convert_to_tensor(item, track_meta=False) for item in prepared)  # None stays None
 
 
 class JointItemIds:

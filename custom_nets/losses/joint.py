@@ -3,6 +3,7 @@ optional dense term ``w_dense * L_dense``."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -26,19 +27,19 @@ def _present_terms(prediction: Mapping) -> dict[str, bool]:
     }
 
 
-_HOST_GROUP: list = []  # [(default process group, its gloo group for host-side checks)]
-
-
 def host_process_group() -> dist.ProcessGroup | None:
     """A process group of every rank that reduces CPU tensors: the default group when its backend has gloo (None),
     otherwise a gloo group created once per default group (a collective call, made by every rank at the same point).
     A check reduced there makes the host wait for the other ranks' hosts, never for its own GPU's queued work."""
     if "gloo" in str(dist.get_backend()):
         return None
-    world = dist.group.WORLD
-    if not _HOST_GROUP or _HOST_GROUP[0][0] is not world:
-        _HOST_GROUP[:] = [(world, dist.new_group(backend="gloo"))]
-    return _HOST_GROUP[0][1]
+    return _gloo_group(dist.group.WORLD)
+
+
+@functools.lru_cache(maxsize=1)
+def _gloo_group(world: dist.ProcessGroup) -> dist.ProcessGroup:
+    """The gloo group beside ``world`` (created again only when the default group is a new one)."""
+    return dist.new_group(backend="gloo")
 
 
 def _check_same_terms_on_all_ranks(present: dict[str, bool]) -> None:
