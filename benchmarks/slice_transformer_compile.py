@@ -5,8 +5,9 @@ One forward + backward of :class:`custom_nets.nets.SliceTransformer` in train mo
 over ``B`` sequences of ``N`` slice embeddings (one sequence with padding slices), gradients of the input and of
 every parameter. The compiled module is compiled in place, as ``JointSSLNet(compile_slice_transformer=MODE)`` does;
 its first pass (compilation of forward and backward) is timed on its own. Then ``--rounds`` rounds of ``--repeats``
-back-to-back passes (CUDA: synchronised only around a round, so host launch costs overlap GPU work as in training);
-the median round gives the time per pass. On CUDA, ``reduce-overhead`` replays the compiled graphs as CUDA graphs.
+back-to-back passes (CUDA: synchronised only around a round, so host launch costs overlap GPU work as in training),
+the modes' rounds interleaved; the median round gives the time per pass. On CUDA, ``reduce-overhead`` replays the
+compiled graphs as CUDA graphs.
 
 The paper's shape is the default: 8 sequences (2 views x 4 volumes) of 64 slices, d = 640, 4 layers.
 
@@ -62,16 +63,28 @@ def training_pass(args: argparse.Namespace, transformer: SliceTransformer, devic
     return run
 
 
-def measure(args: argparse.Namespace, mode: str, device: torch.device) -> dict[str, float]:
+def measure(args: argparse.Namespace, modes: Sequence[str], device: torch.device) -> dict[str, dict[str, float]]:
+    """Per mode: seconds of the first pass (compilation) and the median ms per pass over ``args.rounds`` rounds, the
+    modes' rounds interleaved with rotating order so that a drift of the host's speed hits every mode alike."""
     torch._dynamo.reset()
-    run = training_pass(args, build(args, mode, device), device)
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    first = time.perf_counter() - start
-    rounds = [seconds_per_call(run, device, warmup=2, repeats=args.repeats) for _ in range(args.rounds)]
-    return {"first_s": first, "ms": 1e3 * statistics.median(rounds)}
+    modes = list(modes)
+    runs, results = {}, {}
+    for mode in modes:
+        runs[mode] = training_pass(args, build(args, mode, device), device)
+        start = time.perf_counter()
+        runs[mode]()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        results[mode] = {"first_s": time.perf_counter() - start}
+        for _ in range(2):  # warm-up (CUDA graphs of reduce-overhead are recorded here)
+            runs[mode]()
+    rounds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for index in range(args.rounds):
+        for mode in modes[index % len(modes) :] + modes[: index % len(modes)]:
+            rounds[mode].append(seconds_per_call(runs[mode], device, warmup=0, repeats=args.repeats))
+    for mode in modes:
+        results[mode]["ms"] = 1e3 * statistics.median(rounds[mode])
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"median of {args.rounds} rounds of {args.repeats} passes.\n",
         flush=True,
     )
-    results = {mode: measure(args, mode, device) for mode in [EAGER, *(args.modes or ["default"])]}
+    results = measure(args, [EAGER, *(args.modes or ["default"])], device)
     print("| f_inter | first pass s (compiles, less from the compile cache) | ms per forward + backward | / eager |")
     print("|---|--:|--:|--:|")
     for mode, result in results.items():
