@@ -175,7 +175,8 @@ def synthetic_item_ids(shape: StepShape) -> JointItemIds:
 
 
 def synthetic_batch(shape: StepShape, slice_spacing_mm: float = 2.5, seed: int = 0) -> dict[str, object]:
-    """A collated joint batch (COMMON.md batch format) of random tensors; every slice valid."""
+    """A collated joint batch (COMMON.md batch format) of random tensors, laid out as the loader's (the views'
+    geometry is the identity map); every slice valid."""
     generator = torch.Generator().manual_seed(seed)
     images, volumes, slices = shape.images_per_batch, shape.volumes_per_batch, shape.num_slices
 
@@ -191,7 +192,7 @@ def synthetic_batch(shape: StepShape, slice_spacing_mm: float = 2.5, seed: int =
     volume_views = (
         [noise(volumes, 1, slices, shape.volume_size, shape.volume_size) for _ in range(2)] if volumes else []
     )
-    return {
+    batch: dict[str, object] = {
         "image_views": image_views,
         "image_index": torch.arange(images),
         "image_class": torch.full((images,), -1),
@@ -201,6 +202,11 @@ def synthetic_batch(shape: StepShape, slice_spacing_mm: float = 2.5, seed: int =
         "volume_index": torch.arange(images, images + volumes),
         "volume_class": torch.full((volumes,), -1),
     }
+    # the loader's views carry their geometry (view -> source pixel map), which prepare_batch copies to the device
+    for key, views in (("image_view_geometry", image_views), ("volume_view_geometry", volume_views)):
+        if views:
+            batch[key] = [torch.eye(3).expand(view.shape[0], 3, 3).clone() for view in views]
+    return batch
 
 
 def training_step(

@@ -54,3 +54,16 @@ def test_launch_count_splits_the_step_into_phases() -> None:
     assert all(site.startswith("prepare_batch:") for _, site in count.host_syncs)  # none after the batch copy
     report = pretrain_step.report_launches(count)
     assert "the step's launches beyond the encoder's" in report and "prepare_batch" in report
+
+
+def test_synthetic_batch_is_laid_out_as_the_loaders_batch(tmp_path: Path) -> None:
+    """The step is timed on the synthetic batch, so it must hold what the loader's batch holds (keys, shapes, dtypes):
+    anything missing would be work that ``prepare_batch`` and the network do in training but not in the benchmark."""
+    shape = pretrain_step.StepShape(
+        images_per_batch=2, image_size=32, small_crop_size=16, volumes_per_batch=2, num_slices=4, volume_size=32
+    )
+    datalist = str(pretrain_step.make_demo_corpus(tmp_path, num_per_class=1, in_plane=32, image_size=32))
+    loader = pretrain_step.build_joint_dataloader(datalist, **pretrain_step.loader_kwargs(shape, "none", 0))
+    loader_batch = next(iter(loader))
+    synthetic = pretrain_step.synthetic_batch(shape)
+    assert pretrain_step.batch_layout(synthetic) == pretrain_step.batch_layout(loader_batch)
