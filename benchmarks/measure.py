@@ -3,11 +3,12 @@ the operators that launch kernels or make the host wait for the device."""
 
 from __future__ import annotations
 
+import statistics
 import time
 import traceback
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "FusedSamplingLaunches",
     "OperatorCounter",
     "TensorMemoryTracker",
+    "interleaved_seconds_per_call",
     "sampling_counted_as_on_cuda",
     "seconds_per_call",
     "timed",
@@ -58,6 +60,24 @@ def seconds_per_call(step: Callable[[], None], device: torch.device, warmup: int
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / repeats
+
+
+def interleaved_seconds_per_call(
+    steps: Mapping[str, Callable[[], None]], device: torch.device, rounds: int, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Per step: the median over ``rounds`` of :func:`seconds_per_call` (``repeats`` calls each), after ``warmup``
+    calls of every step. The steps' rounds are interleaved with rotating order, so that a drift of the host's speed
+    (another job, clock changes) hits every step alike and their ratio stays fair."""
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            steps[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds[name].append(seconds_per_call(steps[name], device, warmup=0, repeats=repeats))
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 class TensorMemoryTracker(TorchDispatchMode):

@@ -4,7 +4,8 @@ Measures, on the CPU and on the GPU when one is available:
 
 * training candidates/s: forward + BCE-with-logits loss + backward + AdamW step of ``NoduleClassifier`` on a batch of
   candidate cubes (backbone fine-tuned, or frozen with ``--frozen``), as plain tensors (what the bundle's trainer
-  passes since ``custom_nets.engines.plain_prepare_batch``) and as MONAI ``MetaTensor`` s (MONAI's default);
+  passes since ``custom_nets.engines.plain_prepare_batch``) and as MONAI ``MetaTensor`` s (MONAI's default), the two
+  steps' timed rounds interleaved so that a drift of the host's speed hits both alike;
 * inference candidates/s: forward in eval mode under ``torch.no_grad``;
 * cutting candidates/s (CPU): :func:`custom_nets.datasets.luna16.candidate_cube` resampling cubes out of a CT-sized
   scan array (what ``prepare_luna16`` and ``inference.json`` do per candidate).
@@ -18,11 +19,11 @@ Usage::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from measure import seconds_per_call
+from measure import interleaved_seconds_per_call, seconds_per_call
 from monai.data import MetaTensor
 
 from custom_nets.datasets.luna16 import ScanGeometry, candidate_cube
@@ -35,15 +36,10 @@ def _network(depth: int, embed_dim: int, layers: int, frozen: bool, device: torc
     ).to(device)
 
 
-def training_candidates_per_second(
-    net: NoduleClassifier,
-    cube: Sequence[int],
-    batch: int,
-    device: torch.device,
-    amp: bool,
-    repeats: int,
-    metatensor: bool = False,
-) -> float:
+def training_step(
+    net: NoduleClassifier, cube: Sequence[int], batch: int, device: torch.device, amp: bool, metatensor: bool
+) -> Callable[[], None]:
+    """One training iteration of ``net`` on a fixed batch of cubes, plain or MetaTensors."""
     net.train()
     optimizer = torch.optim.AdamW(net.parameter_groups(1e-4), lr=1e-4)
     cubes = torch.rand(batch, 1, *cube, device=device)
@@ -61,7 +57,7 @@ def training_candidates_per_second(
         scaler.step(optimizer)
         scaler.update()
 
-    return batch / seconds_per_call(step, device, warmup=2, repeats=repeats)
+    return step
 
 
 def inference_candidates_per_second(
@@ -97,9 +93,11 @@ def main(
     batch: int = 8,
     frozen: bool = False,
     repeats: int = 3,
+    rounds: int = 3,
     threads: int | None = None,
 ) -> None:
-    """Print one table row per device."""
+    """Print one table row per device. Training is timed over ``rounds`` rounds of ``repeats`` steps (median round),
+    the plain and the MetaTensor steps' rounds interleaved; inference over ``repeats`` calls."""
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -116,12 +114,14 @@ def main(
     for device in devices:
         amp = device.type == "cuda"
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        train, train_meta = (
-            training_candidates_per_second(
-                _network(depth, embed_dim, layers, frozen, device), cube, batch, device, amp, repeats, metatensor
+        steps = {
+            metatensor: training_step(
+                _network(depth, embed_dim, layers, frozen, device), cube, batch, device, amp, metatensor
             )
             for metatensor in (False, True)
-        )
+        }
+        seconds = interleaved_seconds_per_call(steps, device, rounds=rounds, repeats=repeats, warmup=2)
+        train, train_meta = batch / seconds[False], batch / seconds[True]
         infer = inference_candidates_per_second(
             _network(depth, embed_dim, layers, frozen, device), cube, batch, device, amp, repeats
         )

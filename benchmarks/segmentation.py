@@ -4,7 +4,8 @@ Measures, on the CPU and on the GPU when one is available:
 
 * training slices/s: forward + Dice-CE loss + backward + AdamW step of ``SliceEncoderUNet`` on batches of 2D slices,
   as plain tensors (what the bundles' trainers pass since ``custom_nets.engines.plain_prepare_batch``) and as MONAI
-  ``MetaTensor`` s (what MONAI's default ``prepare_batch`` passes on from the loader);
+  ``MetaTensor`` s (what MONAI's default ``prepare_batch`` passes on from the loader), the two steps' timed rounds
+  interleaved so that a drift of the host's speed hits both alike;
 * sampling slices/s: the bundle's slice pipeline (``RandForegroundSliced`` + crop/pad) drawing from a cached volume;
 * inference volumes/s: whole-volume prediction with MONAI ``SliceInferer`` (slice by slice along the last axis).
 
@@ -16,10 +17,10 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from measure import seconds_per_call
+from measure import interleaved_seconds_per_call, seconds_per_call
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from monai.losses import DiceCELoss
@@ -29,16 +30,10 @@ from custom_nets.data.segmentation import RandForegroundSliced
 from custom_nets.nets.segmentation import SliceEncoderUNet
 
 
-def training_slices_per_second(
-    depth: int,
-    image_size: int,
-    batch: int,
-    num_classes: int,
-    device: torch.device,
-    amp: bool,
-    repeats: int,
-    metatensor: bool = False,
-) -> float:
+def training_step(
+    depth: int, image_size: int, batch: int, num_classes: int, device: torch.device, amp: bool, metatensor: bool
+) -> Callable[[], None]:
+    """One training iteration of a fresh ``SliceEncoderUNet`` on a fixed batch, its inputs plain or MetaTensors."""
     torch.manual_seed(0)
     net = SliceEncoderUNet(in_channels=1, out_channels=num_classes, depth=depth).to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -57,7 +52,7 @@ def training_slices_per_second(
         scaler.step(optimizer)
         scaler.update()
 
-    return batch / seconds_per_call(step, device, warmup=2, repeats=repeats)
+    return step
 
 
 def sampling_slices_per_second(volume_shape: Sequence[int], image_size: int, samples: int, repeats: int) -> float:
@@ -106,9 +101,11 @@ def main(
     sw_batch_size: int = 16,
     num_classes: int = 8,
     repeats: int = 3,
+    rounds: int = 3,
     threads: int | None = None,
 ) -> None:
-    """Print one table row per (device, depth)."""
+    """Print one table row per (device, depth). Training is timed over ``rounds`` rounds of ``repeats`` steps (median
+    round), the plain and the MetaTensor steps' rounds interleaved; inference over ``repeats`` calls."""
     if threads is not None:
         torch.set_num_threads(threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -125,10 +122,12 @@ def main(
         amp = device.type == "cuda"
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         for depth in depths:
-            train, train_meta = (
-                training_slices_per_second(depth, image_size, batch, num_classes, device, amp, repeats, metatensor)
+            steps = {
+                metatensor: training_step(depth, image_size, batch, num_classes, device, amp, metatensor)
                 for metatensor in (False, True)
-            )
+            }
+            seconds = interleaved_seconds_per_call(steps, device, rounds=rounds, repeats=repeats, warmup=2)
+            train, train_meta = batch / seconds[False], batch / seconds[True]
             infer = inference_volumes_per_second(
                 depth, image_size, volume_shape, sw_batch_size, num_classes, device, amp, repeats
             )

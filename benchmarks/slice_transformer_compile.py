@@ -20,13 +20,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 import torch
-from measure import seconds_per_call
+from measure import interleaved_seconds_per_call
 
 from custom_nets.nets import SliceTransformer
 from custom_nets.nets.joint_ssl import COMPILE_MODES
@@ -78,12 +77,9 @@ def measure(args: argparse.Namespace, modes: Sequence[str], device: torch.device
         results[mode] = {"first_s": time.perf_counter() - start}
         for _ in range(2):  # warm-up (CUDA graphs of reduce-overhead are recorded here)
             runs[mode]()
-    rounds: dict[str, list[float]] = {mode: [] for mode in modes}
-    for index in range(args.rounds):
-        for mode in modes[index % len(modes) :] + modes[: index % len(modes)]:
-            rounds[mode].append(seconds_per_call(runs[mode], device, warmup=0, repeats=args.repeats))
+    seconds = interleaved_seconds_per_call(runs, device, rounds=args.rounds, repeats=args.repeats, warmup=0)
     for mode in modes:
-        results[mode]["ms"] = 1e3 * statistics.median(rounds[mode])
+        results[mode]["ms"] = 1e3 * seconds[mode]
     return results
 
 
