@@ -364,21 +364,30 @@ class JointSSLNet(nn.Module):
         encoded = self.slice_encoder.encode_images(gather_slices(volume, rows), return_features=stage is not None)
         return scatter_slices(encoded.embedding, rows, (volume.shape[0], volume.shape[2])), encoded
 
-    def _encode_views(self, views: Sequence[torch.Tensor], return_features: Sequence[bool]) -> list[SliceEncoderOutput]:
+    def _encode_views(
+        self, views: Sequence[torch.Tensor], return_features: Sequence[bool], return_embedding: Sequence[bool]
+    ) -> list[SliceEncoderOutput]:
         """``f_intra`` on each ``(B_v, C, H, W)`` view: one call per view, or with ``group_views`` one call per size
-        (the views of a size concatenated along the batch, the outputs split back); ``return_features[v]`` asks for
-        view v's feature maps."""
+        (the views of a size concatenated along the batch, the outputs split back); ``return_features[v]`` and
+        ``return_embedding[v]`` ask for view v's feature maps and embedding (otherwise they may be left out)."""
         if not self.group_views:
-            return [self.slice_encoder.encode_images(v, want) for v, want in zip(views, return_features, strict=True)]
+            return [
+                self.slice_encoder.encode_images(view, features, embedding)
+                for view, features, embedding in zip(views, return_features, return_embedding, strict=True)
+            ]
         encoded: list[SliceEncoderOutput | None] = [None] * len(views)
         for members in views_by_size(views):
             sizes = [views[i].shape[0] for i in members]
-            want = any(return_features[i] for i in members)
-            output = self.slice_encoder.encode_images(torch.cat([views[i] for i in members]), want)
-            parts = [tensor.split(sizes) for tensor in (output.embedding, output.pooled, *output.features)]
+            output = self.slice_encoder.encode_images(
+                torch.cat([views[i] for i in members]),
+                any(return_features[i] for i in members),
+                any(return_embedding[i] for i in members),
+            )
+            embeddings = [None] * len(members) if output.embedding is None else output.embedding.split(sizes)
+            parts = [tensor.split(sizes) for tensor in (output.pooled, *output.features)]
             for position, index in enumerate(members):
                 per_view = [part[position] for part in parts]
-                encoded[index] = SliceEncoderOutput(per_view[0], per_view[1], tuple(per_view[2:]))
+                encoded[index] = SliceEncoderOutput(embeddings[position], per_view[0], tuple(per_view[1:]))
         return encoded
 
     def pretraining_outputs(self, batch: Mapping[str, object]) -> dict[str, object]:
@@ -397,8 +406,9 @@ class JointSSLNet(nn.Module):
         dense_maps: list[list[tuple[torch.Tensor, torch.Tensor, Sequence[int]]]] = [[], []]
         slice_embeddings: list[torch.Tensor] = []  # view 0: images, then valid slices
         dense_views = [self.dense_stage is not None and view < 2 for view in range(len(image_views))]
+        embedding_views = [view == 0 for view in range(len(image_views))]  # only view 0's enters slice_embedding
         for view, (images, encoded) in enumerate(
-            zip(image_views, self._encode_views(image_views, dense_views), strict=True)
+            zip(image_views, self._encode_views(image_views, dense_views, embedding_views), strict=True)
         ):
             dense = dense_views[view]
             pooled_per_view[view].append(encoded.pooled)
@@ -467,7 +477,7 @@ class JointSSLNet(nn.Module):
             slice_mask = sample_slice_mask(windows[0] & windows[1], self.mask_ratio)
         embeddings = []
         slices = [gather_slices(volume, rows) for volume in volume_views]
-        encoded_views = self._encode_views(slices, [self.dense_stage is not None] * len(slices))
+        encoded_views = self._encode_views(slices, [self.dense_stage is not None] * len(slices), [True] * len(slices))
         for view, (volume, encoded) in enumerate(zip(volume_views, encoded_views, strict=True)):
             embeddings.append(scatter_slices(encoded.embedding, rows, (volume.shape[0], volume.shape[2])))
             pooled = encoded.pooled

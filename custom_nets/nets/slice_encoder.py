@@ -52,17 +52,22 @@ def spatial_mean(maps: torch.Tensor) -> torch.Tensor:
     return _SpatialMean.apply(maps)
 
 
+def _cat_or_none(parts: tuple[torch.Tensor | None, ...]) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat(parts, dim=0)
+
+
 class SliceEncoderOutput(NamedTuple):
     """Outputs of :class:`SliceEncoder`.
 
     Attributes:
-        embedding: multi-scale slice embedding, (B, d) for images or (B, N, d) for volumes.
+        embedding: multi-scale slice embedding, (B, d) for images or (B, N, d) for volumes; None when
+            ``return_embedding`` is False.
         pooled: global-average pool of stage 4, (B, C4) or (B, N, C4).
         features: the five stage maps (stem, stage 1-4), slices folded into the batch for volumes; empty when
             ``return_features`` is False.
     """
 
-    embedding: torch.Tensor
+    embedding: torch.Tensor | None
     pooled: torch.Tensor
     features: tuple[torch.Tensor, ...]
 
@@ -123,17 +128,25 @@ class SliceEncoder(nn.Module):
         self.pooled_dim = self.stage_channels[-1]
         self.embedding_proj = nn.Linear(sum(self.stage_channels[1:]), embed_dim)
 
-    def _encode(self, images: torch.Tensor, return_features: bool) -> tuple[torch.Tensor, ...]:
+    def _encode(
+        self, images: torch.Tensor, return_features: bool, return_embedding: bool
+    ) -> tuple[torch.Tensor | None, ...]:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         maps = resnet_stage_maps(self.trunk, images)
-        means = [spatial_mean(m) for m in maps[1:]]
-        embedding = self.embedding_proj(torch.cat([F.normalize(mean, dim=1) for mean in means], dim=1))
-        pooled = means[-1]
+        pooled = spatial_mean(maps[-1])
+        embedding = None
+        if return_embedding:
+            means = [spatial_mean(m) for m in maps[1:-1]] + [pooled]
+            embedding = self.embedding_proj(torch.cat([F.normalize(mean, dim=1) for mean in means], dim=1))
         return (embedding, pooled, *maps) if return_features else (embedding, pooled)
 
-    def encode_images(self, images: torch.Tensor, return_features: bool = True) -> SliceEncoderOutput:
-        """Encode a stack of 2D images ``(B, C, H, W)``, ``slice_chunk`` images at a time."""
+    def encode_images(
+        self, images: torch.Tensor, return_features: bool = True, return_embedding: bool = True
+    ) -> SliceEncoderOutput:
+        """Encode a stack of 2D images ``(B, C, H, W)``, ``slice_chunk`` images at a time. ``return_embedding=False``
+        skips the multi-scale embedding (its ``embedding`` is None), for callers that only need ``pooled`` or the
+        feature maps."""
         if images.ndim != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}.")
         if images.shape[1] != self.in_channels:
@@ -143,10 +156,10 @@ class SliceEncoder(nn.Module):
         for start in range(0, images.shape[0], chunk):
             block = images[start : start + chunk]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                parts.append(checkpoint(self._encode, block, return_features, use_reentrant=False))
+                parts.append(checkpoint(self._encode, block, return_features, return_embedding, use_reentrant=False))
             else:
-                parts.append(self._encode(block, return_features))
-        merged = parts[0] if len(parts) == 1 else [torch.cat(items, dim=0) for items in zip(*parts, strict=True)]
+                parts.append(self._encode(block, return_features, return_embedding))
+        merged = parts[0] if len(parts) == 1 else [_cat_or_none(items) for items in zip(*parts, strict=True)]
         return SliceEncoderOutput(merged[0], merged[1], tuple(merged[2:]))
 
     def forward(self, x: torch.Tensor, return_features: bool = True) -> SliceEncoderOutput:

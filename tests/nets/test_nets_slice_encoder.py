@@ -57,6 +57,23 @@ def test_gradient_checkpointing_matches_gradients() -> None:
     torch.testing.assert_close(plain.embedding_proj.weight.grad, checkpointed.embedding_proj.weight.grad)
 
 
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_without_embedding_gives_the_same_pooled_output_and_features(gradient_checkpointing: bool) -> None:
+    """return_embedding=False leaves out the multi-scale embedding (None) and nothing else, also in chunks and with
+    gradient checkpointing; the embedding projection then gets no gradient."""
+    torch.manual_seed(2)
+    net = SliceEncoder(depth=18, embed_dim=16, slice_chunk=3, gradient_checkpointing=gradient_checkpointing).train()
+    images = torch.randn(5, 1, 32, 32)
+    full = net.encode_images(images)
+    partial = net.encode_images(images, return_embedding=False)
+    assert full.embedding.shape == (5, 16) and partial.embedding is None
+    torch.testing.assert_close(partial.pooled, full.pooled, rtol=0, atol=0)
+    for left, right in zip(partial.features, full.features, strict=True):
+        torch.testing.assert_close(left, right, rtol=0, atol=0)
+    partial.pooled.sum().backward()
+    assert net.embedding_proj.weight.grad is None and net.trunk.conv1.weight.grad is not None
+
+
 def test_multi_channel_input() -> None:
     encoder = SliceEncoder(depth=34, in_channels=4, embed_dim=32).eval()
     assert encoder(torch.randn(1, 4, 32, 32)).embedding.shape == (1, 32)

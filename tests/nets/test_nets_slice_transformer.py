@@ -267,19 +267,33 @@ def _grouping_batch() -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize(("group_views", "expected"), [(False, [3, 3, 3, 3, 10, 10]), (True, [6, 6, 20])])
+@pytest.mark.parametrize(
+    ("group_views", "expected"),
+    [
+        (False, [(3, True), (3, False), (3, False), (3, False), (10, True), (10, True)]),
+        (True, [(6, True), (6, False), (20, True)]),
+    ],
+)
 def test_group_views_encodes_each_kind_and_size_once(
-    monkeypatch: pytest.MonkeyPatch, group_views: bool, expected: list[int]
+    monkeypatch: pytest.MonkeyPatch, group_views: bool, expected: list[tuple[int, bool]]
 ) -> None:
     """group_views: the two 32 x 32 image views, the two 16 x 16 ones and the two volume views' 10 valid slices each
-    go through f_intra as one batch (3 calls instead of 6); images and slices are never mixed."""
+    go through f_intra as one batch (3 calls instead of 6); images and slices are never mixed. Either way the
+    multi-scale embedding is computed only where it is used: image view 0 (``slice_embedding``) and the volume
+    views (``f_inter``'s input)."""
     net = tiny_net(group_views=group_views).train()
-    batch_sizes: list[int] = []
+    calls: list[tuple[int, bool]] = []
     encode = net.slice_encoder.encode_images
-    monkeypatch.setattr(net.slice_encoder, "encode_images", lambda x, *a: batch_sizes.append(len(x)) or encode(x, *a))
+
+    def spy(images: torch.Tensor, return_features: bool = True, return_embedding: bool = True):
+        calls.append((len(images), return_embedding))
+        return encode(images, return_features, return_embedding)
+
+    monkeypatch.setattr(net.slice_encoder, "encode_images", spy)
     out = net(_grouping_batch())
-    assert batch_sizes == expected
+    assert calls == expected
     assert [z.shape for z in out["intra_projection"]] == [(13, 16), (13, 16), (3, 16), (3, 16)]
+    assert out["slice_embedding"].shape == (3 + 10, net.slice_encoder.embed_dim)
 
 
 @pytest.mark.parametrize("dense_prototypes", [0, 5])
