@@ -108,6 +108,15 @@ def spherical_kmeans(
     return centroids, _nearest_centroid(embeddings, centroids, chunk_size)
 
 
+def _clustered_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``(M, K)`` ``logits`` over the items whose ``(M,)`` target is a cluster (>= 0); 0, still
+    connected to the graph, when none is. Masks by value instead of selecting rows, so the host never waits to learn
+    how many items are clustered."""
+    clustered = targets >= 0
+    per_item = F.cross_entropy(logits, targets.clamp_min(0), reduction="none")
+    return torch.where(clustered, per_item, 0.0).sum() / clustered.sum().clamp_min(1)
+
+
 class DeepClusterV2Loss(ClusteringLoss):
     """DeepCluster-v2 loss (Caron et al. 2020, arXiv 2006.09882), the clustering objective of the DeepCluster variant
     of arXiv 2212.01893 (``L_intra`` over 2D images and slices, ``L_inter`` over volume features).
@@ -122,7 +131,10 @@ class DeepClusterV2Loss(ClusteringLoss):
 
     Before the first k-means (the first epoch, when the bank is still empty) no item has a cluster: such items are
     ignored and a batch without any clustered item gives a zero loss that is still connected to the graph (zero
-    gradients), so the other terms of :class:`JointLoss` train alone during that epoch. This is logged once.
+    gradients), so the other terms of :class:`JointLoss` train alone during that epoch. This is logged at the first
+    call. Nothing in a training call makes the host wait for the device (no ``.item()``, no boolean row selection); on
+    an accelerator an out-of-range item id fails an asynchronous assertion (on the CPU: a ``ValueError`` with the
+    ids' range).
 
     Under ``torch.distributed`` each rank writes the items it sees; :meth:`update_clusters` merges the banks (items
     seen by several ranks are averaged), every rank runs the same seeded k-means, and rank 0's centroids and
@@ -174,20 +186,23 @@ class DeepClusterV2Loss(ClusteringLoss):
         self.register_buffer("bank_valid", torch.zeros(num_items, dtype=torch.bool))  # holds an embedding
         self.register_buffer("bank_fresh", torch.zeros(num_items, dtype=torch.bool))  # written since last k-means
         self.register_buffer("assignments", torch.full((num_heads, num_items), -1, dtype=torch.long))
-        self._warned_unclustered = False
+        self._checked_clusters = False
 
     def _check_index(self, index: torch.Tensor | None, num_items: int) -> torch.Tensor:
         if index is None:
             raise ValueError("DeepClusterV2Loss needs the global item ids (targets 'intra_index' / 'inter_index').")
         if index.ndim != 1 or index.shape[0] != num_items:
             raise ValueError(f"index must be ({num_items},) global item ids, got shape {tuple(index.shape)}.")
-        index = index.to(self.bank.device, torch.long)
-        if index.numel() > 0 and (int(index.min()) < 0 or int(index.max()) >= self.num_items):
-            raise ValueError(
-                f"item ids must lie in [0, {self.num_items}), got [{int(index.min())}, {int(index.max())}]: num_items "
-                "must count every 2D image and every slice (or every volume for the 3D head) of the whole datalist."
-            )
-        return index
+        advice = (
+            "num_items must count every 2D image and every slice (or every volume for the 3D head) of the datalist."
+        )
+        message = f"item ids must lie in [0, {self.num_items}): {advice}"
+        try:  # asynchronous on an accelerator (reading the range would make the host wait at every step)
+            torch._assert_async(((index >= 0) & (index < self.num_items)).all(), message)
+        except RuntimeError as error:  # raised at once on the CPU, where reading the range costs nothing
+            low, high = int(index.min()), int(index.max())
+            raise ValueError(f"item ids must lie in [0, {self.num_items}), got [{low}, {high}]: {advice}") from error
+        return index.to(self.bank.device, torch.long)
 
     @torch.no_grad()
     def _store(self, projections: Sequence[torch.Tensor], index: torch.Tensor) -> None:
@@ -195,7 +210,7 @@ class DeepClusterV2Loss(ClusteringLoss):
             raise ValueError(f"projections have dim {projections[0].shape[1]} but embedding_dim={self.bank.shape[2]}.")
         for view in (0, 1):
             self.bank[view, index] = projections[view].detach().to(self.bank)
-        self.bank_fresh[index] = True
+        self.bank_fresh.index_fill_(0, index, True)
 
     def forward(
         self,
@@ -217,15 +232,12 @@ class DeepClusterV2Loss(ClusteringLoss):
             targets = self.assignments[head, index].to(head_scores[0].device)
             logits = torch.cat([s.float() for s in head_scores]) / self.temperature
             view_targets = torch.cat([targets[: s.shape[0]] for s in head_scores])
-            clustered = view_targets >= 0
-            if clustered.any():
-                head_losses.append(F.cross_entropy(logits[clustered], view_targets[clustered]))
-            else:
-                head_losses.append(logits.sum() * 0.0)
+            head_losses.append(_clustered_cross_entropy(logits, view_targets))
         loss = torch.stack(head_losses).mean()
-        if not self._warned_unclustered and not bool((self.assignments[:, index] >= 0).any()):
-            logger.info("DeepCluster-v2: no item of this batch has a k-means cluster yet (empty bank); loss is 0.")
-            self._warned_unclustered = True
+        if not self._checked_clusters:  # once: a host read of device values, which a GPU step should not repeat
+            self._checked_clusters = True
+            if not bool((self.assignments[:, index] >= 0).any()):
+                logger.info("DeepCluster-v2: no item of this batch has a k-means cluster yet (empty bank); loss is 0.")
 
         self._record(scores, loss)
         return loss

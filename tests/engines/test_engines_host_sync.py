@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from custom_nets.engines import JointItemIds, JointPrepareBatch
-from custom_nets.losses import JointLoss, MaskedSlicePredictionLoss, SwAVLoss
+from custom_nets.losses import DeepClusterV2Loss, JointLoss, MaskedSlicePredictionLoss, SwAVLoss
 from custom_nets.nets import JointSSLNet
 
 MEASURE = Path(__file__).resolve().parents[2] / "benchmarks" / "measure.py"
@@ -68,6 +68,39 @@ def test_joint_step_never_waits_for_the_device(inter_slice_scale, intra_slices_p
     assert counter.kernels > 100  # the counter saw the step
     assert dict(counter.host_syncs) == {}
     assert torch.isfinite(value.detach()) and all(p.grad is not None for p in network.slice_transformer.parameters())
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_deepcluster_step_never_waits_for_the_device(clustered: bool) -> None:
+    """The DeepCluster-v2 variant (``loss_family`` deepcluster) too: before the first k-means (no item has a cluster)
+    and after it. Only the first call reads device values once, to log an empty bank."""
+    torch.manual_seed(0)
+    network = JointSSLNet(
+        encoder_depth=18,
+        embed_dim=32,
+        projection_hidden_dim=64,
+        projection_dim=16,
+        intra_prototypes=(8, 8),
+        inter_prototypes=(2,),
+        mask_ratio=0.3,
+    ).train()
+    item_ids = JointItemIds(["image"] * 3 + ["volume"] * 3, num_slices=6)
+    intra = DeepClusterV2Loss(item_ids.num_intra_items, embedding_dim=16, num_heads=2)
+    inter = DeepClusterV2Loss(item_ids.num_volumes, embedding_dim=16, num_heads=1)
+    loss = JointLoss(intra=intra, inter=inter, mask=MaskedSlicePredictionLoss())
+    inputs, targets = JointPrepareBatch(item_ids)(_batch(torch.Generator().manual_seed(1)), "cpu")
+    loss(network(inputs), targets)  # the first call: fills the bank, logs the empty bank
+    if clustered:
+        intra.update_clusters(network.intra_prototypes)
+        inter.update_clusters(network.inter_prototypes)
+    counter = measure.OperatorCounter()
+    with counter:
+        value = loss(network(inputs), targets)
+        value.backward()
+    assert counter.kernels > 100
+    assert dict(counter.host_syncs) == {}
+    assert torch.isfinite(value.detach())
+    assert all((float(term.last_loss) > 0) == clustered for term in (intra, inter))  # 0 until the first k-means
 
 
 def test_counter_sees_each_kind_of_host_sync() -> None:

@@ -167,8 +167,10 @@ def test_invalid_ids_and_shapes_are_rejected():
     loss_fn = DeepClusterV2Loss(num_items=5, embedding_dim=4, num_heads=1)
     projections = [F.normalize(torch.randn(3, 4), dim=1) for _ in range(2)]
     scores = [[p @ torch.randn(4, 2) for p in projections]]
-    with pytest.raises(ValueError, match="must lie in"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\), got \[0, 5\]"):
         loss_fn(projections, scores, torch.tensor([0, 1, 5]))
+    with pytest.raises(ValueError, match=r"got \[-1, 2\]"):
+        loss_fn(projections, scores, torch.tensor([2, -1, 1]))
     with pytest.raises(ValueError, match="global item ids"):
         loss_fn(projections, scores, None)
     with pytest.raises(ValueError, match="global item ids"):
