@@ -86,8 +86,9 @@ class DenseSwAVLoss(ClusteringLoss):
         returns: scalar float32 loss (0 with a gradient path when no location is shown by both views).
 
     After each call ``last_assignments`` (``[(sum_g M_g L_g,)]``, nearest prototype of every location of view 0),
-    ``num_prototypes`` and ``last_loss`` feed :class:`ClusterCollapseMonitor`; ``last_matched_fraction`` is the share
-    of locations that found a match.
+    ``num_prototypes`` and ``last_loss`` feed :class:`ClusterCollapseMonitor`; ``last_matched_fraction`` (a 0-dim
+    tensor: reading it makes the host wait for the device) is the share of locations that found a match. Nothing in a
+    call makes the host wait: unmatched locations are masked by value, not removed.
 
     Args:
         temperature: softmax temperature of the predictions (0.1).
@@ -117,6 +118,7 @@ class DenseSwAVLoss(ClusteringLoss):
         _check_dense_inputs(scores, coordinates, cell_sizes)
         flat_scores = [torch.cat([group.flatten(0, 1) for group in view]) for view in scores]
         cross_entropy, matched, total = flat_scores[0].new_zeros((), dtype=torch.float32), 0, 0
+        # unmatched locations are masked by value, not removed: counting them would make the host wait for the GPU
         for assigned in (0, 1):
             other = 1 - assigned
             codes = sinkhorn_knopp(flat_scores[assigned], self.epsilon, self.sinkhorn_iterations, self.distributed)
@@ -131,11 +133,11 @@ class DenseSwAVLoss(ClusteringLoss):
                 keep.append(valid.flatten())
                 offset += num_items * num_locations
             keep_all = torch.cat(keep)
-            log_probabilities = F.log_softmax(flat_scores[other][keep_all].float() / self.temperature, dim=1)
-            targets = codes[torch.cat(rows)[keep_all]]
-            cross_entropy = cross_entropy - torch.einsum("ik,ik->", targets, log_probabilities)
-            matched, total = matched + int(keep_all.sum()), total + keep_all.numel()
-        loss = cross_entropy / matched if matched else sum(view.float().sum() for view in flat_scores) * 0.0
-        self.last_matched_fraction = matched / max(total, 1)
+            log_probabilities = F.log_softmax(flat_scores[other].float() / self.temperature, dim=1)
+            per_location = torch.einsum("ik,ik->i", codes[torch.cat(rows)], log_probabilities)
+            cross_entropy = cross_entropy - torch.where(keep_all, per_location, 0.0).sum()
+            matched, total = matched + keep_all.sum(), total + keep_all.numel()
+        loss = cross_entropy / matched.clamp_min(1)  # 0, with a gradient path, when nothing matched
+        self.last_matched_fraction = (matched / max(total, 1)).detach()
         self._record([[flat_scores[0]]], loss)
         return loss

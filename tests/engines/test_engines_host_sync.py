@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from custom_nets.engines import JointItemIds, JointPrepareBatch
-from custom_nets.losses import DeepClusterV2Loss, JointLoss, MaskedSlicePredictionLoss, SwAVLoss
+from custom_nets.losses import DeepClusterV2Loss, DenseSwAVLoss, JointLoss, MaskedSlicePredictionLoss, SwAVLoss
 from custom_nets.nets import JointSSLNet
 
 MEASURE = Path(__file__).resolve().parents[2] / "benchmarks" / "measure.py"
@@ -101,6 +101,36 @@ def test_deepcluster_step_never_waits_for_the_device(clustered: bool) -> None:
     assert dict(counter.host_syncs) == {}
     assert torch.isfinite(value.detach())
     assert all((float(term.last_loss) > 0) == clustered for term in (intra, inter))  # 0 until the first k-means
+
+
+def test_dense_term_step_never_waits_for_the_device() -> None:
+    """The optional dense clustering term (``dense_prototypes`` > 0, ``w_dense``) too: unmatched locations are masked
+    by value, so the count of matched ones never goes to the host."""
+    torch.manual_seed(0)
+    network = JointSSLNet(
+        encoder_depth=18,
+        embed_dim=32,
+        projection_hidden_dim=64,
+        projection_dim=16,
+        intra_prototypes=(8,),
+        inter_prototypes=(4,),
+        mask_ratio=0.3,
+        dense_prototypes=6,
+        dense_stage=3,
+    ).train()
+    dense = DenseSwAVLoss()
+    loss = JointLoss(intra=SwAVLoss(), inter=SwAVLoss(), mask=MaskedSlicePredictionLoss(), dense=dense)
+    batch = _batch(torch.Generator().manual_seed(1))
+    batch["image_view_geometry"] = [torch.eye(3).expand(3, 3, 3) for _ in range(4)]
+    batch["volume_view_geometry"] = [torch.eye(3).expand(3, 3, 3) for _ in range(2)]
+    inputs, targets = JointPrepareBatch(JointItemIds(["image"] * 3 + ["volume"] * 3, num_slices=6))(batch, "cpu")
+    counter = measure.OperatorCounter()
+    with counter:
+        value = loss(network(inputs), targets)
+        value.backward()
+    assert counter.kernels > 100
+    assert dict(counter.host_syncs) == {}
+    assert torch.isfinite(value.detach()) and float(dense.last_matched_fraction) == 1.0  # identical geometry
 
 
 def test_counter_sees_each_kind_of_host_sync() -> None:
