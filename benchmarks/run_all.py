@@ -11,8 +11,9 @@ Each section is written between its own markers (``<!-- run_all.py <device>: beg
 file, replacing what a former run wrote there and leaving the hand-written text and the other device's section alone
 (a CPU-only machine keeps the last GPU figures). The section states the date, machine, device name, torch and monai
 versions and the load average, then per script: the command, its exit status, its wall time and its output (markdown
-tables). A script that fails, or runs past ``--script-timeout``, is recorded as failed and the run goes on. The
-section is rewritten after every script, so a run stopped midway keeps the figures of the scripts it finished.
+tables; for the demo, its report without the log lines before it). A script that fails, or runs past
+``--script-timeout``, is recorded as failed and the run goes on. The section is rewritten after every script, so a
+run stopped midway keeps the figures of the scripts it finished.
 
 Example::
 
@@ -37,6 +38,7 @@ import monai
 import torch
 
 from custom_nets.atomic_files import atomic_write_text
+from custom_nets.pretraining_demo import REPORT_TITLE
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -46,8 +48,21 @@ PAPER += ["--embed-dim", "640"]
 
 @dataclass
 class Script:
+    """A script to run: its section title, its arguments after ``python``, and optionally the first line of the part
+    of its output to record (``output_from``: what comes before it, such as a bundle run's log lines, is left out)."""
+
     title: str
     arguments: list[str]
+    output_from: str | None = None
+
+
+def recorded_output(output: str, output_from: str | None) -> str:
+    """``output`` from the first line that starts with ``output_from`` on (all of it if none does)."""
+    lines = output.splitlines()
+    if output_from is not None:
+        start = next((i for i, line in enumerate(lines) if line.startswith(output_from)), 0)
+        lines = lines[start:]
+    return "\n".join(lines)
 
 
 def cpu_scripts(demo: bool) -> list[Script]:
@@ -60,7 +75,8 @@ def cpu_scripts(demo: bool) -> list[Script]:
     ]
     if demo:
         workdir = tempfile.mkdtemp(prefix="run_all_demo_")
-        scripts.append(Script("Demo wall time", ["-m", "custom_nets.cli", "demo", "--workdir", workdir]))
+        demo_command = ["-m", "custom_nets.cli", "demo", "--workdir", workdir]
+        scripts.append(Script("Demo wall time", demo_command, output_from=REPORT_TITLE))
     return scripts
 
 
@@ -135,7 +151,7 @@ def run_script(script: Script, timeout_s: float | None = None) -> str:
         )
         status, failed = f"stopped after the {timeout_s:.0f} s timeout", True
     seconds = time.perf_counter() - start
-    output = stdout.strip() or "(no output)"
+    output = recorded_output(stdout.strip(), script.output_from) or "(no output)"
     output = "\n".join("##" + line if line.startswith("#") else line for line in output.splitlines())  # below ###
     text = [f"### {script.title}", "", f"`{shown}`: {status}, {seconds:.0f} s", "", output, ""]
     if failed:

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PRESET = "configs/presets/cpu_demo.json"
+REPORT_TITLE = "Joint image-volume pretraining demo (arXiv 2212.01893 on MONAI)"  # the printed report's first line
 FINETUNE_PRESET = "presets/cpu_demo.json"
 SLICES_PER_STEP = 6
 """Labelled slices per fine-tuning step, whatever the budget. The bundle batches volumes (``batch_size``), each giving
@@ -402,7 +403,7 @@ def encoder_weight_change(
 
 
 def _format_report(report: Mapping) -> str:
-    lines = ["", "Joint image-volume pretraining demo (arXiv 2212.01893 on MONAI)", "=" * 72]
+    lines = ["", REPORT_TITLE, "=" * 72]
     first, last = report["loss_terms"][0], report["loss_terms"][-1]
     lines.append(f"pretraining: epochs {last['epoch']}, iterations {report['iterations']}")
     columns = [k for k in ("intra", "inter", "mask", "dense") if k in last] + ["total"]

@@ -31,3 +31,13 @@ def test_a_section_is_replaced_between_its_markers() -> None:
     assert second.startswith("# Benchmarks\n\nhand-written\n") and second.rstrip().endswith("after")
     both = run_all.replace_section(second, "cpu", "cpu figures")
     assert "new figures" in both and "cpu figures" in both
+
+
+def test_the_demo_section_records_its_report_without_the_log_lines_before_it() -> None:
+    demo = next(script for script in run_all.cpu_scripts(demo=True) if script.title == "Demo wall time")
+    output = (
+        "2026 - INFO - Epoch: 1/8\nwriting: seg.nii.gz\n\n" + demo.output_from + "\n=====\nwall time (s): total 241"
+    )
+    assert run_all.recorded_output(output, demo.output_from) == demo.output_from + "\n=====\nwall time (s): total 241"
+    assert run_all.recorded_output("no report\nat all", demo.output_from) == "no report\nat all"  # kept whole
+    assert run_all.recorded_output("a\nb", None) == "a\nb"
